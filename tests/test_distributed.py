@@ -1,0 +1,83 @@
+"""Two gloo processes on CPU: the global-batch MAGMA graph and plain DDP equal a single process."""
+import os, tempfile
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+from magma.base import SSLMethod
+from magma.manifold import magma_loss
+import magma.methods
+
+B, D, E = 6, 5, 8            # per-rank batch, input dim, feature dim
+TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=4, decoder_dim=16, decoder_depth=1, decoder_heads=2)
+
+
+def _layers(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    f1, f2 = nn.Linear(D, E), nn.Linear(D, E)
+    with torch.no_grad():
+        for p in list(f1.parameters()) + list(f2.parameters()): p.copy_(torch.randn(p.shape, generator=g))
+    return f1, f2
+
+
+def _global_worker(rank, world, init, out):
+    dist.init_process_group('gloo', init_method=init, rank=rank, world_size=world)
+    torch.manual_seed(1); X = torch.randn(world * B, D)
+    f1, f2 = _layers()
+    x = X[rank * B:(rank + 1) * B]
+    m = SSLMethod(magma_layers=(0,), magma_target=2, magma_weight=1.0, magma_global=True,
+                  img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=4)
+    log = {}
+    loss = m.add_magma(torch.zeros(()), {0: f1(x), 2: f2(x)}, log)
+    loss.backward()
+    grads = [p.grad.clone() for p in list(f1.parameters()) + list(f2.parameters())]
+    for g in grads: dist.all_reduce(g); g /= world                        # what DDP does to parameter gradients
+    if rank == 0: torch.save(dict(grads=grads, logged=log['magma']), out)
+    dist.destroy_process_group()
+
+
+def _ddp_worker(rank, world, init, out):
+    dist.init_process_group('gloo', init_method=init, rank=rank, world_size=world)
+    torch.manual_seed(0); model = magma.methods.create('m-mae', **TINY)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.manual_seed(2); imgs = torch.randn(world * B, 3, 16, 16)
+    torch.manual_seed(100 + rank)                                          # per-rank masks
+    loss = ddp({'img': imgs[rank * B:(rank + 1) * B]})['loss']
+    loss.backward(); opt.step()
+    if rank == 0: torch.save({k: v.clone() for k, v in model.state_dict().items()}, out)
+    dist.destroy_process_group()
+
+
+def _spawn(fn, world=2):
+    d = tempfile.mkdtemp()
+    init, out = f"file://{os.path.join(d, 'store')}", os.path.join(d, 'out.pt')
+    mp.spawn(fn, args=(world, init, out), nprocs=world, join=True)
+    return torch.load(out, weights_only=True)
+
+
+def test_global_batch_magma_equals_single_process_on_concatenated_batch():
+    res = _spawn(_global_worker)
+    torch.manual_seed(1); X = torch.randn(2 * B, D)
+    f1, f2 = _layers()
+    full = magma_loss(f1(X), f2(X))
+    full.backward()
+    want = [p.grad for p in list(f1.parameters()) + list(f2.parameters())]
+    torch.testing.assert_close(res['logged'], full.detach(), rtol=1e-5, atol=1e-7)
+    for a, b in zip(res['grads'], want): torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # and the local term alone (one rank's batch) is a different, smaller graph: the check can fail
+    assert not torch.allclose(magma_loss(f1(X[:B]), f2(X[:B])), full)
+
+
+def test_plain_ddp_one_step_equals_single_process():
+    res = _spawn(_ddp_worker)
+    torch.manual_seed(0); model = magma.methods.create('m-mae', **TINY)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.manual_seed(2); imgs = torch.randn(2 * B, 3, 16, 16)
+    losses = []
+    for r in range(2):                                                     # the same per-rank masks, in one process
+        torch.manual_seed(100 + r); losses.append(model({'img': imgs[r * B:(r + 1) * B]})['loss'])
+    (sum(losses) / 2).backward(); opt.step()
+    for k, v in model.state_dict().items(): torch.testing.assert_close(res[k], v, rtol=1e-5, atol=1e-6, msg=k)
