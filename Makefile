@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup test test-slow lab export clean-nbs check
+.PHONY: setup test test-slow demo lab export check bench sweep
 
 $(STAMP): setup.py settings.ini
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,27 @@ test: $(STAMP)  ## the fast suite: every notebook's tests (nbdev_test), then pyt
 test-slow: $(STAMP)  ## also run the cells flagged #| slow
 	$(BIN)/nbdev_test --n_workers 2 --flags slow
 	$(BIN)/pytest -q tests
+
+# The demo: M-MAE on the offline synthetic dataset (3,000 images of 10 shape/texture classes), 15 epochs on CPU.
+DEMO_ARGS ?= -p method m-mae -p profile smoke -p dataset synthetic -p n_per_class 300 -p epochs 15 \
+	-p batch_size 128 -p lr 1e-3 -p warmup_epochs 2 -p progress False
+demo: $(STAMP)  ## pretrain + evaluate M-MAE on the synthetic dataset through papermill (about 5 minutes on 2 cores)
+	mkdir -p runs/demo
+	$(BIN)/papermill nbs/pretrain.ipynb runs/demo/m-mae.ipynb $(DEMO_ARGS) -p out_dir $(CURDIR)/runs/demo/m-mae \
+		--cwd nbs --log-output --no-progress-bar 2>&1 | grep -E "^(kNN|linear|DBI|method|results|plots)" || true
+	@test -f runs/demo/m-mae/results.json || { echo "demo failed: see runs/demo/m-mae.ipynb"; exit 1; }
+	@echo "output notebook: $(CURDIR)/runs/demo/m-mae.ipynb"
+	@echo "run directory:   $(CURDIR)/runs/demo/m-mae (results.json, metrics.csv, fig2_training.png, fig4_pacmap.png, training_curves.png, tb/)"
+
+bench: $(STAMP)  ## every benchmark, printed (see bench/README.md)
+	$(BIN)/python bench/manifold_bench.py
+	$(BIN)/python bench/data_bench.py
+	$(BIN)/python bench/methods_bench.py
+	$(BIN)/python bench/train_bench.py
+	$(BIN)/python bench/eval_bench.py
+
+sweep: $(STAMP)  ## print the commands that run every paper table on a multi-GPU node (MODE=slurm for a SLURM array)
+	$(BIN)/python scripts/sweep_commands.py --mode $(or $(MODE),node)
 
 lab: $(STAMP)  ## open the notebooks in JupyterLab
 	$(BIN)/jupyter lab nbs
