@@ -50,8 +50,8 @@ lab: $(STAMP)  ## open the notebooks in JupyterLab
 	$(BIN)/jupyter lab nbs
 
 export: $(STAMP)  ## notebooks -> package, then strip notebook noise
-	$(BIN)/nbdev_export
 	$(BIN)/nbdev_clean
+	$(BIN)/nbdev_export
 
 check: $(STAMP)  ## notebooks clean and package in sync (what CI checks)
 	$(BIN)/nbdev_clean && git diff --quiet -- nbs || { echo "nbdev_clean changed nbs/: run 'make export' and commit"; exit 1; }
