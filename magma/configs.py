@@ -41,7 +41,7 @@ def paper_table(method: str) -> dict:
     if method in JE_FAMILY: return PAPER_TABLE5
     raise ValueError(f"unknown method {method!r}; valid: {', '.join(MAE_FAMILY + JE_FAMILY)}")
 
-# %% ../nbs/09_configs.ipynb #8a106f07
+# %% ../nbs/09_configs.ipynb #120f9cd3
 def _p(default, help: str): return field(default=default, metadata={'help': help})
 
 @dataclass
@@ -78,7 +78,6 @@ class PretrainConfig:
     resume: bool = _p(False, "continue from out_dir's last checkpoint")
     profile: str = _p('smoke', "smoke, mini or paper: fills in every parameter left as None")
     n_per_class: int | None = _p(None, "synthetic dataset: images per class (train split)")
-    train_subset: int | None = _p(None, "use only the first N training images (quick experiments)")
     online_lr: float = _p(1e-3, "learning rate of the online linear probe (AdamW, no weight decay)")
     log_every: int = _p(10, "steps between per-step CSV rows")
     num_workers: int = _p(4, "DataLoader workers for the 224 px ImageFolder path")
