@@ -121,11 +121,9 @@ def build_method(cfg: PretrainConfig) -> nn.Module:
 def augment_kind(method: str) -> str:
     return 'simclr' if 'simclr' in method else 'vicreg' if 'vicreg' in method else 'mae'
 
-# %% ../nbs/10_train.ipynb #722aef04
+# %% ../nbs/10_train.ipynb #c4169937
 class NonFiniteLoss(FloatingPointError):
     "Raised when a training loss is NaN or inf; the last good checkpoint is kept."
-
-_VERSION_KEYS = ('torch', 'timm', 'magma')
 
 def versions() -> dict:
     import timm, magma
