@@ -12,11 +12,11 @@ import numpy as np, pandas as pd
 # %% auto #0
 __all__ = ['METHOD_NAMES', 'TABLE1_DATASETS', 'PAPER_TABLE1', 'TABLE2_SETTINGS', 'PAPER_TABLE2', 'PAPER_TABLE3', 'PAPER_TABLE6',
            'PAPER_TABLE7', 'PAPER_TABLE8', 'PAPER_TABLES', 'TABLE_METRICS', 'DEFAULT_CELLS', 'DEFAULT_SEEDS',
-           'PAPER_EPOCHS_TABLE2', 'FLOOR_METRICS', 'MAGMA_PAIRS', 'SMOKE_PARAMS', 'SMOKE_EVAL', 'table2_col',
-           'mini_data_path', 'profile_dataset', 'dataset_slug', 'Run', 'table_cells', 'default_seeds', 'table_runs',
-           'project_root', 'pretrain_parameters', 'launch', 'evaluate_run', 'summarize', 'collect', 'aggregate',
-           'render_markdown', 'write_table', 'floor_markdown', 'magma_effect', 'effect_markdown', 'smoke_runs_dir',
-           'as_list', 'default_runs_dir', 'run_table']
+           'PAPER_EPOCHS_TABLE2', 'RESULT_KEYS', 'FLOOR_METRICS', 'MAGMA_PAIRS', 'SMOKE_PARAMS', 'SMOKE_EVAL',
+           'table2_col', 'mini_data_path', 'profile_dataset', 'dataset_slug', 'Run', 'table_cells', 'default_seeds',
+           'table_runs', 'project_root', 'pretrain_parameters', 'launch', 'evaluate_parameters', 'evaluate_run',
+           'summarize', 'collect', 'aggregate', 'render_markdown', 'write_table', 'floor_markdown', 'magma_effect',
+           'effect_markdown', 'smoke_runs_dir', 'as_list', 'default_runs_dir', 'run_table']
 
 # %% ../nbs/15_tables.ipynb #97dda480
 METHOD_NAMES = {'mae': 'MAE', 'm-mae': 'M-MAE', 'u-mae': 'U-MAE', 'mu-mae': 'MU-MAE', 'simclr': 'SimCLR',
@@ -244,44 +244,53 @@ class _locked:
         import fcntl
         fcntl.flock(self.f, fcntl.LOCK_UN); self.f.close()
 
-# %% ../nbs/15_tables.ipynb #3bc8abf7
-def evaluate_run(run: Run, device=None, data_dir=None, pretrain_params: dict | None = None, eval_params: dict | None = None) -> str:
-    "Transfer or fine-tune the checkpoint of `run.pretrain_dir` on `run.target`; 'skipped' or 'ran'."
+# %% ../nbs/15_tables.ipynb #b8f63a18
+def evaluate_parameters(run: Run, device=None, data_dir=None, pretrain_params: dict | None = None,
+                        eval_params: dict | None = None) -> dict:
+    "The papermill parameters of `nbs/evaluate.ipynb` for the evaluation step `run`."
+    ep = dict(eval_params or {})
+    p = dict(checkpoint=str(run.pretrain_dir), dataset=run.target, task=run.step, out_dir=str(run.out_dir), seed=run.seed)
+    if 'epochs' in ep: p['epochs'] = int(ep.pop('epochs'))
+    if ep: p['eval_kwargs'] = ep
+    if run.target == 'synthetic': p['n_per_class'] = int((pretrain_params or {}).get('n_per_class') or 16)
+    if device is not None: p['device'] = device
+    if data_dir is not None: p['data_dir'] = str(data_dir)
+    return p
+
+RESULT_KEYS = dict(transfer={'linear_acc': 'linear_top1', 'linear_top5': 'linear_top5', 'knn_acc': 'knn_top1'},
+                   finetune={'finetune_acc': 'finetune_top1', 'finetune_top5': 'finetune_top5'})
+
+def evaluate_run(run: Run, device=None, data_dir=None, pretrain_params: dict | None = None, eval_params: dict | None = None,
+                 notebook=None, log_output: bool = False, execute=None) -> str:
+    "Run `nbs/evaluate.ipynb` for a transfer or fine-tuning step unless its `results.json` exists: 'skipped' or 'ran'."
+    if run.step not in RESULT_KEYS: raise ValueError(f"evaluate_run handles transfer and finetune steps, not {run.step!r}")
     if run.results.exists(): return 'skipped'
+    if not (Path(run.pretrain_dir) / 'checkpoint.safetensors').exists():
+        raise FileNotFoundError(f"{run.cell}: no checkpoint in {run.pretrain_dir}; launch its pretraining run first")
     Path(run.out_dir).mkdir(parents=True, exist_ok=True)
+    if execute is None:
+        import papermill as pm
+        execute = pm.execute_notebook
+    nb = Path(notebook) if notebook else project_root() / 'nbs' / 'evaluate.ipynb'
     with _locked(run.out_dir):
         if run.results.exists(): return 'skipped'
-        return _evaluate(run, device, data_dir, pretrain_params, eval_params)
-
-def _evaluate(run, device, data_dir, pretrain_params, eval_params):
-    import time, torch
-    from magma.train import load_pretrained
-    from magma.data import get_dataset
-    from magma.evaluate import transfer, finetune
-    t0, ep = time.time(), dict(eval_params or {})
-    dev = device if device not in (None, 'auto') else ('cuda' if torch.cuda.is_available() else 'cpu')
-    model, cfg = load_pretrained(run.pretrain_dir, device=dev)
-    kw = {}
-    if run.target == 'synthetic': kw['n_per_class'] = int((pretrain_params or {}).get('n_per_class') or cfg.n_per_class or 16)
-    train = get_dataset(run.target, 'train_labeled', root=data_dir, **kw)
-    if 'n_per_class' in kw: kw['n_per_class'] = max(kw['n_per_class'] // 4, 4)
-    test = get_dataset(run.target, 'test', root=data_dir, **kw)
-    res = dict(method=run.method, dataset=run.dataset, target=run.target, step=run.step, seed=run.seed,
-               backbone=cfg.backbone, pretrain_dir=run.pretrain_dir, eval_params=ep)
-    if run.step == 'transfer':
-        r = transfer(model.encoder, train, test, device=dev, seed=run.seed, **ep)
-        res.update(linear_acc=r.get('linear_top1'), linear_top5=r.get('linear_top5'), knn_acc=r.get('knn_top1'),
-                   img_size=list(r['img_size']))
-    elif run.step == 'finetune':
-        r = finetune(model.encoder, train, test, device=dev, seed=run.seed, **ep)
-        res.update(finetune_acc=r['top1'], finetune_top5=r['top5'])
-    else: raise ValueError(f"evaluate_run handles transfer and finetune steps, not {run.step!r}")
-    res['wall_seconds'] = time.time() - t0
-    Path(run.out_dir).mkdir(parents=True, exist_ok=True)
-    tmp = run.results.with_suffix('.tmp'); tmp.write_text(json.dumps(res, indent=2)); tmp.replace(run.results)
+        import time
+        t0, params = time.time(), evaluate_parameters(run, device, data_dir, pretrain_params, eval_params)
+        execute(str(nb), str(Path(run.out_dir) / 'evaluate.ipynb'), parameters=params, progress_bar=False,
+                log_output=log_output, cwd=str(project_root()))
+        ev_path = Path(run.out_dir) / 'eval_results.json'
+        if not ev_path.exists(): raise RuntimeError(f"{nb} finished without writing {ev_path}")
+        ev = json.loads(ev_path.read_text())
+        pre = Path(run.pretrain_dir) / 'results.json'
+        res = dict(method=run.method, dataset=run.dataset, target=run.target, step=run.step, seed=run.seed,
+                   backbone=json.loads(pre.read_text()).get('backbone') if pre.exists() else None,
+                   pretrain_dir=run.pretrain_dir, eval_params=dict(eval_params or {}),
+                   **{k: ev.get(v) for k, v in RESULT_KEYS[run.step].items()}, wall_seconds=time.time() - t0)
+        if 'img_size' in ev: res['img_size'] = ev['img_size']
+        tmp = run.results.with_suffix('.tmp'); tmp.write_text(json.dumps(res, indent=2)); tmp.replace(run.results)
     return 'ran'
 
-# %% ../nbs/15_tables.ipynb #bb882e76
+# %% ../nbs/15_tables.ipynb #fe5e00b8
 def summarize(values) -> dict:
     "n, mean, std (ddof=1) and the 95% t-interval half-width of `values` (NaN where undefined; None/NaN dropped)."
     v = np.asarray([float(x) for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))], dtype=float)
@@ -292,7 +301,7 @@ def summarize(values) -> dict:
     std = float(v.std(ddof=1))
     return dict(n=n, mean=float(v.mean()), std=std, ci95=float(t.ppf(0.975, n - 1) * std / math.sqrt(n)))
 
-# %% ../nbs/15_tables.ipynb #68b9c415
+# %% ../nbs/15_tables.ipynb #a941081d
 def collect(runs, metrics: dict) -> pd.DataFrame:
     "One row per (finished run, metric): row, col, metric, seed, value, data. Runs without `results.json` are left out."
     rows = []
@@ -321,7 +330,7 @@ def aggregate(runs, table: str, metrics: dict | None = None, paper: dict | None 
                             data=' '.join(sorted(set(sub.data)))))
     return pd.DataFrame(out)
 
-# %% ../nbs/15_tables.ipynb #3af18539
+# %% ../nbs/15_tables.ipynb #0e751aaf
 def _f(x, d=1) -> str: return '–' if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{d}f}"
 
 def render_markdown(df: pd.DataFrame, title: str = '') -> str:
@@ -345,7 +354,7 @@ def write_table(df: pd.DataFrame, runs_dir, name: str, title: str = '') -> tuple
     md.write_text(render_markdown(df, title)); df.to_csv(csv, index=False)
     return md, csv
 
-# %% ../nbs/15_tables.ipynb #bb4b07b6
+# %% ../nbs/15_tables.ipynb #ad90fc6f
 FLOOR_METRICS = {'kNN CLS': 'knn_acc', 'kNN mean-pool': 'knn_acc_mean', 'linear CLS': 'linear_acc',
                  'linear mean-pool': 'linear_acc_mean', 'random kNN CLS': 'random_knn_acc',
                  'random kNN mean-pool': 'random_knn_acc_mean', 'random linear CLS': 'random_linear_acc',
@@ -394,7 +403,7 @@ def effect_markdown(eff: pd.DataFrame) -> str:
         lines.append(f"| {METHOD_NAMES[r.row]} − {METHOD_NAMES[r.base]} | {r.col} | {r.metric} | {d} | {ci} | {r.seeds} |")
     return '\n'.join(lines) + '\n'
 
-# %% ../nbs/15_tables.ipynb #0e4cf23b
+# %% ../nbs/15_tables.ipynb #6af8b0fc
 SMOKE_PARAMS = dict(n_per_class=4, epochs=1, batch_size=8, linear_epochs=2, progress=False)   # seconds per run
 SMOKE_EVAL = dict(transfer=dict(epochs=2, batch_size=8), finetune=dict(epochs=1, batch_size=8, warmup_epochs=0))
 
@@ -443,7 +452,7 @@ def run_table(table: str, profile: str = 'smoke', seeds=None, cells=None, runs_d
             if r.step == 'pretrain': st = launch(r, device, data_dir, pretrain_params, log_output=log_output)
             else:
                 ep = eval_params if eval_params is not None else (SMOKE_EVAL[r.step] if profile == 'smoke' else {})
-                st = evaluate_run(r, device, data_dir, pretrain_params, ep)
+                st = evaluate_run(r, device, data_dir, pretrain_params, ep, log_output=log_output)
             print(f"{st:8s} {r.step:9s} {r.cell:28s} seed {r.seed}  {r.out_dir}")
     shown = [r for r in runs if r.step != 'pretrain'] or runs
     df = aggregate(shown, table)
