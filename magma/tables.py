@@ -203,7 +203,7 @@ def table_runs(table: str, profile: str = 'smoke', seeds=None, cells=None, runs_
                              dict(params), step, tds, str(out)))
     return list(pre.values()) + evals
 
-# %% ../nbs/15_tables.ipynb #3c05456b
+# %% ../nbs/15_tables.ipynb #dbb5d025
 def project_root() -> Path:
     import magma
     return Path(magma.__file__).resolve().parents[1]
@@ -217,15 +217,17 @@ def pretrain_parameters(run: Run, device=None, data_dir=None, pretrain_params: d
     if (Path(run.out_dir) / 'checkpoint.safetensors').exists(): p['resume'] = True
     return p
 
+def _papermill():
+    import papermill as pm
+    return pm.execute_notebook
+
 def launch(run: Run, device=None, data_dir=None, pretrain_params: dict | None = None, notebook=None,
            log_output: bool = False, execute=None) -> str:
     "Run the pretraining notebook for `run` unless its `results.json` exists: 'skipped' or 'ran'."
     if run.step != 'pretrain': raise ValueError(f"launch runs pretraining; {run.cell} is a {run.step} step (use evaluate_run)")
     if run.results.exists(): return 'skipped'
     Path(run.out_dir).mkdir(parents=True, exist_ok=True)
-    if execute is None:
-        import papermill as pm
-        execute = pm.execute_notebook
+    execute = execute or _papermill()
     nb = Path(notebook) if notebook else project_root() / 'nbs' / 'pretrain.ipynb'
     with _locked(run.out_dir):                  # two notebooks (or array tasks) on one run: the second waits, then skips
         if run.results.exists(): return 'skipped'
@@ -244,7 +246,7 @@ class _locked:
         import fcntl
         fcntl.flock(self.f, fcntl.LOCK_UN); self.f.close()
 
-# %% ../nbs/15_tables.ipynb #b8f63a18
+# %% ../nbs/15_tables.ipynb #61b2cd1a
 def evaluate_parameters(run: Run, device=None, data_dir=None, pretrain_params: dict | None = None,
                         eval_params: dict | None = None) -> dict:
     "The papermill parameters of `nbs/evaluate.ipynb` for the evaluation step `run`."
@@ -268,9 +270,7 @@ def evaluate_run(run: Run, device=None, data_dir=None, pretrain_params: dict | N
     if not (Path(run.pretrain_dir) / 'checkpoint.safetensors').exists():
         raise FileNotFoundError(f"{run.cell}: no checkpoint in {run.pretrain_dir}; launch its pretraining run first")
     Path(run.out_dir).mkdir(parents=True, exist_ok=True)
-    if execute is None:
-        import papermill as pm
-        execute = pm.execute_notebook
+    execute = execute or _papermill()
     nb = Path(notebook) if notebook else project_root() / 'nbs' / 'evaluate.ipynb'
     with _locked(run.out_dir):
         if run.results.exists(): return 'skipped'
@@ -330,7 +330,7 @@ def aggregate(runs, table: str, metrics: dict | None = None, paper: dict | None 
                             data=' '.join(sorted(set(sub.data)))))
     return pd.DataFrame(out)
 
-# %% ../nbs/15_tables.ipynb #0e751aaf
+# %% ../nbs/15_tables.ipynb #7cf85a68
 def _f(x, d=1) -> str: return '–' if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{d}f}"
 
 def render_markdown(df: pd.DataFrame, title: str = '') -> str:
@@ -347,11 +347,11 @@ def render_markdown(df: pd.DataFrame, title: str = '') -> str:
                                           str(r.n), d, r.data or '–']) + ' |')
     return '\n'.join(lines) + '\n'
 
-def write_table(df: pd.DataFrame, runs_dir, name: str, title: str = '') -> tuple[Path, Path]:
-    "Write `<runs_dir>/<name>.md` and `<runs_dir>/<name>.csv`; returns both paths."
+def write_table(df: pd.DataFrame, runs_dir, name: str, title: str = '', extra: str = '') -> tuple[Path, Path]:
+    "Write `<runs_dir>/<name>.md` (the table, then `extra`) and `<runs_dir>/<name>.csv`; returns both paths."
     d = Path(runs_dir); d.mkdir(parents=True, exist_ok=True)
     md, csv = d / f"{name}.md", d / f"{name}.csv"
-    md.write_text(render_markdown(df, title)); df.to_csv(csv, index=False)
+    md.write_text(render_markdown(df, title) + extra); df.to_csv(csv, index=False)
     return md, csv
 
 # %% ../nbs/15_tables.ipynb #ad90fc6f
@@ -403,7 +403,7 @@ def effect_markdown(eff: pd.DataFrame) -> str:
         lines.append(f"| {METHOD_NAMES[r.row]} − {METHOD_NAMES[r.base]} | {r.col} | {r.metric} | {d} | {ci} | {r.seeds} |")
     return '\n'.join(lines) + '\n'
 
-# %% ../nbs/15_tables.ipynb #6af8b0fc
+# %% ../nbs/15_tables.ipynb #d58210ae
 SMOKE_PARAMS = dict(n_per_class=4, epochs=1, batch_size=8, linear_epochs=2, progress=False)   # seconds per run
 SMOKE_EVAL = dict(transfer=dict(epochs=2, batch_size=8), finetune=dict(epochs=1, batch_size=8, warmup_epochs=0))
 
@@ -457,12 +457,9 @@ def run_table(table: str, profile: str = 'smoke', seeds=None, cells=None, runs_d
     shown = [r for r in runs if r.step != 'pretrain'] or runs
     df = aggregate(shown, table)
     title = f"{table.replace('table', 'Table ')} ({profile} profile; {_seed_note(shown)})"
-    md, csv = write_table(df, Path(runs_dir) / profile, f"{table}-{profile}", title)
-    text = render_markdown(df, title)
-    extra = [('Ours beside the random-init floor (mean ± std over seeds, %)', floor_markdown(shown)),
-             ("MAGMA's effect, paired by seed (MAGMA − base, points)", effect_markdown(magma_effect(shown)))]
-    for head, body in extra:
-        if body: text += f"\n**{head}**\n\n{body}"
-    md.write_text(text)
+    extra = ''.join(f"\n**{head}**\n\n{body}" for head, body in
+                    [('Ours beside the random-init floor (mean ± std over seeds, %)', floor_markdown(shown)),
+                     ("MAGMA's effect, paired by seed (MAGMA − base, points)", effect_markdown(magma_effect(shown)))] if body)
+    md, csv = write_table(df, Path(runs_dir) / profile, f"{table}-{profile}", title, extra)
     print(f"wrote {md}\n      {csv}")
-    return df, text
+    return df, md.read_text()
