@@ -8,8 +8,8 @@ from dataclasses import dataclass, field, fields
 
 # %% auto #0
 __all__ = ['PAPER_TABLE4', 'PAPER_TABLE5', 'IMG_SIZES', 'PAPER_COMMON', 'PAPER_MAE', 'PAPER_JE', 'MAE_FAMILY', 'JE_FAMILY',
-           'PARAMS', 'LIGHT_DECODER', 'PROFILES', 'paper_table', 'PretrainConfig', 'resolve_config', 'check_config',
-           'method_uses_magma']
+           'PARAMS', 'LIGHT_DECODER', 'MINI_MAGMA', 'PROFILES', 'paper_table', 'PretrainConfig', 'resolve_config',
+           'check_config', 'method_uses_magma']
 
 # %% ../nbs/09_configs.ipynb #4a290063
 _COLS = ('backbone', 'patch_size', 'epochs', 'batch_size', 'lr', 'magma_start')
@@ -55,6 +55,7 @@ class PretrainConfig:
     batch_size: int = _p(256, "batch size per process")
     lr: float = _p(1.5e-4, "base learning rate, scaled by batch_size * world_size / 256")
     weight_decay: float = _p(0.05, "AdamW weight decay")
+    exclude_bias_norm_wd: bool = _p(False, "exempt biases, norms and other 1-D parameters from weight decay (FB MAE); False decays every parameter, as the official code does")
     warmup_epochs: float = _p(10, "linear learning-rate warmup, in epochs, then cosine to 0")
     mask_ratio: float = _p(0.75, "MAE mask ratio, in (0, 1)")
     decoder_dim: int = _p(512, "MAE decoder width (paper 512, light 128)")
@@ -77,6 +78,7 @@ class PretrainConfig:
     resume: bool = _p(False, "continue from out_dir's last checkpoint")
     profile: str = _p('smoke', "smoke, mini or paper: fills in every parameter left as None")
     n_per_class: int | None = _p(None, "synthetic dataset: images per class (train split)")
+    val_fraction: float = _p(0.0, "hold out this stratified fraction of the training split (never pretrained on) to score kNN and probes on; 0 = none")
     online_lr: float = _p(1e-3, "learning rate of the online linear probe (AdamW, no weight decay)")
     log_every: int = _p(10, "steps between per-step CSV rows")
     num_workers: int = _p(4, "DataLoader workers for the 224 px ImageFolder path")
@@ -88,12 +90,13 @@ PARAMS = tuple(f.name for f in fields(PretrainConfig))
 
 # %% ../nbs/09_configs.ipynb #334ba75f
 LIGHT_DECODER = dict(decoder_dim=128, decoder_depth=2, decoder_heads=4)
+MINI_MAGMA = dict(magma_weight=1.0, magma_start=2, magma_epochs=10)   # the centre of the mini ablation (see prose)
 PROFILES = {
     'smoke': dict(dataset='synthetic', n_per_class=16, backbone='vit_tiny', img_size=32, patch_size=4, epochs=2,
                   batch_size=32, lr=1.5e-4, warmup_epochs=1, magma_start=0, magma_epochs=100, linear_epochs=10,
                   **LIGHT_DECODER),
     'mini': dict(backbone='vit_tiny', img_size=32, patch_size=4, epochs=40, batch_size=256, lr=1.5e-4,
-                 warmup_epochs=2, magma_start=1, magma_epochs=2, precision='fp32', **LIGHT_DECODER),
+                 warmup_epochs=2, **MINI_MAGMA, precision='fp32', val_fraction=0.1, **LIGHT_DECODER),
 }
 
 def _paper_profile(dataset: str, method: str) -> dict:
@@ -141,6 +144,7 @@ def check_config(cfg: PretrainConfig) -> None:
     from_('precision', cfg.precision in ('fp32', 'bf16', 'fp16'), f"precision must be fp32, bf16 or fp16, got {cfg.precision!r}")
     from_('magma_schedule', cfg.magma_schedule in ('warmup', 'constant', 'step', 'triangle'), f"magma_schedule must be warmup, constant, step or triangle, got {cfg.magma_schedule!r}")
     from_('magma_start', cfg.magma_start >= 0 and cfg.magma_epochs >= 0, "magma_start and magma_epochs must be >= 0")
+    from_('val_fraction', 0 <= cfg.val_fraction < 1, f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
     from_('linear_mode', cfg.linear_mode in ('fast', 'protocol'), f"linear_mode must be fast or protocol, got {cfg.linear_mode!r}")
     from_('precision', not (cfg.precision == 'fp16' and cfg.device == 'cpu'), "fp16 needs CUDA; use precision='bf16' on CPU")
 

@@ -17,9 +17,9 @@ import magma
 # %% auto #0
 __all__ = ['DATASETS', 'SPLITS', 'IMG_SIZE', 'STATS', 'IMG_EXT', 'SYNTHETIC_CLASSES', 'AUGS', 'data_root', 'compute_stats',
            'load_rgb', 'decode_images', 'cached', 'TensorImages', 'FileImages', 'make_synthetic', 'imagenet100_classes',
-           'get_dataset', 'prepare', 'ViewAug', 'sample_crops', 'resized_crop', 'gray', 'adjust_hue', 'color_jitter',
-           'blur_kernel_size', 'gaussian_blur', 'solarize', 'TensorAugment', 'pil_crop_boxes', 'Loader', 'make_loader',
-           'eval_loader']
+           'get_dataset', 'prepare', 'subset', 'holdout_split', 'ViewAug', 'sample_crops', 'resized_crop', 'gray',
+           'adjust_hue', 'color_jitter', 'blur_kernel_size', 'gaussian_blur', 'solarize', 'TensorAugment',
+           'pil_crop_boxes', 'Loader', 'make_loader', 'eval_loader']
 
 # %% ../nbs/08_data.ipynb #85385e7b
 DATASETS = ('cifar10', 'cifar100', 'stl10', 'tinyimagenet', 'imagenet100', 'imagenet', 'synthetic', 'folder:<path>')
@@ -328,6 +328,30 @@ def prepare(name, root=None, download=True, **kw):
     for split in SPLITS:
         if name == 'stl10' or split != 'train_labeled':
             print(get_dataset(name, split, root, download=download, **kw))
+
+# %% ../nbs/08_data.ipynb #e8530993
+def subset(ds, idx):
+    "The images `idx` of a `TensorImages` or `FileImages`, keeping its classes and normalization statistics."
+    idx = torch.as_tensor(idx, dtype=torch.long)
+    if isinstance(ds, FileImages):
+        return FileImages([ds.samples[i] for i in idx.tolist()], ds.classes, ds.name, ds.split, ds.img_size, ds.mean, ds.std)
+    return TensorImages(ds.images[idx], ds.labels[idx], ds.classes, ds.name, ds.split, ds.mean, ds.std, ds.from_cache)
+
+def holdout_split(ds, fraction: float, seed: int = 0):
+    "(train part, held-out part) of `ds`: round(fraction * n_c) images of each labelled class c, drawn with `seed`."
+    if not 0 < fraction < 1: raise ValueError(f"val_fraction must be in (0, 1), got {fraction!r}; use 0 for no validation split")
+    g, held = torch.Generator().manual_seed(int(seed)), []
+    for c in torch.unique(ds.labels[ds.labels >= 0]).tolist():
+        members = torch.nonzero(ds.labels == c).flatten()
+        k = int(round(fraction * len(members)))
+        if k == 0 or k == len(members):
+            raise ValueError(f"val_fraction={fraction} holds out {k} of the {len(members)} images of class {ds.classes[c]!r}; "
+                             f"pick a fraction that leaves images on both sides")
+        held.append(members[torch.randperm(len(members), generator=g)[:k]])
+    held = torch.sort(torch.cat(held)).values
+    keep = torch.ones(len(ds), dtype=torch.bool); keep[held] = False
+    return subset(ds, torch.nonzero(keep).flatten()), subset(ds, held)
+
 
 # %% ../nbs/08_data.ipynb #252f691e
 @dataclass(frozen=True)

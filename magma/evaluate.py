@@ -259,10 +259,13 @@ def _fit_linear(head: nn.Linear, batches: Callable[[int], Iterable], epochs: int
 
 def train_linear(feats: Tensor, labels: Tensor, num_classes: int | None = None, *, epochs: int = 100, lr: float = 0.1,
                  momentum: float = 0.9, weight_decay: float = 0.0, batch_size: int = 256, milestones=(60, 80),
-                 gamma: float = 0.1, seed: int = 0, device=None) -> tuple[nn.Linear, list[float]]:
-    "FAST mode (not the paper protocol): the linear head trained on cached, non-augmented features. Returns (head, lr per epoch)."
+                 gamma: float = 0.1, seed: int = 0, device=None, standardize: bool = True) -> tuple[nn.Linear, list[float]]:
+    """FAST mode (not the paper protocol): the linear head trained on cached, non-augmented features. Returns (head, lr per epoch).
+    `standardize`: fit on features standardized with the training features' per-dimension mean and std, then fold that
+    affine map into the returned head, which therefore takes raw features."""
     device = torch.device(device) if device is not None else feats.device
     feats, labels = feats.to(device).float(), labels.to(device).long()
+    if standardize: feats, mu, sd = _standardize(feats)
     C = int(num_classes or int(labels.max()) + 1)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed); head = nn.Linear(feats.shape[1], C).to(device)
@@ -275,7 +278,16 @@ def train_linear(feats: Tensor, labels: Tensor, num_classes: int | None = None, 
     if device.type == 'cpu': torch.set_num_threads(1)   # (256 x D) @ (D x C) steps: threads only add sync overhead,
     try: lrs = _fit_linear(head, batches, epochs, lr, momentum, weight_decay, milestones, gamma)   # badly so on a busy CPU
     finally: torch.set_num_threads(nt)
+    if standardize:                                     # head((x - mu) / sd) = (W / sd) x + (b - (W / sd) mu)
+        with torch.no_grad():
+            head.weight.div_(sd); head.bias.sub_(head.weight @ mu)
     return head, lrs
+
+def _standardize(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    "(x standardized per dimension, mean, std) in float64 statistics; constant dimensions keep std 1."
+    x64 = x.double(); mu = x64.mean(0); sd = x64.std(0)
+    sd = torch.where(sd > 1e-12 * sd.max().clamp_min(1e-300), sd, torch.ones_like(sd))
+    return ((x64 - mu) / sd).float(), mu.float(), sd.float()
 
 @torch.no_grad()
 def linear_accuracy(head: nn.Module, feats: Tensor, labels: Tensor) -> dict:

@@ -32,21 +32,26 @@ def encode_split(encoder: nn.Module, loader, device, pools=('cls', 'mean')) -> d
     y = torch.cat(labels)
     return {p: (torch.cat(f), y) for p, f in feats.items()}
 
-def evaluate_encoder(encoder, bank_dl, test_dl, device, *, k=10, linear_epochs=100, seed=0, prefix='') -> dict:
-    "kNN, fast linear probe and DBI for CLS and mean-pool features: the results.json numbers."
-    bank, test = encode_split(encoder, bank_dl, device), encode_split(encoder, test_dl, device)
+def evaluate_encoder(encoder, bank_dl, test_dl, device, *, k=10, linear_epochs=100, seed=0, prefix='', val_dl=None) -> dict:
+    """kNN, fast linear probe and DBI for CLS and mean-pool features: the results.json numbers. The bank (and the probe's
+    training set) is `bank_dl`; the queries are `test_dl`, and `val_dl` too when given (keys prefixed `val_`)."""
+    bank = encode_split(encoder, bank_dl, device)
+    queries = {'': encode_split(encoder, test_dl, device)}
+    if val_dl is not None: queries['val_'] = encode_split(encoder, val_dl, device)
     out = {}
     for pool in ('cls', 'mean'):
         sfx = '' if pool == 'cls' else '_mean'
-        (fb, yb), (ft, yt) = bank[pool], test[pool]
+        fb, yb = bank[pool]
         keep = yb >= 0                                      # unlabeled images (STL-10) are not in the bank
-        out[f'{prefix}knn_acc{sfx}'] = knn_eval(fb[keep], yb[keep], ft, yt, k=k)['top1']
-        lin = linear_probe(None, None, None, features=((fb[keep], yb[keep]), (ft, yt)), epochs=linear_epochs, seed=seed)
-        out[f'{prefix}linear_acc{sfx}'], out[f'{prefix}linear_top5{sfx}'] = lin['top1'], lin['top5']
-        sel = torch.as_tensor(pick_classes(yt, 10, seed))
-        m = torch.isin(yt, sel)
-        out[f'{prefix}dbi{sfx}'] = davies_bouldin(ft[m], yt[m])
-    return out, test['cls']
+        for q, split in queries.items():
+            ft, yt = split[pool]; pre = q + prefix
+            out[f'{pre}knn_acc{sfx}'] = knn_eval(fb[keep], yb[keep], ft, yt, k=k)['top1']
+            lin = linear_probe(None, None, None, features=((fb[keep], yb[keep]), (ft, yt)), epochs=linear_epochs, seed=seed)
+            out[f'{pre}linear_acc{sfx}'], out[f'{pre}linear_top5{sfx}'] = lin['top1'], lin['top5']
+            sel = torch.as_tensor(pick_classes(yt, 10, seed))
+            m = torch.isin(yt, sel)
+            out[f'{pre}dbi{sfx}'] = davies_bouldin(ft[m], yt[m])
+    return out, queries['']['cls']
 
 # %% ../nbs/14_pretrain.ipynb #9eea4b7a
 def _atomic_json(path: Path, obj):
@@ -79,16 +84,20 @@ def run(cfg: PretrainConfig | None = None, *, progress: bool = True, evaluate: b
     kw = dict(root=cfg.data_dir)
     if cfg.dataset == 'synthetic' and cfg.n_per_class: kw['n_per_class'] = cfg.n_per_class
     bank_ds = _data.get_dataset(cfg.dataset, 'train_labeled', **kw)
+    val_ds = None                               # the held-out part: scored, never pretrained on nor in the bank
+    if cfg.val_fraction > 0: bank_ds, val_ds = _data.holdout_split(bank_ds, cfg.val_fraction)
     if 'n_per_class' in kw: kw['n_per_class'] = max(cfg.n_per_class // 4, 4)
     test_ds = _data.get_dataset(cfg.dataset, 'test', **kw)
     dl = lambda ds: _data.eval_loader(ds, 256, device, img_size=cfg.img_size, mean=bank_ds.mean, std=bank_ds.std, num_workers=cfg.num_workers)
     if evaluate:
+        vdl = dl(val_ds) if val_ds is not None else None
         ours, (ft, yt) = evaluate_encoder(model.encoder, dl(bank_ds), dl(test_ds), device, k=cfg.knn_k,
-                                          linear_epochs=cfg.linear_epochs, seed=cfg.seed)
+                                          linear_epochs=cfg.linear_epochs, seed=cfg.seed, val_dl=vdl)
         torch.manual_seed(cfg.seed)
         floor, _ = evaluate_encoder(build_method(cfg).to(device).encoder, dl(bank_ds), dl(test_ds), device, k=cfg.knn_k,
-                                    linear_epochs=cfg.linear_epochs, seed=cfg.seed, prefix='random_')
-        res.update(ours, **floor, linear_mode='fast (cached features; not the paper protocol)')
+                                    linear_epochs=cfg.linear_epochs, seed=cfg.seed, prefix='random_', val_dl=vdl)
+        res.update(ours, **floor, linear_mode='fast (cached, standardized features; not the paper protocol)',
+                   n_bank=len(bank_ds), n_val=len(val_ds) if val_ds is not None else 0, n_test=len(test_ds))
         fig4_pacmap((ft, yt, ours['linear_acc']), out / 'fig4_pacmap.png', seed=cfg.seed)
     fig2_training(out / 'metrics.csv', out / 'fig2_training.png')
     training_curves(out / 'metrics.csv', out / 'training_curves.png')

@@ -17,7 +17,8 @@ import magma.data as _data
 
 # %% auto #0
 __all__ = ['lr_at', 'magma_lambda', 'save_checkpoint', 'load_checkpoint', 'init_distributed', 'pick_device', 'method_kwargs',
-           'build_method', 'augment_kind', 'NonFiniteLoss', 'versions', 'train', 'load_pretrained']
+           'build_method', 'augment_kind', 'NonFiniteLoss', 'versions', 'train', 'pretraining_splits', 'param_groups',
+           'load_pretrained']
 
 # %% ../nbs/10_train.ipynb #21c49134
 def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> float:
@@ -150,16 +151,29 @@ class _CSVLog:
 def _mean_dict(acc: dict, n: int) -> dict: return {k: v / max(n, 1) for k, v in acc.items()}
 
 @torch.no_grad()
-def _probe_accuracy(encoder, probe, loader, device, autocast) -> float:
-    "Top-1 accuracy of the online probe on the CLS features of `loader` (evaluation transform)."
+def _probe_accuracy(encoder, probe, loader, device, autocast, taps=()) -> dict:
+    """Top-1 accuracy (%) of the online probe on the CLS features of `loader` (evaluation transform), and for each tapped
+    block b the mean L2 norm `tap{b}_norm` and the spread `tap{b}_spread` (RMS distance to the mean) of its features:
+    MAGMA can lower its term by shrinking features, and these show whether it did."""
     was = encoder.training; encoder.eval()
     correct = total = 0
+    stats = {b: torch.zeros(3, dtype=torch.float64) for b in taps}  # sum ||x||, sum ||x||^2, count
+    sums = {b: 0.0 for b in taps}
     for batch in loader:
-        with autocast: feats = encoder(batch['img'].to(device))
+        with autocast: tokens, feats = encoder.encode(batch['img'].to(device), taps=taps)
         y = batch['label'].to(device); keep = y >= 0
-        correct += int((probe(feats.float()).argmax(1) == y)[keep].sum()); total += int(keep.sum())
+        correct += int((probe(tokens[:, 0].float()).argmax(1) == y)[keep].sum()); total += int(keep.sum())
+        for b, f in feats.items():
+            f = f.double().cpu(); n = f.norm(dim=1)
+            stats[b] += torch.stack([n.sum(), (n * n).sum(), torch.tensor(float(len(f)), dtype=torch.float64)])
+            sums[b] = sums[b] + f.sum(0)
     encoder.train(was)
-    return correct / max(total, 1)
+    out = dict(online_acc=100.0 * correct / max(total, 1))
+    for b, (s1, s2, n) in ((b, v.tolist()) for b, v in stats.items()):
+        mu = sums[b] / max(n, 1)
+        out[f'tap{b}_norm'] = s1 / max(n, 1)
+        out[f'tap{b}_spread'] = max(s2 / max(n, 1) - float(mu @ mu), 0.0) ** 0.5
+    return out
 
 # %% ../nbs/10_train.ipynb #8249e98e
 def train(cfg: PretrainConfig | None = None, *, stop_after: int | None = None, progress: bool = True, **params) -> dict:
@@ -171,8 +185,7 @@ def train(cfg: PretrainConfig | None = None, *, stop_after: int | None = None, p
     if rank == 0: out.mkdir(parents=True, exist_ok=True)
 
     # data first: a missing dataset fails here, before any model is built
-    train_ds = _data.get_dataset(cfg.dataset, 'train', root=cfg.data_dir, **_data_kw(cfg))
-    eval_ds = _data.get_dataset(cfg.dataset, 'test', root=cfg.data_dir, **_data_kw(cfg, eval=True))
+    train_ds, eval_ds = pretraining_splits(cfg)
     loader = _data.make_loader(train_ds, cfg.batch_size, augment_kind(cfg.method), device, seed=cfg.seed,
                                rank=rank, world_size=world, img_size=cfg.img_size, num_workers=cfg.num_workers)
     eval_dl = _data.eval_loader(eval_ds, 256, device, img_size=cfg.img_size, num_workers=cfg.num_workers)
@@ -182,10 +195,7 @@ def train(cfg: PretrainConfig | None = None, *, stop_after: int | None = None, p
     torch.manual_seed(cfg.seed)                                  # identical initial weights on every rank
     model = build_method(cfg).to(device)
     probe = nn.Linear(model.encoder.embed_dim, num_classes).to(device)
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim <= 1]
-    opt = torch.optim.AdamW([dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)],
-                            lr=cfg.lr, betas=(0.9, 0.95), fused=True)
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.exclude_bias_norm_wd), lr=cfg.lr, betas=(0.9, 0.95), fused=True)
     probe_opt = torch.optim.AdamW(probe.parameters(), lr=cfg.online_lr, weight_decay=0.0, fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == 'fp16')
     dtype = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}[cfg.precision]
@@ -254,8 +264,8 @@ def train(cfg: PretrainConfig | None = None, *, stop_after: int | None = None, p
         train_seconds = time.time() - t0
         row = dict(kind='epoch', epoch=epoch, step=(epoch + 1) * steps_per_epoch - 1, lr=lr, magma_weight=lam,
                    **{k: _all_mean(v, device) for k, v in _mean_dict(sums, n).items()},
-                   online_train_acc=_all_mean(float(correct) / max(labelled, 1), device),
-                   online_acc=_probe_accuracy(model.encoder, probe, eval_dl, device, autocast) if rank == 0 else float('nan'),
+                   online_train_acc=_all_mean(100.0 * float(correct) / max(labelled, 1), device),
+                   **(_probe_accuracy(model.encoder, probe, eval_dl, device, autocast, taps=_tap_blocks(model)) if rank == 0 else dict(online_acc=float('nan'))),
                    images_per_sec=seen * world / train_seconds, epoch_seconds=time.time() - t0)
         history.append(row)
         if rank == 0:
@@ -272,7 +282,8 @@ def train(cfg: PretrainConfig | None = None, *, stop_after: int | None = None, p
     last = history[-1] if history else {}
     return dict(method=cfg.method, dataset=cfg.dataset, backbone=cfg.backbone, epochs=cfg.epochs, seed=cfg.seed,
                 config=asdict(cfg), epochs_done=len(history),
-                final_losses={k: v for k, v in last.items() if k not in ('kind', 'epoch', 'step', 'lr', 'magma_weight', 'online_acc', 'online_train_acc', 'images_per_sec', 'epoch_seconds')},
+                final_losses={k: v for k, v in last.items() if k not in ('kind', 'epoch', 'step', 'lr', 'magma_weight', 'online_acc', 'online_train_acc', 'images_per_sec', 'epoch_seconds') and not k.startswith('tap')},
+                final_taps={k: v for k, v in last.items() if k.startswith('tap')},
                 online_acc=last.get('online_acc'), online_acc_history=[h['online_acc'] for h in history],
                 images_per_sec=sum(h['images_per_sec'] for h in history) / max(len(history), 1),
                 wall_seconds=wall_before + time.time() - t_start, checkpoint=str(ckpt_path),
@@ -282,6 +293,24 @@ def _data_kw(cfg, eval=False) -> dict:
     kw = {}
     if cfg.dataset == 'synthetic' and cfg.n_per_class: kw['n_per_class'] = cfg.n_per_class if not eval else max(cfg.n_per_class // 4, 4)
     return kw
+
+def _tap_blocks(model) -> tuple:
+    "The reference and target blocks of the MAGMA term, as non-negative block indices."
+    return tuple(sorted(set(model.encoder.check_blocks(tuple(model.magma.layers)))))
+
+def pretraining_splits(cfg: PretrainConfig, split: str = 'train'):
+    """(training images, images the online probe is scored on). With `val_fraction` > 0 the held-out part of the
+    training split is removed from pretraining and scored instead of the test split, so no run looks at test."""
+    train_ds = _data.get_dataset(cfg.dataset, split, root=cfg.data_dir, **_data_kw(cfg))
+    if cfg.val_fraction > 0: return _data.holdout_split(train_ds, cfg.val_fraction)
+    return train_ds, _data.get_dataset(cfg.dataset, 'test', root=cfg.data_dir, **_data_kw(cfg, eval=True))
+
+def param_groups(model: nn.Module, weight_decay: float, exclude_bias_norm: bool = False) -> list[dict]:
+    "AdamW groups: every trainable parameter decayed (official code), or 1-D ones (biases, norms) exempt (FB MAE)."
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not exclude_bias_norm: return [dict(params=params, weight_decay=weight_decay)]
+    return [dict(params=[p for p in params if p.ndim > 1], weight_decay=weight_decay),
+            dict(params=[p for p in params if p.ndim <= 1], weight_decay=0.0)]
 
 _RESUME_FREE = ('resume', 'out_dir', 'device', 'epochs', 'log_every', 'num_workers', 'compile', 'knn_k', 'linear_epochs', 'linear_mode')
 
