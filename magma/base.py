@@ -38,7 +38,7 @@ def register(name: str, registry: dict | None = None, **defaults):
 # %% ../nbs/03_base.ipynb #66a0b784
 class SSLMethod(nn.Module):
     "Base: `encoder` (ViT), `magma` (MagmaLoss), `magma_weight` (λ), config checking."
-    defaults: dict = dict(backbone='vit_tiny', img_size=224, patch_size=16, in_chans=3, embed_dim=None, depth=None,
+    defaults: dict = dict(backbone='vit_tiny', backbone_flavour='mae', img_size=224, patch_size=16, in_chans=3, embed_dim=None, depth=None,
                           num_heads=None, mlp_ratio=None, drop_path_rate=0.0, magma_layers=(-2,), magma_target=-1,
                           magma_weight=0.0, magma_bandwidth='std', magma_normalized=True, track_magma=True,
                           magma_global=False)
@@ -58,7 +58,7 @@ class SSLMethod(nn.Module):
             raise ValueError(f"unknown config key(s) {unknown} for {type(self).__name__}; valid keys: {', '.join(sorted(keys))}")
         self.config = c = {**keys, **config}
         size = {k: c[k] for k in ('embed_dim', 'depth', 'num_heads', 'mlp_ratio') if c[k] is not None}
-        self.encoder = create_backbone(c['backbone'], img_size=c['img_size'], patch_size=c['patch_size'],
+        self.encoder = create_backbone(c['backbone'], c['backbone_flavour'], img_size=c['img_size'], patch_size=c['patch_size'],
                                        in_chans=c['in_chans'], drop_path_rate=c['drop_path_rate'], **size)
         layers, target = tuple(c['magma_layers']), c['magma_target']
         ref, tgt = self.encoder.check_blocks(layers), self.encoder.check_blocks([target])[0]

@@ -16,7 +16,7 @@ __all__ = ['SimCLR']
 @register('m-simclr', magma_weight=1.0)
 class SimCLR(SSLMethod):
     "SimCLR with an optional MAGMA term on the first view."
-    defaults = dict(temperature=0.2, proj_hidden_dim=2048, proj_output_dim=256)
+    defaults = dict(temperature=0.2, proj_hidden_dim=2048, proj_output_dim=256, backbone_flavour='timm')   # official: timm's ViT
 
     def __init__(self, **config):
         super().__init__(**config)

@@ -8,15 +8,17 @@ import json, math, os, shlex, tempfile
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import numpy as np, pandas as pd
+from .configs import MINI_MAGMA
 
 # %% auto #0
 __all__ = ['METHOD_NAMES', 'TABLE1_DATASETS', 'PAPER_TABLE1', 'TABLE2_SETTINGS', 'PAPER_TABLE2', 'PAPER_TABLE3', 'PAPER_TABLE6',
            'PAPER_TABLE7', 'PAPER_TABLE8', 'PAPER_TABLES', 'TABLE_METRICS', 'DEFAULT_CELLS', 'DEFAULT_SEEDS',
-           'PAPER_EPOCHS_TABLE2', 'RESULT_KEYS', 'FLOOR_METRICS', 'MAGMA_PAIRS', 'SMOKE_PARAMS', 'SMOKE_EVAL',
-           'table2_col', 'mini_data_path', 'profile_dataset', 'dataset_slug', 'Run', 'table_cells', 'default_seeds',
-           'table_runs', 'project_root', 'pretrain_parameters', 'launch', 'evaluate_parameters', 'evaluate_run',
-           'summarize', 'collect', 'aggregate', 'render_markdown', 'write_table', 'floor_markdown', 'magma_effect',
-           'effect_markdown', 'smoke_runs_dir', 'as_list', 'default_runs_dir', 'run_table']
+           'MINI_TABLE2_SETTINGS', 'RESULT_KEYS', 'FLOOR_METRICS', 'MAGMA_PAIRS', 'ABLATION_METRICS', 'SELECT_ON',
+           'SMOKE_PARAMS', 'SMOKE_EVAL', 'table2_col', 'mini_data_path', 'profile_dataset', 'dataset_slug', 'Run',
+           'table_cells', 'default_seeds', 'table_runs', 'project_root', 'pretrain_parameters', 'launch',
+           'evaluate_parameters', 'evaluate_run', 'summarize', 'collect', 'aggregate', 'render_markdown', 'write_table',
+           'floor_markdown', 'magma_effect', 'effect_markdown', 'switch_on', 'end_features', 'ablation_frame',
+           'choose_schedule', 'ablation_markdown', 'smoke_runs_dir', 'as_list', 'default_runs_dir', 'run_table']
 
 # %% ../nbs/15_tables.ipynb #97dda480
 METHOD_NAMES = {'mae': 'MAE', 'm-mae': 'M-MAE', 'u-mae': 'U-MAE', 'mu-mae': 'MU-MAE', 'simclr': 'SimCLR',
@@ -129,10 +131,14 @@ def _tag(params: dict) -> str:
     return ''.join(f"-{k.replace('magma_', 'm')}{v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool)
                    else f"-{v}" for k, v in sorted(params.items()))
 
-def table_cells(table: str) -> list[tuple]:
-    "(row, col, method, paper dataset, cell params, step, paper target) for every cell of `table`."
+def table_cells(table: str, profile: str = 'paper') -> list[tuple]:
+    "(row, col, method, paper dataset, cell params, step, paper target) for every cell of `table` under `profile`."
     mae4 = ('mae', 'm-mae', 'u-mae', 'mu-mae')
     if table == 'table1': return [(m, d, m, d, {}, 'pretrain', None) for m in METHOD_NAMES for d in TABLE1_DATASETS]
+    if table == 'table2' and profile == 'mini':       # the mini ablation, with MAE (λ = 0) as its reference row
+        return [('mae', 'lam0', 'mae', 'imagenet100', {}, 'pretrain', None)] + [
+                ('m-mae', table2_col(*s), 'm-mae', 'imagenet100', dict(magma_weight=s[0], magma_start=s[1], magma_epochs=s[2]),
+                 'pretrain', None) for s in MINI_TABLE2_SETTINGS]
     if table == 'table2':
         return [('m-mae', table2_col(*s), 'm-mae', 'imagenet100', dict(magma_weight=s[0], magma_start=s[1], magma_epochs=s[2]),
                  'pretrain', None) for s in TABLE2_SETTINGS]
@@ -153,22 +159,21 @@ DEFAULT_CELLS = {
                  table7=['mae/imagenet100', 'm-mae/imagenet100'], table8=None),
     'paper': {},
 }
-# seeds run when `seeds` is None: in mini, the reproduction plan (MAE and M-MAE × 3 seeds, every other method seed 0)
-DEFAULT_SEEDS = {'mini': {'mae': (0, 1, 2), 'm-mae': (0, 1, 2)}}
-def default_seeds(profile: str, method: str) -> tuple:
-    "The seeds of `method` under `profile` when none are given: `DEFAULT_SEEDS`, else (0,)."
-    return tuple(DEFAULT_SEEDS.get(profile, {}).get(method, (0,)))
+# seeds run when `seeds` is None: in mini's Table 1, the reproduction plan (MAE and M-MAE × 3 seeds, every other method
+# seed 0); every other table and profile, seed 0 (the mini ablation is one seed per cell)
+DEFAULT_SEEDS = {('mini', 'table1'): {'mae': (0, 1, 2), 'm-mae': (0, 1, 2)}}
+def default_seeds(profile: str, method: str, table: str = 'table1') -> tuple:
+    "The seeds of `method` in `table` under `profile` when none are given: `DEFAULT_SEEDS`, else (0,)."
+    return tuple(DEFAULT_SEEDS.get((profile, table), {}).get(method, (0,)))
 
-PAPER_EPOCHS_TABLE2 = 400   # ImageNet-100 MAE epochs (Table 4): in mini, e_st and e_dur are scaled by epochs / 400
+# mini's Table 2: one factor at a time around the centre λ = 1, e_st = 2, e_dur = 10 (40 epochs; e_dur 38 = to the end),
+# and the schedule `mini` used before this ablation (e_st = 1, e_dur = 2). `configs.MINI_MAGMA` is chosen from these
+# cells on the validation split (`choose_schedule`).
+MINI_TABLE2_SETTINGS = ((1, 2, 10), (0.1, 2, 10), (10, 2, 10), (1, 0, 10), (1, 5, 10), (1, 2, 2), (1, 2, 38), (1, 1, 2))
 
 def _keep(cell: tuple, cells) -> bool:
     row, col = cell[0], cell[1]
     return cells is None or any(c in (row, col, f"{row}/{col}") for c in cells)
-
-def _scale_table2(params: dict, epochs: int) -> dict:
-    f = epochs / PAPER_EPOCHS_TABLE2
-    st, dur = params['magma_start'], params['magma_epochs']
-    return {**params, 'magma_start': int(round(st * f)), 'magma_epochs': max(int(round(dur * f)), 1 if dur else 0)}
 
 def table_runs(table: str, profile: str = 'smoke', seeds=None, cells=None, runs_dir='runs', mini_data=None,
                pretrain_params: dict | None = None) -> list[Run]:
@@ -179,19 +184,17 @@ def table_runs(table: str, profile: str = 'smoke', seeds=None, cells=None, runs_
     if cells is None: cells = DEFAULT_CELLS.get(profile, {}).get(table)
     if isinstance(cells, str): cells = [cells]
     pp = {k: v for k, v in (pretrain_params or {}).items() if k != 'progress'}
-    todo = [c for c in table_cells(table) if _keep(c, cells)]
+    todo = [c for c in table_cells(table, profile) if _keep(c, cells)]
     if cells is not None and not todo:
-        names = [f"{c[0]}/{c[1]}" for c in table_cells(table)]
+        names = [f"{c[0]}/{c[1]}" for c in table_cells(table, profile)]
         raise ValueError(f"cells={cells!r} match no cell of {table}; valid: {', '.join(names)}")
     root = Path(runs_dir).expanduser().resolve() / profile
     pre, evals = {}, []
-    per = [tuple(seeds) if seeds is not None else default_seeds(profile, c[2]) for c in todo]
+    per = [tuple(seeds) if seeds is not None else default_seeds(profile, c[2], table) for c in todo]
     for seed in dict.fromkeys(s for p in per for s in p):
         for (row, col, method, pds, params, step, target), cs in zip(todo, per):
             if seed not in cs: continue
             ds = profile_dataset(pds, profile, mini_data)
-            if table == 'table2' and profile == 'mini':
-                params = _scale_table2(params, resolve_config(profile, method=method, dataset=ds, **{**pp, **params}).epochs)
             base = resolve_config(profile, method=method, dataset=ds, **pp)      # cell params equal to it are dropped,
             params = {k: v for k, v in params.items() if getattr(base, k) != v}  # so equal configs share one run
             out = root / f"{method}-{dataset_slug(ds)}{_tag(params)}-s{seed}"
@@ -403,6 +406,81 @@ def effect_markdown(eff: pd.DataFrame) -> str:
         lines.append(f"| {METHOD_NAMES[r.row]} − {METHOD_NAMES[r.base]} | {r.col} | {r.metric} | {d} | {ci} | {r.seeds} |")
     return '\n'.join(lines) + '\n'
 
+# %% ../nbs/15_tables.ipynb #172dafec
+ABLATION_METRICS = {'val kNN CLS': 'val_knn_acc', 'val kNN mean': 'val_knn_acc_mean', 'val linear CLS': 'val_linear_acc',
+                    'val linear mean': 'val_linear_acc_mean', 'test kNN CLS': 'knn_acc', 'test kNN mean': 'knn_acc_mean',
+                    'test linear CLS': 'linear_acc', 'test linear mean': 'linear_acc_mean',
+                    'val random kNN CLS': 'val_random_knn_acc', 'val random linear CLS': 'val_random_linear_acc',
+                    'test random kNN CLS': 'random_knn_acc', 'test random linear CLS': 'random_linear_acc'}
+SELECT_ON = ('val_knn_acc', 'val_linear_acc')   # the selection rule: the mean of these, fixed before any run finished
+
+def switch_on(metrics_csv) -> dict:
+    "λ, the raw MAGMA term, the MAE loss and λ·term / MAE at the first logged step with λ > 0 ({} if λ is never on)."
+    df = pd.read_csv(metrics_csv)
+    st = df[(df.kind == 'step') & (df.magma_weight > 0)]
+    if st.empty or 'mae' not in st: return {}
+    r = st.iloc[0]
+    return dict(switch_step=int(r.step), switch_lam=float(r.magma_weight), switch_magma=float(r.magma),
+                switch_mae=float(r.mae), switch_ratio=float(r.magma_weight * r.magma / r.mae))
+
+def end_features(metrics_csv) -> dict:
+    "The tapped features' norm and spread after the last epoch (`tap<block>_norm`, `tap<block>_spread`)."
+    df = pd.read_csv(metrics_csv); ep = df[df.kind == 'epoch']
+    return {k: float(ep[k].iloc[-1]) for k in ep.columns if k.startswith('tap') and len(ep)}
+
+def ablation_frame(runs) -> pd.DataFrame:
+    "One row per finished pretraining run: cell, seed, `ABLATION_METRICS`, switch-on and end-of-training diagnostics, `score`."
+    rows = []
+    for r in runs:
+        if r.step != 'pretrain' or not r.results.exists(): continue
+        res, csv = json.loads(r.results.read_text()), Path(r.out_dir) / 'metrics.csv'
+        row = dict(row=r.row, col=r.col, seed=r.seed, **{k: res.get(v, math.nan) for k, v in ABLATION_METRICS.items()})
+        if csv.exists(): row.update(switch_on(csv), **end_features(csv))
+        row['score'] = float(np.mean([res.get(k, math.nan) for k in SELECT_ON]))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+def choose_schedule(frame: pd.DataFrame) -> dict:
+    "The M-MAE cell of `frame` with the highest `score` (validation only): its column, score and (λ, e_st, e_dur)."
+    m = frame[frame.row == 'm-mae'].dropna(subset=['score'])
+    if m.empty: raise ValueError("no finished M-MAE run with validation numbers to choose from; run the mini ablation first")
+    best = m.loc[m.score.idxmax()]
+    lam, est, edur = best.col.replace('lam', '').replace('-est', ' ').replace('-edur', ' ').split()
+    return dict(col=best.col, score=float(best.score), magma_weight=float(lam), magma_start=int(est), magma_epochs=int(edur))
+
+
+# %% ../nbs/15_tables.ipynb #f02fb87e
+def _col_name(row, col) -> str:
+    if row != 'm-mae': return f"{METHOD_NAMES.get(row, row)} (λ = 0)"
+    lam, est, edur = col.replace('lam', '').replace('-est', ' ').replace('-edur', ' ').split()
+    return f"λ={lam}, e_st={est}, e_dur={edur}"
+
+def ablation_markdown(frame: pd.DataFrame) -> str:
+    "The ablation as Markdown: validation, test, floors, switch-on ratio, end-of-training tap norm and spread, the choice."
+    if frame.empty: return ''
+    taps = sorted({k[3:].split('_')[0] for k in frame.columns if k.startswith('tap')}, key=int)
+    acc = ['val kNN CLS', 'val kNN mean', 'val linear CLS', 'val linear mean', 'test kNN CLS', 'test kNN mean',
+           'test linear CLS', 'test linear mean']
+    head = ['Setting', 'seed', *acc, 'score (val)', 'λ·MAGMA / MAE at switch-on'] + [
+            f"block {t} {w}" for t in taps for w in ('norm', 'spread')]
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '|'.join(['---'] * len(head)) + '|']
+    for _, r in frame.iterrows():
+        cells = ([_col_name(r.row, r.col), str(r.seed)] + [_f(r.get(k, math.nan), 2) for k in acc] +
+                 [_f(r.score, 2), _f(r.get('switch_ratio', math.nan), 3)] +
+                 [_f(r.get(f"tap{t}_{w}", math.nan), 2) for t in taps for w in ('norm', 'spread')])
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    fl = frame.iloc[0]
+    lines += ['', f"Random-init floor (same architecture, seed {fl.seed}): validation kNN CLS {_f(fl['val random kNN CLS'], 2)}, "
+              f"linear CLS {_f(fl['val random linear CLS'], 2)}; test kNN CLS {_f(fl['test random kNN CLS'], 2)}, "
+              f"linear CLS {_f(fl['test random linear CLS'], 2)}."]
+    try:
+        ch = choose_schedule(frame)
+        lines += ['', f"**Chosen on validation** (highest mean of validation kNN and linear top-1 on CLS): "
+                  f"{_col_name('m-mae', ch['col'])}, score {_f(ch['score'], 2)}."]
+    except ValueError: pass
+    return '\n'.join(lines) + '\n'
+
+
 # %% ../nbs/15_tables.ipynb #d58210ae
 SMOKE_PARAMS = dict(n_per_class=4, epochs=1, batch_size=8, linear_epochs=2, progress=False)   # seconds per run
 SMOKE_EVAL = dict(transfer=dict(epochs=2, batch_size=8), finetune=dict(epochs=1, batch_size=8, warmup_epochs=0))
@@ -457,9 +535,12 @@ def run_table(table: str, profile: str = 'smoke', seeds=None, cells=None, runs_d
     shown = [r for r in runs if r.step != 'pretrain'] or runs
     df = aggregate(shown, table)
     title = f"{table.replace('table', 'Table ')} ({profile} profile; {_seed_note(shown)})"
-    extra = ''.join(f"\n**{head}**\n\n{body}" for head, body in
-                    [('Ours beside the random-init floor (mean ± std over seeds, %)', floor_markdown(shown)),
-                     ("MAGMA's effect, paired by seed (MAGMA − base, points)", effect_markdown(magma_effect(shown)))] if body)
+    sections = [('Ours beside the random-init floor (mean ± std over seeds, %)', floor_markdown(shown)),
+                ("MAGMA's effect, paired by seed (MAGMA − base, points)", effect_markdown(magma_effect(shown)))]
+    if table == 'table2' and profile == 'mini':
+        sections.append(('The mini ablation: validation (held out of training) and test top-1 (%), and the MAGMA diagnostics',
+                         ablation_markdown(ablation_frame(shown))))
+    extra = ''.join(f"\n**{head}**\n\n{body}" for head, body in sections if body)
     md, csv = write_table(df, Path(runs_dir) / profile, f"{table}-{profile}", title, extra)
     print(f"wrote {md}\n      {csv}")
     return df, md.read_text()

@@ -10,7 +10,8 @@ import torch, torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
 # %% auto #0
-__all__ = ['vit_tiny', 'vit_small', 'vit_base', 'vit_large', 'BACKBONES', 'sincos_pos_embed', 'ViT', 'create_backbone']
+__all__ = ['FLAVOURS', 'vit_tiny', 'vit_small', 'vit_base', 'vit_large', 'BACKBONES', 'sincos_pos_embed', 'ViT',
+           'create_backbone']
 
 # %% ../nbs/01_taps.ipynb #0f7e8225
 def sincos_pos_embed(dim: int, grid_size: int | tuple[int, int], cls_token: bool = True) -> torch.Tensor:
@@ -27,19 +28,24 @@ def sincos_pos_embed(dim: int, grid_size: int | tuple[int, int], cls_token: bool
     return pe.float()[None]
 
 # %% ../nbs/01_taps.ipynb #87dff29e
+FLAVOURS = ('mae', 'timm')
+
 class ViT(VisionTransformer):
-    "timm ViT with fixed sin-cos position embeddings, a CLS token and `encode(x, taps, ids_keep)`."
+    "timm ViT with a CLS token and `encode(x, taps, ids_keep)`; `flavour` 'mae' (fixed sin-cos, MAE init) or 'timm' (learned, timm init)."
     def __init__(self, img_size: int = 224, patch_size: int = 16, embed_dim: int = 192, depth: int = 12,
-                 num_heads: int = 12, mlp_ratio: float = 4.0, in_chans: int = 3, drop_path_rate: float = 0.0):
+                 num_heads: int = 12, mlp_ratio: float = 4.0, in_chans: int = 3, drop_path_rate: float = 0.0,
+                 flavour: str = 'mae'):
         if img_size % patch_size:
             raise ValueError(f"patch_size={patch_size} does not divide img_size={img_size}")
+        if flavour not in FLAVOURS: raise ValueError(f"backbone_flavour={flavour!r}; valid: {', '.join(FLAVOURS)}")
         super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=0,
                          global_pool='token', embed_dim=embed_dim, depth=depth, num_heads=num_heads,
                          mlp_ratio=mlp_ratio, qkv_bias=True, class_token=True,
                          norm_layer=partial(nn.LayerNorm, eps=1e-6), drop_path_rate=drop_path_rate)
-        self.img_size, self.patch_size = img_size, patch_size
-        self.pos_embed.requires_grad_(False)  # fixed, as in MAE
-        self._init_mae_weights()
+        self.img_size, self.patch_size, self.flavour = img_size, patch_size, flavour
+        if flavour == 'mae':
+            self.pos_embed.requires_grad_(False)  # fixed, as in MAE
+            self._init_mae_weights()              # 'timm': timm's learned pos-embed and init, left as timm made them
 
     def _init_mae_weights(self):
         "MAE's initialization (models_mae.py): sin-cos pos-embed, xavier-uniform linears and patch projection, N(0, .02) CLS."
@@ -89,22 +95,24 @@ class ViT(VisionTransformer):
         return self.encode(x)[0]
 
 # %% ../nbs/01_taps.ipynb #c0d03601
-_SIZES = dict(vit_tiny=dict(embed_dim=192, depth=12, num_heads=12),
-              vit_small=dict(embed_dim=384, depth=12, num_heads=6),
-              vit_base=dict(embed_dim=768, depth=12, num_heads=12),
-              vit_large=dict(embed_dim=1024, depth=24, num_heads=16))
+_DIMS = dict(vit_tiny=(192, 12), vit_small=(384, 12), vit_base=(768, 12), vit_large=(1024, 24))
+_HEADS = dict(mae=dict(vit_tiny=12, vit_small=12, vit_base=12, vit_large=16),     # solo-learn's vit_mae (FB MAE)
+              timm=dict(vit_tiny=3, vit_small=6, vit_base=12, vit_large=16))     # solo-learn's vit = timm's
 
 def _make(size):
-    def f(img_size: int = 224, patch_size: int = 16, **kw) -> ViT:
-        return ViT(img_size=img_size, patch_size=patch_size, **{**_SIZES[size], **kw})
+    def f(img_size: int = 224, patch_size: int = 16, flavour: str = 'mae', **kw) -> ViT:
+        if flavour not in FLAVOURS: raise ValueError(f"backbone_flavour={flavour!r}; valid: {', '.join(FLAVOURS)}")
+        dim, depth = _DIMS[size]
+        return ViT(img_size=img_size, patch_size=patch_size, flavour=flavour,
+                   **{**dict(embed_dim=dim, depth=depth, num_heads=_HEADS[flavour][size]), **kw})
     f.__name__ = f.__qualname__ = size
-    f.__doc__ = f"`{size}` ({_SIZES[size]}), fixed sin-cos pos-embed, CLS token; keyword overrides allowed."
+    f.__doc__ = f"`{size}` (width {_DIMS[size][0]}, depth {_DIMS[size][1]}), CLS token, `flavour` 'mae' or 'timm'; keyword overrides allowed."
     return f
 
-vit_tiny, vit_small, vit_base, vit_large = (_make(s) for s in _SIZES)
+vit_tiny, vit_small, vit_base, vit_large = (_make(s) for s in _DIMS)
 BACKBONES = dict(vit_tiny=vit_tiny, vit_small=vit_small, vit_base=vit_base, vit_large=vit_large)
 
-def create_backbone(name: str = 'vit_tiny', **kw) -> ViT:
-    "Backbone by name; `ValueError` listing the valid names otherwise."
+def create_backbone(name: str = 'vit_tiny', flavour: str = 'mae', **kw) -> ViT:
+    "Backbone by name and flavour; `ValueError` listing the valid names otherwise."
     if name not in BACKBONES: raise ValueError(f"unknown backbone {name!r}; valid: {', '.join(BACKBONES)}")
-    return BACKBONES[name](**kw)
+    return BACKBONES[name](flavour=flavour, **kw)

@@ -16,7 +16,8 @@ __all__ = ['VICReg']
 @register('m-vicreg', magma_weight=1.0)
 class VICReg(SSLMethod):
     "VICReg with an optional MAGMA term on the first view."
-    defaults = dict(proj_hidden_dim=2048, proj_output_dim=2048, sim_weight=25.0, var_weight=25.0, cov_weight=1.0)
+    defaults = dict(proj_hidden_dim=2048, proj_output_dim=2048, sim_weight=25.0, var_weight=25.0, cov_weight=1.0,
+                    backbone_flavour='timm')   # official: timm's ViT (3-head tiny, learned pos-embed)
 
     def __init__(self, **config):
         super().__init__(**config)
