@@ -6,12 +6,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup test test-slow demo lab export check bench sweep
+.PHONY: setup test test-slow demo lab export check bench sweep docs docs-check
 
 $(STAMP): setup.py settings.ini
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	! $(BIN)/python -m pip show -q magma 2>/dev/null || $(BIN)/python -m pip uninstall -y -q magma  # the old distribution name
 	$(BIN)/python -m ipykernel install --user --name magma --display-name "Python (magma)" >/dev/null
 	touch $(STAMP)
 
@@ -45,6 +46,15 @@ bench: $(STAMP)  ## every benchmark, printed (see bench/README.md)
 
 sweep: $(STAMP)  ## print the commands that run every paper table on a multi-GPU node (MODE=slurm for a SLURM array)
 	$(BIN)/python scripts/sweep_commands.py --mode $(or $(MODE),node)
+
+# The docs site: nbdev processes the notebooks (show_doc, doc links) into _proc/, smalldocs (or Quarto, when a quarto
+# binary is on PATH) renders them into _docs/. README.md is hand-written and never touched (settings.ini: readme_nb).
+docs: $(STAMP)  ## build the docs site from the notebooks into _docs/ (open _docs/index.html)
+	$(BIN)/python scripts/build_docs.py
+
+docs-check: docs  ## build the docs, then check them in headless Chromium (needs `apt-get install chromium libjs-katex`)
+	MAGMA_REQUIRE_DOCS=1 $(BIN)/pytest -q tests/test_docs.py
+	@echo "screenshots: $(CURDIR)/_docs/screenshots/index.png $(CURDIR)/_docs/screenshots/manifold.png"
 
 lab: $(STAMP)  ## open the notebooks in JupyterLab
 	$(BIN)/jupyter lab nbs

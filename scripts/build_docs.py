@@ -1,0 +1,156 @@
+"""Build the docs site from the notebooks into `_docs/` (what `make docs` runs).
+
+1. nbdev 2.4.14's own `nbdev_proc_nbs` pipeline: `nbs/nbdev.yml` from settings.ini, the symbol index, `nbs/sidebar.yml`,
+   then every notebook processed into `_proc/` (show_doc signatures and docstrings rendered, doc links added, hidden
+   cells and `#|` directives removed). Its parts are called directly because the `nbdev_proc_nbs` command first tries
+   to *download and install* Quarto with sudo when no `quarto` is on PATH.
+2. `_proc/` (a Quarto website project: `nbs/_quarto.yml`) rendered to HTML. The renderer is Quarto when a `quarto`
+   binary is on PATH (or in .venv/bin), else smalldocs (pure Python, from PyPI, in the dev extras), which reads the same
+   `_quarto.yml`. The `quarto-cli` package on PyPI cannot be the default: it is an sdist whose build downloads the Quarto
+   binary from GitHub, so it does not install from the package index alone.
+3. The site made self-contained: nbdev's doc links to the published site (`doc_host` + `doc_baseurl`, e.g.
+   `https://magma-ssl.github.io/magma/manifold.html#...`) become relative links, and when Debian's `libjs-katex` is
+   installed KaTeX is copied into `site_libs/katex/` so that the equations render offline (else the CDN is used).
+
+README.md is never written here: nbdev_readme is not called, and settings.ini's readme_nb names no notebook.
+"""
+import argparse, json, os, re, shutil, subprocess, sys, tempfile, time
+from pathlib import Path
+
+KATEX_CDN = re.compile(r'https://cdn\.jsdelivr\.net/npm/katex@[0-9.]+/dist/')
+DEBIAN_KATEX = Path('/usr/share/javascript/katex')
+
+
+def _front_cell(nb: dict):
+    "The raw front-matter cell nbdev puts first in a processed notebook, if any."
+    for c in nb['cells'][:3]:
+        if c['cell_type'] == 'raw' and ''.join(c['source']).lstrip().startswith('---'): return c
+
+
+def _stage(cache: Path, stage: Path):
+    """Copy `_proc/` to `stage`, each notebook named as its page will be (`output-file`: 00_manifold -> manifold), so that
+    the file names are the pages' names for any renderer (smalldocs does not read `output-file`). Two notebooks that
+    claim one page (11_evaluate.ipynb and evaluate.ipynb both want evaluate.html) are told apart: the module notebook,
+    which nbdev's doc links point to, keeps the name and the other becomes `<name>-notebook.html`."""
+    shutil.copytree(cache, stage, ignore=shutil.ignore_patterns('_docs', '_site'))
+    nbs = sorted(stage.rglob('*.ipynb'), key=lambda p: (p.parent.as_posix(), not re.match(r'\d+_', p.name), p.name))
+    taken, renames = set(), {}
+    for nb in nbs:
+        d = json.loads(nb.read_text(encoding='utf-8'))
+        fm = _front_cell(d)
+        m = re.search(r'(?m)^output-file:\s*(\S+)\s*$', ''.join(fm['source'])) if fm else None
+        stem = Path(m.group(1)).stem if m else nb.stem
+        if (nb.parent, stem) in taken: stem = nb.stem + '-notebook'
+        taken.add((nb.parent, stem))
+        if m and Path(m.group(1)).stem != stem:
+            fm['source'] = re.sub(r'(?m)^output-file:.*$', f'output-file: {stem}.html', ''.join(fm['source']))
+            nb.write_text(json.dumps(d, indent=1, ensure_ascii=False), encoding='utf-8')
+        if stem != nb.stem: renames[nb] = nb.with_name(stem + '.ipynb')
+    for i, nb in enumerate(renames): nb.rename(nb.with_name(f'.rename{i}'))     # two steps: a target may be a source
+    for i, (nb, new) in enumerate(renames.items()): nb.with_name(f'.rename{i}').rename(new)
+    renames = {a.relative_to(stage).as_posix(): b.relative_to(stage).as_posix() for a, b in renames.items()}
+    sb = stage / 'sidebar.yml'
+    if sb.exists() and renames:
+        import yaml
+        def title(rel):
+            fm = _front_cell(json.loads((stage / rel).read_text(encoding='utf-8')))
+            m = re.search(r'(?m)^title:\s*(.+?)\s*$', ''.join(fm['source'])) if fm else None
+            return (m.group(1).strip('"\'') if m else Path(rel).stem.replace('-notebook', '')) + ' (notebook)'
+        def walk(items):
+            for i, it in enumerate(items):
+                if isinstance(it, str) and it in renames:
+                    new = renames[it]
+                    items[i] = {'text': title(new), 'href': new} if new.endswith('-notebook.ipynb') else new
+                elif isinstance(it, dict):
+                    if isinstance(it.get('href'), str) and it['href'] in renames: it['href'] = renames[it['href']]
+                    if isinstance(it.get('contents'), list): walk(it['contents'])
+        y = yaml.safe_load(sb.read_text(encoding='utf-8'))
+        walk(y['website']['sidebar']['contents'])
+        sb.write_text(yaml.safe_dump(y, sort_keys=False), encoding='utf-8')
+    return renames
+
+
+def _ids(html: str):
+    return set(re.findall(r'\sid="([^"]+)"', html))
+
+
+def _postprocess(site: Path, doc_url: str, katex: bool):
+    """Relative links instead of links to the published site; KaTeX from site_libs when vendored. nbdev links every
+    symbol of the index, also methods that have no show_doc section of their own (`SSLMethod.encode_views`): such a
+    link goes to its class's section (`#sslmethod`), else to the top of its page, instead of a missing anchor."""
+    pat = re.compile(r'(href|src)="' + re.escape(doc_url.rstrip('/') + '/') + r'([^"#]*)(?:#([^"]*))?"')
+    pages = {p: p.read_text(encoding='utf-8') for p in site.rglob('*.html')}
+    ids = {p.resolve(): _ids(h) for p, h in pages.items()}
+    n_links = n_fallback = 0
+    for page, s in pages.items():
+        up = '../' * (len(page.relative_to(site).parts) - 1)
+        def fix(m):
+            nonlocal n_links, n_fallback
+            n_links += 1
+            path, anchor = m.group(2) or 'index.html', m.group(3)
+            have = ids.get((site / path).resolve())
+            if anchor and have is not None and anchor not in have:
+                n_fallback += 1
+                while '.' in anchor and anchor not in have: anchor = anchor.rsplit('.', 1)[0]
+                if anchor not in have: anchor = None
+            return f'{m.group(1)}="{up}{path}' + (f'#{anchor}' if anchor else '') + '"'
+        s = pat.sub(fix, s)
+        if katex: s = KATEX_CDN.sub(f'{up}site_libs/katex/', s)
+        page.write_text(s, encoding='utf-8')
+    return n_links, n_fallback
+
+
+def _vendor_katex(site: Path):
+    if not (DEBIAN_KATEX / 'katex.min.js').exists(): return False
+    dst = site / 'site_libs' / 'katex'
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(DEBIAN_KATEX, dst, ignore=shutil.ignore_patterns('*.mjs'))   # symlinks followed: fonts included
+    ar = dst / 'contrib' / 'auto-render.min.js'
+    if not ar.exists(): shutil.copy(dst / 'contrib' / 'auto-render.js', ar)
+    return True
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument('--renderer', choices=['auto', 'quarto', 'smalldocs'], default=os.environ.get('MAGMA_DOCS_RENDERER', 'auto'))
+    ap.add_argument('--n_workers', type=int, default=2)
+    ap.add_argument('--force', action='store_true', help='re-process every notebook (ignore the _proc cache)')
+    a = ap.parse_args(argv)
+    t0 = time.time()
+    from nbdev.config import get_config
+    from nbdev.quarto import refresh_quarto_yml, nbdev_sidebar
+    from nbdev.serve import proc_nbs
+    import nbdev.doclinks
+    cfg = get_config()
+    root, doc_path = cfg.config_path, cfg.doc_path
+    refresh_quarto_yml()                       # nbs/nbdev.yml from settings.ini; nbs/_quarto.yml is ours and kept
+    nbdev.doclinks._build_modidx()
+    nbdev_sidebar.__wrapped__(path=cfg.nbs_path)
+    cache = proc_nbs(cfg.nbs_path, n_workers=a.n_workers, force=a.force)
+    print(f'docs: notebooks processed into {cache.relative_to(root)}/ in {time.time() - t0:.1f}s', flush=True)
+
+    bindir = Path(sys.executable).parent
+    quarto = shutil.which('quarto', path=f'{bindir}{os.pathsep}{os.environ.get("PATH", "")}')
+    renderer = a.renderer if a.renderer != 'auto' else ('quarto' if quarto else 'smalldocs')
+    t1 = time.time()
+    with tempfile.TemporaryDirectory(prefix='magma-docs-') as tmp:
+        src = Path(tmp) / 'site'
+        renames = _stage(cache, src)
+        if renderer == 'quarto':
+            if not quarto: sys.exit('docs: --renderer quarto but no quarto binary on PATH')
+            subprocess.run([quarto, 'render', '--no-cache'], cwd=src, check=True)
+        else:
+            subprocess.run([str(bindir / 'smalldocs'), 'render', '.'], cwd=src, check=True)
+        out = src / doc_path.name
+        if not (out / 'index.html').exists(): sys.exit(f'docs: {renderer} wrote no {out}/index.html')
+        katex = _vendor_katex(out)
+        n_links, n_fallback = _postprocess(out, cfg.doc_host + cfg.doc_baseurl, katex)
+        shutil.rmtree(doc_path, ignore_errors=True)
+        shutil.move(str(out), str(doc_path))
+    n = sum(1 for _ in doc_path.rglob('*.html'))
+    print(f'docs: {renderer} rendered {n} pages into {doc_path.relative_to(root)}/ in {time.time() - t1:.1f}s '
+          f'({n_links} doc links made relative, {n_fallback} of them to the section of their class or page; KaTeX {"vendored from libjs-katex" if katex else "from the CDN"}); '
+          f'total {time.time() - t0:.1f}s; open {doc_path / "index.html"}')
+
+
+if __name__ == '__main__': main()
