@@ -27,7 +27,7 @@ def _front_cell(nb: dict):
         if c['cell_type'] == 'raw' and ''.join(c['source']).lstrip().startswith('---'): return c
 
 
-def _stage(cache: Path, stage: Path):
+def _stage(cache: Path, stage: Path, keep_output_file: bool = True):
     """Copy `_proc/` to `stage`, each notebook named as its page will be (`output-file`: 00_manifold -> manifold), so that
     the file names are the pages' names for any renderer (smalldocs does not read `output-file`). Two notebooks that
     claim one page (11_evaluate.ipynb and evaluate.ipynb both want evaluate.html) are told apart: the module notebook,
@@ -42,8 +42,10 @@ def _stage(cache: Path, stage: Path):
         stem = Path(m.group(1)).stem if m else nb.stem
         if (nb.parent, stem) in taken: stem = nb.stem + '-notebook'
         taken.add((nb.parent, stem))
-        if m and Path(m.group(1)).stem != stem:
-            fm['source'] = re.sub(r'(?m)^output-file:.*$', f'output-file: {stem}.html', ''.join(fm['source']))
+        if m and (Path(m.group(1)).stem != stem or not keep_output_file):
+            # the file name now says it; smalldocs warns about the key, Quarto is told the (possibly new) name
+            fm['source'] = re.sub(r'(?m)^output-file:.*\n?', f'output-file: {stem}.html\n' if keep_output_file else '',
+                                  ''.join(fm['source']))
             nb.write_text(json.dumps(d, indent=1, ensure_ascii=False), encoding='utf-8')
         if stem != nb.stem: renames[nb] = nb.with_name(stem + '.ipynb')
     for i, nb in enumerate(renames): nb.rename(nb.with_name(f'.rename{i}'))     # two steps: a target may be a source
@@ -135,7 +137,7 @@ def main(argv=None):
     t1 = time.time()
     with tempfile.TemporaryDirectory(prefix='magma-docs-') as tmp:
         src = Path(tmp) / 'site'
-        renames = _stage(cache, src)
+        renames = _stage(cache, src, keep_output_file=renderer == 'quarto')
         if renderer == 'quarto':
             if not quarto: sys.exit('docs: --renderer quarto but no quarto binary on PATH')
             subprocess.run([quarto, 'render', '--no-cache'], cwd=src, check=True)
