@@ -81,3 +81,31 @@ def test_plain_ddp_one_step_equals_single_process():
         torch.manual_seed(100 + r); losses.append(model({'img': imgs[r * B:(r + 1) * B]})['loss'])
     (sum(losses) / 2).backward(); opt.step()
     for k, v in model.state_dict().items(): torch.testing.assert_close(res[k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def _train_worker(rank, world, init, out):
+    """`train()` under a 2-process gloo group, set up as torchrun would: the global batch is split, the lr is scaled by
+    the global batch, and the MAGMA graph spans the global batch by default."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    dist.init_process_group('gloo', init_method=init, rank=rank, world_size=world)
+    from magma.train import train
+    res = train(profile='smoke', method='m-mae', n_per_class=4, epochs=1, batch_size=8, lr=1e-3, device='cpu',
+                out_dir=os.path.join(os.path.dirname(out), 'run'), progress=False)
+    model = res.pop('model')
+    if rank == 0: torch.save(dict(batch=res['batch'], magma_global=model.magma_global, world=res['world_size']), out)
+    dist.destroy_process_group()
+
+
+def test_global_batch_arithmetic_under_ddp():
+    res = _spawn(_train_worker)
+    # independent arithmetic: the smoke profile's global batch 8 over 2 processes, lr 1e-3 x 8 / 256
+    assert res['batch'] == dict(global_batch=8, per_process_batch=4, world_size=2, base_lr=1e-3, lr=1e-3 * 8 / 256,
+                                magma_graph=8)
+    assert res['magma_global'] is True and res['world'] == 2
+    from magma.configs import resolve_config
+    from magma.train import batch_arithmetic
+    one = batch_arithmetic(resolve_config('smoke', batch_size=8), 1)            # one process: the same lr, a local graph
+    assert (one["per_process_batch"], one["lr"], one["magma_graph"]) == (8, 1.5e-4 * 8 / 256, 8)
+    assert batch_arithmetic(resolve_config('smoke', batch_size=8, magma_global=False), 2)['magma_graph'] == 4
+    with pytest.raises(ValueError, match=r"batch_size=9 \(the global batch\) is not divisible by the 2 processes"):
+        batch_arithmetic(resolve_config('smoke', batch_size=9), 2)
