@@ -4,13 +4,14 @@
 
 # %% ../nbs/03_base.ipynb #f09f3862
 from __future__ import annotations
+from dataclasses import dataclass
 import torch, torch.nn as nn
 import torch.distributed as dist
 from .manifold import MagmaLoss
 from .taps import create_backbone
 
 # %% auto #0
-__all__ = ['METHODS', 'gather', 'register', 'SSLMethod']
+__all__ = ['METHODS', 'gather', 'MethodSpec', 'register', 'method_spec', 'SSLMethod']
 
 # %% ../nbs/03_base.ipynb #b8780886
 def gather(x: torch.Tensor) -> torch.Tensor:
@@ -21,23 +22,55 @@ def gather(x: torch.Tensor) -> torch.Tensor:
     return x
 
 # %% ../nbs/03_base.ipynb #1d8ad945
-METHODS: dict[str, tuple[type, dict]] = {}
+@dataclass(frozen=True)
+class MethodSpec:
+    "A registered method: its class, default overrides, display name and paired baseline; the rest is read off the class."
+    name: str
+    cls: type
+    defaults: dict
+    display: str
+    baseline: str | None = None
+    @property
+    def config(self) -> dict: return {**self.cls.config_keys(), **self.defaults}
+    @property
+    def uses_magma(self) -> bool: return float(self.config.get('magma_weight', 0.0)) != 0.0
+    @property
+    def views(self) -> tuple: return tuple(self.cls.views)
+    @property
+    def components(self) -> tuple: return tuple(self.cls.components)
+    @property
+    def family(self) -> str: return self.cls.family
+    @property
+    def config_help(self) -> dict: return dict(self.cls.config_help)
+    @property
+    def backbone_flavour(self) -> str: return self.config['backbone_flavour']
 
-def register(name: str, registry: dict | None = None, **defaults):
-    "Class decorator: register `cls` as `name`, created with `defaults` unless the config overrides them."
+METHODS: dict[str, MethodSpec] = {}
+
+def register(name: str, display: str | None = None, baseline: str | None = None, registry: dict | None = None, **defaults):
+    "Class decorator: register `cls` as `name` (shown as `display`, paired with `baseline`), created with `defaults`."
     reg = METHODS if registry is None else registry
     def deco(cls):
-        if name in reg and reg[name][0].__qualname__ != cls.__qualname__:  # re-running a cell re-registers
-            raise ValueError(f"method {name!r} is already registered to {reg[name][0].__qualname__}")
+        if name in reg and reg[name].cls.__qualname__ != cls.__qualname__:  # re-running a cell re-registers
+            raise ValueError(f"method {name!r} is already registered to {reg[name].cls.__qualname__}")
         unknown = set(defaults) - set(cls.config_keys())
         if unknown: raise ValueError(f"{name}: unknown config keys {sorted(unknown)}")
-        reg[name] = (cls, defaults)
+        reg[name] = MethodSpec(name, cls, dict(defaults), display or name, baseline)
         return cls
     return deco
+
+def method_spec(name: str) -> MethodSpec:
+    "The spec of `name`; `ValueError` listing every registered name otherwise (nothing falls back silently)."
+    if name not in METHODS: raise ValueError(f"unknown method {name!r}; valid: {', '.join(METHODS)}")
+    return METHODS[name]
 
 # %% ../nbs/03_base.ipynb #66a0b784
 class SSLMethod(nn.Module):
     "Base: `encoder` (ViT), `magma` (MagmaLoss), `magma_weight` (λ), config checking."
+    views: tuple = ()          # one dict of augmentation parameters per view (magma.data.ViewAug fields)
+    components: tuple = ()     # the loss terms forward returns besides 'loss' and 'magma'
+    family: str = ''           # the paper table of its hyperparameters: 'mae' (Table 4) or 'joint-embedding' (Table 5)
+    config_help: dict = {}     # {key: (type, help)} of the keys this class adds
     defaults: dict = dict(backbone='vit_tiny', backbone_flavour='mae', img_size=224, patch_size=16, in_chans=3, embed_dim=None, depth=None,
                           num_heads=None, mlp_ratio=None, drop_path_rate=0.0, magma_layers=(-2,), magma_target=-1,
                           magma_weight=0.0, magma_bandwidth='std', magma_normalized=True, track_magma=True,
@@ -98,5 +131,14 @@ class SSLMethod(nn.Module):
         n = views[0].shape[0]
         tokens, taps = self.encoder.encode(torch.cat(list(views)), taps=self.taps)
         return tokens[:, 0].split(n), {k: v[:n] for k, v in taps.items()}
+
+    def on_step(self, step: int, total_steps: int) -> None:
+        """Hook the trainer calls after every optimizer step (a momentum target's update, say). No-op here. Whatever it
+        changes must live in the module's state_dict (saved with every checkpoint) or be a function of `step`, so that
+        resume continues exactly."""
+
+    def sync_batchnorm(self) -> SSLMethod:
+        "Hook the trainer calls under several processes, before DDP: batch statistics over the global batch. No-op: no BatchNorm here."
+        return self
 
     def extra_repr(self) -> str: return f"magma_weight={self.magma_weight}"

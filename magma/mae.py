@@ -44,12 +44,19 @@ class MAEDecoder(nn.Module):
         return self.pred(self.norm(x))[:, 1:]
 
 # %% ../nbs/04_mae.ipynb #150f4f94
-@register('mae')
-@register('m-mae', magma_weight=1.0)
-@register('u-mae', uniformity_weight=0.01)
-@register('mu-mae', magma_weight=1.0, uniformity_weight=0.01)
+@register('mae', display='MAE')
+@register('m-mae', display='M-MAE', baseline='mae', magma_weight=1.0)
+@register('u-mae', display='U-MAE', uniformity_weight=0.01)
+@register('mu-mae', display='MU-MAE', baseline='u-mae', magma_weight=1.0, uniformity_weight=0.01)
 class MAE(SSLMethod):
     "MAE with optional U-MAE uniformity and MAGMA terms."
+    views = (dict(),)                   # one view: RandomResizedCrop(0.08, 1) + flip, the paper's appendix A (ii)
+    components = ('mae', 'uniformity')
+    family = 'mae'
+    config_help = dict(mask_ratio=(float, "MAE mask ratio, in (0, 1)"), decoder=(str, "decoder preset: paper (512-d, 8 blocks, 16 heads) or light (128, 2, 4)"),
+                       decoder_dim=(int, "MAE decoder width (overrides the preset)"), decoder_depth=(int, "MAE decoder blocks"),
+                       decoder_heads=(int, "MAE decoder heads"), norm_pix=(bool, "reconstruct per-patch normalized pixels (MAE's norm_pix_loss)"),
+                       uniformity_weight=(float, "U-MAE uniformity weight"))
     defaults = dict(mask_ratio=0.75, decoder='paper', decoder_dim=None, decoder_depth=None, decoder_heads=None,
                     norm_pix=True, uniformity_weight=0.0)
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_methods.ipynb #452af3df
 from __future__ import annotations
-from .base import METHODS, SSLMethod
+from .base import METHODS, SSLMethod, method_spec
 import magma.mae, magma.simclr, magma.vicreg  # noqa: F401  (registers the methods)
 
 # %% auto #0
@@ -13,7 +13,5 @@ __all__ = ['create']
 # %% ../nbs/07_methods.ipynb #0bb10341
 def create(name: str, **config) -> SSLMethod:
     "The SSL method `name` (see `METHODS`) built with `config` over its defaults."
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; valid names: {', '.join(METHODS)}")
-    cls, defaults = METHODS[name]
-    return cls(**{**defaults, **config})
+    spec = method_spec(name)
+    return spec.cls(**{**spec.defaults, **config})

@@ -12,10 +12,16 @@ from .base import SSLMethod, register, gather
 __all__ = ['SimCLR']
 
 # %% ../nbs/05_simclr.ipynb #75ce3c85
-@register('simclr')
-@register('m-simclr', magma_weight=1.0)
+@register('simclr', display='SimCLR')
+@register('m-simclr', display='M-SimCLR', baseline='simclr', magma_weight=1.0)
 class SimCLR(SSLMethod):
     "SimCLR with an optional MAGMA term on the first view."
+    # the official fork's scripts/pretrain/cifar/augmentations/symmetric.yaml (solo-learn's SimCLR CIFAR config)
+    views = (dict(jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8, gray_p=0.2, blur_p=0.5),) * 2
+    components = ('simclr',)
+    family = 'joint-embedding'
+    config_help = dict(temperature=(float, "SimCLR temperature"), proj_hidden_dim=(int, "projector hidden width"),
+                       proj_output_dim=(int, "projector output width"))
     defaults = dict(temperature=0.2, proj_hidden_dim=2048, proj_output_dim=256, backbone_flavour='timm')   # official: timm's ViT
 
     def __init__(self, **config):

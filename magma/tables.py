@@ -9,20 +9,22 @@ from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import numpy as np, pandas as pd
 from .configs import MINI_MAGMA
+from .methods import METHODS
 
 # %% auto #0
-__all__ = ['METHOD_NAMES', 'TABLE1_DATASETS', 'PAPER_TABLE1', 'TABLE2_SETTINGS', 'PAPER_TABLE2', 'PAPER_TABLE3', 'PAPER_TABLE6',
-           'PAPER_TABLE7', 'PAPER_TABLE8', 'PAPER_TABLES', 'TABLE_METRICS', 'DEFAULT_CELLS', 'DEFAULT_SEEDS',
-           'MINI_TABLE2_SETTINGS', 'RESULT_KEYS', 'FLOOR_METRICS', 'MAGMA_PAIRS', 'ABLATION_METRICS', 'SELECT_ON',
-           'SMOKE_PARAMS', 'SMOKE_EVAL', 'table2_col', 'mini_data_path', 'profile_dataset', 'dataset_slug', 'Run',
-           'table_cells', 'default_seeds', 'table_runs', 'project_root', 'pretrain_parameters', 'launch',
-           'evaluate_parameters', 'evaluate_run', 'summarize', 'collect', 'aggregate', 'render_markdown', 'write_table',
+__all__ = ['TABLE1_DATASETS', 'PAPER_TABLE1', 'TABLE2_SETTINGS', 'PAPER_TABLE2', 'PAPER_TABLE3', 'PAPER_TABLE6', 'PAPER_TABLE7',
+           'PAPER_TABLE8', 'PAPER_TABLES', 'TABLE_METRICS', 'DEFAULT_CELLS', 'DEFAULT_SEEDS', 'MINI_TABLE2_SETTINGS',
+           'RESULT_KEYS', 'FLOOR_METRICS', 'ABLATION_METRICS', 'SELECT_ON', 'SMOKE_PARAMS', 'SMOKE_EVAL',
+           'display_name', 'table2_col', 'mini_data_path', 'profile_dataset', 'dataset_slug', 'Run', 'table_cells',
+           'default_seeds', 'table_runs', 'project_root', 'pretrain_parameters', 'launch', 'evaluate_parameters',
+           'evaluate_run', 'summarize', 'collect', 'aggregate', 'render_markdown', 'write_table', 'magma_pairs',
            'floor_markdown', 'magma_effect', 'effect_markdown', 'switch_on', 'end_features', 'ablation_frame',
            'choose_schedule', 'ablation_markdown', 'smoke_runs_dir', 'as_list', 'default_runs_dir', 'run_table']
 
 # %% ../nbs/15_tables.ipynb #97dda480
-METHOD_NAMES = {'mae': 'MAE', 'm-mae': 'M-MAE', 'u-mae': 'U-MAE', 'mu-mae': 'MU-MAE', 'simclr': 'SimCLR',
-                'm-simclr': 'M-SimCLR', 'vicreg': 'VICReg', 'm-vicreg': 'M-VICReg'}
+def display_name(name: str) -> str:
+    "How a method is shown in tables: its registered display name (the registry decides, not this module)."
+    return METHODS[name].display if name in METHODS else name
 TABLE1_DATASETS = ('cifar100', 'stl10', 'tinyimagenet', 'imagenet100')
 
 def _grid(text: str, cols, metrics) -> dict:
@@ -131,23 +133,26 @@ def _tag(params: dict) -> str:
     return ''.join(f"-{k.replace('magma_', 'm')}{v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool)
                    else f"-{v}" for k, v in sorted(params.items()))
 
+def _rows(paper: dict) -> list: return list(dict.fromkeys(k[0] for k in paper))   # a paper table's methods, in order
+
 def table_cells(table: str, profile: str = 'paper') -> list[tuple]:
     "(row, col, method, paper dataset, cell params, step, paper target) for every cell of `table` under `profile`."
-    mae4 = ('mae', 'm-mae', 'u-mae', 'mu-mae')
-    if table == 'table1': return [(m, d, m, d, {}, 'pretrain', None) for m in METHOD_NAMES for d in TABLE1_DATASETS]
+    if table == 'table1':                             # the paper's rows, in the paper's order
+        return [(m, d, m, d, {}, 'pretrain', None) for m in dict.fromkeys(k[0] for k in PAPER_TABLE1) for d in TABLE1_DATASETS]
     if table == 'table2' and profile == 'mini':       # the mini ablation, with MAE (λ = 0) as its reference row
-        return [('mae', 'lam0', 'mae', 'imagenet100', {}, 'pretrain', None)] + [
-                ('m-mae', table2_col(*s), 'm-mae', 'imagenet100', dict(magma_weight=s[0], magma_start=s[1], magma_epochs=s[2]),
+        (m,), base = _rows(PAPER_TABLE2), METHODS[_rows(PAPER_TABLE2)[0]].baseline
+        return [(base, 'lam0', base, 'imagenet100', {}, 'pretrain', None)] + [
+                (m, table2_col(*s), m, 'imagenet100', dict(magma_weight=s[0], magma_start=s[1], magma_epochs=s[2]),
                  'pretrain', None) for s in MINI_TABLE2_SETTINGS]
     if table == 'table2':
-        return [('m-mae', table2_col(*s), 'm-mae', 'imagenet100', dict(magma_weight=s[0], magma_start=s[1], magma_epochs=s[2]),
-                 'pretrain', None) for s in TABLE2_SETTINGS]
-    if table == 'table3': return [(m, b, m, 'imagenet100', dict(backbone=b), 'pretrain', None) for m in mae4
+        return [(m, table2_col(*s), m, 'imagenet100', dict(magma_weight=s[0], magma_start=s[1], magma_epochs=s[2]),
+                 'pretrain', None) for m in _rows(PAPER_TABLE2) for s in TABLE2_SETTINGS]
+    if table == 'table3': return [(m, b, m, 'imagenet100', dict(backbone=b), 'pretrain', None) for m in _rows(PAPER_TABLE3)
                                   for b in ('vit_small', 'vit_base', 'vit_large')]
     if table in ('table6', 'table7'):
         step = 'transfer' if table == 'table6' else 'finetune'
-        return [(m, t, m, 'imagenet100', {}, step, t) for m in ('mae', 'm-mae') for t in TABLE1_DATASETS]
-    if table == 'table8': return [(m, 'imagenet', m, 'imagenet', {}, 'pretrain', None) for m in mae4]
+        return [(m, t, m, 'imagenet100', {}, step, t) for m in _rows(PAPER_TABLES[table]) for t in TABLE1_DATASETS]
+    if table == 'table8': return [(m, 'imagenet', m, 'imagenet', {}, 'pretrain', None) for m in _rows(PAPER_TABLE8)]
     raise ValueError(f"unknown table {table!r}; valid: {', '.join(PAPER_TABLES)}")
 
 # cells run when `cells` is None: smoke = one cell (seconds), mini = what fits a 2-core CPU, paper = every cell
@@ -346,7 +351,7 @@ def render_markdown(df: pd.DataFrame, title: str = '') -> str:
             ours = _f(r.mean) + (f" ± {_f(r.std)}" if r.n > 1 else '')
             ci = f"[{_f(r.ci_low)}, {_f(r.ci_high)}]" if r.n > 1 else '–'
             d = ('+' if r.diff > 0 else '') + _f(r.diff)
-        lines.append('| ' + ' | '.join([METHOD_NAMES.get(r.row, r.row), str(r.col), r.metric, _f(r.paper), ours, ci,
+        lines.append('| ' + ' | '.join([display_name(r.row), str(r.col), r.metric, _f(r.paper), ours, ci,
                                           str(r.n), d, r.data or '–']) + ' |')
     return '\n'.join(lines) + '\n'
 
@@ -362,7 +367,9 @@ FLOOR_METRICS = {'kNN CLS': 'knn_acc', 'kNN mean-pool': 'knn_acc_mean', 'linear 
                  'linear mean-pool': 'linear_acc_mean', 'random kNN CLS': 'random_knn_acc',
                  'random kNN mean-pool': 'random_knn_acc_mean', 'random linear CLS': 'random_linear_acc',
                  'random linear mean-pool': 'random_linear_acc_mean'}
-MAGMA_PAIRS = {'m-mae': 'mae', 'mu-mae': 'u-mae', 'm-simclr': 'simclr', 'm-vicreg': 'vicreg'}
+def magma_pairs() -> dict:
+    "{MAGMA method: its paper baseline}, from the registry (`register(..., baseline=...)`)."
+    return {n: s.baseline for n, s in METHODS.items() if s.baseline}
 
 def _cell(x) -> str:
     s = summarize(x)
@@ -375,7 +382,7 @@ def floor_markdown(runs, metrics: dict | None = None) -> str:
     if df.empty: return ''
     lines = ['| Method | Column | n | ' + ' | '.join(metrics) + ' |', '|' + '|'.join(['---'] * (len(metrics) + 3)) + '|']
     for (row, col), g in df.groupby(['row', 'col'], sort=False):
-        lines.append(f"| {METHOD_NAMES.get(row, row)} | {col} | {g.seed.nunique()} | " +
+        lines.append(f"| {display_name(row)} | {col} | {g.seed.nunique()} | " +
                      ' | '.join(_cell(g[g.metric == m].value.tolist()) for m in metrics) + ' |')
     return '\n'.join(lines) + '\n'
 
@@ -384,7 +391,7 @@ def magma_effect(runs, metrics: dict | None = None) -> pd.DataFrame:
     metrics = metrics or {'kNN CLS': 'knn_acc', 'kNN mean-pool': 'knn_acc_mean', 'linear CLS': 'linear_acc'}
     df = collect(runs, metrics)
     out = []
-    for m, base in MAGMA_PAIRS.items():
+    for m, base in magma_pairs().items():
         for col in dict.fromkeys(df[df.row == m].col):
             for k in metrics:
                 a, b = (df[(df.row == r) & (df.col == col) & (df.metric == k)].dropna(subset=['value']).set_index('seed').value
@@ -403,7 +410,7 @@ def effect_markdown(eff: pd.DataFrame) -> str:
     for r in eff.itertuples():
         d = ('+' if r.mean > 0 else '') + _f(r.mean, 2) + (f" ± {_f(r.std, 2)}" if r.n > 1 else '')
         ci = f"[{_f(r.ci_low, 2)}, {_f(r.ci_high, 2)}]" if r.n > 1 else '–'
-        lines.append(f"| {METHOD_NAMES[r.row]} − {METHOD_NAMES[r.base]} | {r.col} | {r.metric} | {d} | {ci} | {r.seeds} |")
+        lines.append(f"| {display_name(r.row)} − {display_name(r.base)} | {r.col} | {r.metric} | {d} | {ci} | {r.seeds} |")
     return '\n'.join(lines) + '\n'
 
 # %% ../nbs/15_tables.ipynb #172dafec
@@ -414,14 +421,14 @@ ABLATION_METRICS = {'val kNN CLS': 'val_knn_acc', 'val kNN mean': 'val_knn_acc_m
                     'test random kNN CLS': 'random_knn_acc', 'test random linear CLS': 'random_linear_acc'}
 SELECT_ON = ('val_knn_acc', 'val_linear_acc')   # the selection rule: the mean of these, fixed before any run finished
 
-def switch_on(metrics_csv) -> dict:
-    "λ, the raw MAGMA term, the MAE loss and λ·term / MAE at the first logged step with λ > 0 ({} if λ is never on)."
+def switch_on(metrics_csv, objective: str) -> dict:
+    "λ, the raw MAGMA term, the method's `objective` loss and λ·term / objective at the first logged step with λ > 0 ({} if never on)."
     df = pd.read_csv(metrics_csv)
     st = df[(df.kind == 'step') & (df.magma_weight > 0)]
-    if st.empty or 'mae' not in st: return {}
+    if st.empty or objective not in st: return {}
     r = st.iloc[0]
     return dict(switch_step=int(r.step), switch_lam=float(r.magma_weight), switch_magma=float(r.magma),
-                switch_mae=float(r.mae), switch_ratio=float(r.magma_weight * r.magma / r.mae))
+                switch_objective=float(r[objective]), switch_ratio=float(r.magma_weight * r.magma / r[objective]))
 
 def end_features(metrics_csv) -> dict:
     "The tapped features' norm and spread after the last epoch (`tap<block>_norm`, `tap<block>_spread`)."
@@ -435,14 +442,14 @@ def ablation_frame(runs) -> pd.DataFrame:
         if r.step != 'pretrain' or not r.results.exists(): continue
         res, csv = json.loads(r.results.read_text()), Path(r.out_dir) / 'metrics.csv'
         row = dict(row=r.row, col=r.col, seed=r.seed, **{k: res.get(v, math.nan) for k, v in ABLATION_METRICS.items()})
-        if csv.exists(): row.update(switch_on(csv), **end_features(csv))
+        if csv.exists(): row.update(switch_on(csv, METHODS[r.row].components[0]), **end_features(csv))
         row['score'] = float(np.mean([res.get(k, math.nan) for k in SELECT_ON]))
         rows.append(row)
     return pd.DataFrame(rows)
 
 def choose_schedule(frame: pd.DataFrame) -> dict:
-    "The M-MAE cell of `frame` with the highest `score` (validation only): its column, score and (λ, e_st, e_dur)."
-    m = frame[frame.row == 'm-mae'].dropna(subset=['score'])
+    "The MAGMA cell of `frame` with the highest `score` (validation only): its column, score and (λ, e_st, e_dur)."
+    m = frame[frame.row.map(lambda r: METHODS[r].uses_magma)].dropna(subset=['score'])
     if m.empty: raise ValueError("no finished M-MAE run with validation numbers to choose from; run the mini ablation first")
     best = m.loc[m.score.idxmax()]
     lam, est, edur = best.col.replace('lam', '').replace('-est', ' ').replace('-edur', ' ').split()
@@ -451,7 +458,7 @@ def choose_schedule(frame: pd.DataFrame) -> dict:
 
 # %% ../nbs/15_tables.ipynb #f02fb87e
 def _col_name(row, col) -> str:
-    if row != 'm-mae': return f"{METHOD_NAMES.get(row, row)} (λ = 0)"
+    if not METHODS[row].uses_magma: return f"{display_name(row)} (λ = 0)"
     lam, est, edur = col.replace('lam', '').replace('-est', ' ').replace('-edur', ' ').split()
     return f"λ={lam}, e_st={est}, e_dur={edur}"
 
@@ -476,7 +483,7 @@ def ablation_markdown(frame: pd.DataFrame) -> str:
     try:
         ch = choose_schedule(frame)
         lines += ['', f"**Chosen on validation** (highest mean of validation kNN and linear top-1 on CLS): "
-                  f"{_col_name('m-mae', ch['col'])}, score {_f(ch['score'], 2)}."]
+                  f"{_col_name(frame.loc[frame.col == ch['col'], 'row'].iloc[0], ch['col'])}, score {_f(ch['score'], 2)}."]
     except ValueError: pass
     return '\n'.join(lines) + '\n'
 
@@ -512,7 +519,7 @@ def _seed_note(runs) -> str:
     by = {}
     for r in runs: by.setdefault(r.row, set()).add(r.seed)
     groups = {}
-    for row, ss in by.items(): groups.setdefault(tuple(sorted(ss)), []).append(METHOD_NAMES.get(row, row))
+    for row, ss in by.items(): groups.setdefault(tuple(sorted(ss)), []).append(display_name(row))
     if len(groups) == 1: return 'seeds ' + ', '.join(map(str, next(iter(groups))))
     return '; '.join(f"{', '.join(ms)} seeds {', '.join(map(str, ss))}" for ss, ms in groups.items())
 
