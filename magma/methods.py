@@ -4,13 +4,23 @@
 
 # %% ../nbs/07_methods.ipynb #452af3df
 from __future__ import annotations
+import importlib, pkgutil
 from .base import METHODS, SSLMethod, method_spec
-import magma.mae, magma.simclr, magma.vicreg  # noqa: F401  (registers the methods)
+import magma.ssl
+import magma.vicreg  # noqa: F401  (registers vicreg and m-vicreg; moves into magma.ssl next)
 
 # %% auto #0
-__all__ = ['create']
+__all__ = ['load_methods', 'create']
 
 # %% ../nbs/07_methods.ipynb #0bb10341
+def load_methods(package=magma.ssl) -> list[str]:
+    "Import every module of `package` (each registers its methods on import); returns their names."
+    names = [m.name for m in pkgutil.iter_modules(package.__path__)]
+    for n in names: importlib.import_module(f"{package.__name__}.{n}")
+    return names
+
+load_methods()
+
 def create(name: str, **config) -> SSLMethod:
     "The SSL method `name` (see `METHODS`) built with `config` over its defaults."
     spec = method_spec(name)
