@@ -5,7 +5,7 @@
     python scripts/sweep_commands.py --mode slurm --gpus 4 > sweep.sh && sbatch sweep.sh
     python scripts/sweep_commands.py --tables table1 table8 --seeds 0 --mode node | bash
 
-The pretraining runs come from `magma.tables.table_runs` (the table notebooks' own enumeration; equal configs shared),
+The pretraining runs come from `magma.runs.table_runs` (the table notebooks' own enumeration; equal configs shared),
 each as `torchrun --nproc_per_node=N -m magma.pretrain ... --out_dir <run dir>`, skipped at run time when its
 `results.json` exists. Then each table notebook is run with papermill: it finds the runs done (skips them), runs the
 transfer / fine-tuning steps of Tables 6 and 7, and renders the table.
@@ -13,7 +13,8 @@ transfer / fine-tuning steps of Tables 6 and 7, and renders the table.
 import argparse, shlex, sys
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from magma.tables import table_runs, PAPER_TABLES
+from magma.runs import table_runs
+from magma.paper import PAPER_TABLES
 
 def pretrain_command(run, gpus: int, data_dir=None, extra: dict | None = None) -> str:
     args = dict(method=run.method, profile=run.profile, dataset=run.dataset, seed=run.seed, out_dir=run.out_dir,
