@@ -5,17 +5,24 @@
 # %% ../nbs/06_vicreg.ipynb #3f66c58e
 from __future__ import annotations
 import torch, torch.nn as nn
+import torch.distributed as dist
 from .losses import vicreg_loss
 from .base import SSLMethod, register, gather
 
 # %% auto #0
-__all__ = ['VICReg']
+__all__ = ['VICReg', 'GatherBatchNorm1d', 'convert_sync_batchnorm']
 
 # %% ../nbs/06_vicreg.ipynb #c884b350
-@register('vicreg')
-@register('m-vicreg', magma_weight=1.0)
+@register('vicreg', display='VICReg')
+@register('m-vicreg', display='M-VICReg', baseline='vicreg', magma_weight=1.0)
 class VICReg(SSLMethod):
     "VICReg with an optional MAGMA term on the first view."
+    # the augmentations of the official fork's scripts/pretrain/cifar/vicreg.yaml (solo-learn's VICReg CIFAR config)
+    views = (dict(scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2, solarize_p=0.1),) * 2
+    components = ('vicreg',)
+    family = 'joint-embedding'
+    config_help = dict(proj_hidden_dim=(int, "projector hidden width"), proj_output_dim=(int, "projector output width"),
+                       sim_weight=(float, "invariance weight"), var_weight=(float, "variance weight"), cov_weight=(float, "covariance weight"))
     defaults = dict(proj_hidden_dim=2048, proj_output_dim=2048, sim_weight=25.0, var_weight=25.0, cov_weight=1.0,
                     backbone_flavour='timm')   # official: timm's ViT (3-head tiny, learned pos-embed)
 
@@ -35,3 +42,42 @@ class VICReg(SSLMethod):
         out = dict(vicreg=vicreg_loss(gather(z1), gather(z2), **self.weights))
         loss = self.add_magma(out['vicreg'], taps, out)
         return dict({k: v.detach() for k, v in out.items()}, loss=loss, feats=c1.detach())
+
+    def sync_batchnorm(self) -> VICReg:
+        "Under several processes, the projector's BatchNorm normalizes over the global batch (see *Synchronized BatchNorm*)."
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            self.projector = convert_sync_batchnorm(self.projector)
+        return self
+
+# %% ../nbs/06_vicreg.ipynb #9ada7a6b
+class GatherBatchNorm1d(nn.BatchNorm1d):
+    "BatchNorm1d whose training-mode statistics span all processes (gathered with gradient); for CPU, where `nn.SyncBatchNorm` does not run."
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        self._check_input_dim(x)
+        dims, shape = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
+        g = gather(x).float()                                        # (world·B, C[, L]): every process's rows
+        mean, var = g.mean(dims), g.var(dims, unbiased=False)
+        if self.track_running_stats:
+            n = g.numel() // g.shape[1]
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                f = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                self.running_mean.lerp_(mean, f); self.running_var.lerp_(var * n / max(n - 1, 1), f)
+        y = (x.float() - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine: y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+# %% ../nbs/06_vicreg.ipynb #6bf1cce6
+def convert_sync_batchnorm(module: nn.Module, cuda: bool | None = None) -> nn.Module:
+    "`module` with every BatchNorm1d synchronized over processes: `nn.SyncBatchNorm` on CUDA, `GatherBatchNorm1d` on CPU (`cuda=None`: where its parameters are)."
+    if cuda is None: cuda = any(t.is_cuda for t in [*module.parameters(), *module.buffers()])
+    if cuda: return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    if isinstance(module, nn.BatchNorm1d) and not isinstance(module, GatherBatchNorm1d):
+        new = GatherBatchNorm1d(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            setattr(new, name, t)                                    # the same tensors: optimizers and checkpoints still fit
+        return new.train(module.training)
+    for name, child in module.named_children(): module.add_module(name, convert_sync_batchnorm(child, cuda=False))
+    return module
