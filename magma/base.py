@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch, torch.nn as nn
 import torch.distributed as dist
 from .manifold import MagmaLoss
-from .taps import create_backbone
+from .backbone import create_backbone
 
 # %% auto #0
 __all__ = ['METHODS', 'gather', 'MethodSpec', 'register', 'method_spec', 'SSLMethod']

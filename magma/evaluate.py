@@ -4,13 +4,13 @@
 
 # %% ../nbs/11_evaluate.ipynb #0128c4db
 from __future__ import annotations
-import copy, hashlib, json, math
+import copy, hashlib, math
 from pathlib import Path
 from typing import Callable, Iterable
 import numpy as np
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 # %% auto #0
 __all__ = ['eval_transform', 'default_transform', 'as_loader', 'encoder_img_size', 'check_resolution', 'load_state_dict_checked',

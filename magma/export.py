@@ -6,7 +6,7 @@
 from __future__ import annotations
 import argparse, json, warnings
 from pathlib import Path
-import torch, torch.nn as nn
+import torch.nn as nn
 from .evaluate import load_encoder, load_state_dict_checked
 from .train import load_pretrained
 

@@ -12,7 +12,7 @@ import matplotlib
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from .manifold import magma_loss
-from .losses import patchify, unpatchify, random_masking
+from .patches import patchify, unpatchify, random_masking
 from .evaluate import davies_bouldin, pick_classes, check_resolution
 
 # %% auto #0

@@ -5,9 +5,8 @@
 # %% ../nbs/07_methods.ipynb #452af3df
 from __future__ import annotations
 import importlib, pkgutil
-from .base import METHODS, SSLMethod, method_spec
+from .base import METHODS, SSLMethod, method_spec  # noqa: F401  (METHODS: the registry, re-exported)
 import magma.ssl
-import magma.vicreg  # noqa: F401  (registers vicreg and m-vicreg; moves into magma.ssl next)
 
 # %% auto #0
 __all__ = ['load_methods', 'create']

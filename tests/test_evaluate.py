@@ -2,7 +2,7 @@
 import hashlib, json
 import pytest, torch
 from safetensors.torch import save_file
-from magma.taps import create_backbone
+from magma.backbone import create_backbone
 from magma.evaluate import evaluate, load_encoder, extract_features, linear_probe, finetune, feature_cache_path
 from magma.export import export_timm, load_timm
 

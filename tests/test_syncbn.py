@@ -11,7 +11,7 @@ import magma.methods
 
 B = 6                        # per-rank batch
 TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=4, proj_hidden_dim=24, proj_output_dim=16)
-# the module the VICReg notebook exports to (magma.vicreg, or magma.ssl.vicreg once methods move into magma.ssl)
+# the module the VICReg notebook exports to (magma.ssl.vicreg)
 VICREG = sys.modules[type(magma.methods.create('vicreg', **TINY)).__module__]
 
 

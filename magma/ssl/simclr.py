@@ -4,7 +4,7 @@
 
 # %% ../../nbs/05_simclr.ipynb #9cd58103
 from __future__ import annotations
-import torch, torch.nn as nn
+import torch.nn as nn
 from ..losses import simclr_loss
 from ..base import SSLMethod, register, gather
 
