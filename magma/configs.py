@@ -4,6 +4,7 @@
 
 # %% ../nbs/09_configs.ipynb #923088c5
 from __future__ import annotations
+import re
 from dataclasses import dataclass, field, fields
 
 # %% auto #0
@@ -49,11 +50,12 @@ class PretrainConfig:
     dataset: str = _p('synthetic', "cifar10, cifar100, stl10, tinyimagenet, imagenet100, imagenet, synthetic or folder:<path>")
     data_dir: str | None = _p(None, "data root (default: data/ at the project root, or $MAGMA_DATA)")
     backbone: str = _p('vit_tiny', "vit_tiny, vit_small, vit_base or vit_large")
+    backbone_flavour: str | None = _p(None, "mae (fixed sin-cos pos-embed, MAE init, 12-head tiny and small) or timm (learned pos-embed, timm init, 3-head tiny); None: the method's official one")
     img_size: int = _p(32, "input resolution in pixels")
     patch_size: int = _p(4, "ViT patch size; must divide img_size")
     epochs: int = _p(2, "pretraining epochs")
-    batch_size: int = _p(256, "batch size per process")
-    lr: float = _p(1.5e-4, "base learning rate, scaled by batch_size * world_size / 256")
+    batch_size: int = _p(256, "global batch size, split evenly across processes under DDP (Tables 4 and 5 give the global batch)")
+    lr: float = _p(1.5e-4, "base learning rate, scaled by batch_size / 256 (the global batch)")
     weight_decay: float = _p(0.05, "AdamW weight decay")
     exclude_bias_norm_wd: bool = _p(False, "exempt biases, norms and other 1-D parameters from weight decay (FB MAE); False decays every parameter, as the official code does")
     warmup_epochs: float = _p(10, "linear learning-rate warmup, in epochs, then cosine to 0")
@@ -67,7 +69,7 @@ class PretrainConfig:
     magma_layers: tuple = _p((10,), "reference blocks, each paired with magma_target")
     magma_target: int = _p(-1, "the regularized block (-1 = last)")
     magma_schedule: str = _p('warmup', "warmup (official), constant, step or triangle")
-    magma_global: bool = _p(False, "build the MAGMA graph over the global batch across processes")
+    magma_global: bool | None = _p(None, "build the MAGMA graph over the global batch across processes; None: yes under DDP, as one process would")
     uniformity_weight: float = _p(0.01, "U-MAE uniformity weight (u-mae and mu-mae)")
     temperature: float = _p(0.2, "SimCLR temperature")
     seed: int = _p(0, "random seed")
@@ -75,16 +77,18 @@ class PretrainConfig:
     precision: str = _p('fp32', "fp32, bf16 (autocast) or fp16 (autocast + GradScaler, CUDA)")
     compile: bool = _p(False, "wrap the model in torch.compile")
     out_dir: str = _p('runs/default', "run directory: checkpoints, logs, plots, results.json")
-    resume: bool = _p(False, "continue from out_dir's last checkpoint")
+    resume: bool = _p(False, "continue from out_dir's last checkpoint (an error if it has none)")
+    overwrite: bool = _p(False, "replace the run already in out_dir (its checkpoint, logs and results); without it, or resume, such a run is refused")
     profile: str = _p('smoke', "smoke, mini or paper: fills in every parameter left as None")
     n_per_class: int | None = _p(None, "synthetic dataset: images per class (train split)")
+    skip_unreadable: bool = _p(False, "folder datasets: leave out unreadable image files (their count is printed) instead of refusing them")
     val_fraction: float = _p(0.0, "hold out this stratified fraction of the training split (never pretrained on) to score kNN and probes on; 0 = none")
     online_lr: float = _p(1e-3, "learning rate of the online linear probe (AdamW, no weight decay)")
     log_every: int = _p(10, "steps between per-step CSV rows")
     num_workers: int = _p(4, "DataLoader workers for the 224 px ImageFolder path")
     knn_k: int = _p(10, "k of the final kNN evaluation")
     linear_epochs: int = _p(100, "epochs of the final linear probe")
-    linear_mode: str = _p('fast', "final linear probe: fast (cached features) or protocol (augmented, frozen encoder)")
+    linear_mode: str = _p('fast', "final linear probe: fast (cached, standardized features) or paper (augmented, frozen encoder: the protocol; 'protocol' is an alias)")
 
 PARAMS = tuple(f.name for f in fields(PretrainConfig))
 
@@ -125,27 +129,98 @@ def resolve_config(profile: str = 'smoke', **params) -> PretrainConfig:
         base = _paper_profile(dataset, method)
     elif profile in PROFILES: base = dict(PROFILES[profile])
     else: raise ValueError(f"unknown profile {profile!r}; valid: smoke, mini, paper")
-    cfg = PretrainConfig(**{**base, **given, 'profile': profile})
-    if isinstance(cfg.magma_layers, (int, str)): cfg.magma_layers = tuple(int(x) for x in str(cfg.magma_layers).replace(',', ' ').split())
-    cfg.magma_layers = tuple(int(x) for x in cfg.magma_layers)
-    check_config(cfg)
-    return cfg
+    return check_config(PretrainConfig(**{**base, **given, 'profile': profile}))
 
 # %% ../nbs/09_configs.ipynb #0e6ae7d5
-def check_config(cfg: PretrainConfig) -> None:
-    "Raise ValueError for an invalid value or combination, naming the fix."
-    def from_(name, ok, msg):
-        if not ok: raise ValueError(f"{name}: {msg}")
-    from_('method', cfg.method in MAE_FAMILY + JE_FAMILY, f"unknown method {cfg.method!r}; valid: {', '.join(MAE_FAMILY + JE_FAMILY)}")
-    from_('patch_size', cfg.img_size % cfg.patch_size == 0, f"patch_size={cfg.patch_size} does not divide img_size={cfg.img_size}; pick a divisor of {cfg.img_size}")
-    from_('mask_ratio', 0 < cfg.mask_ratio < 1, f"mask_ratio must be in (0, 1), got {cfg.mask_ratio}")
-    from_('epochs', cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}")
-    from_('batch_size', cfg.batch_size >= 2, f"batch_size must be >= 2 (MAGMA is a batch-wide term), got {cfg.batch_size}")
-    from_('precision', cfg.precision in ('fp32', 'bf16', 'fp16'), f"precision must be fp32, bf16 or fp16, got {cfg.precision!r}")
-    from_('magma_schedule', cfg.magma_schedule in ('warmup', 'constant', 'step', 'triangle'), f"magma_schedule must be warmup, constant, step or triangle, got {cfg.magma_schedule!r}")
-    from_('magma_start', cfg.magma_start >= 0 and cfg.magma_epochs >= 0, "magma_start and magma_epochs must be >= 0")
-    from_('val_fraction', 0 <= cfg.val_fraction < 1, f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
-    from_('linear_mode', cfg.linear_mode in ('fast', 'protocol'), f"linear_mode must be fast or protocol, got {cfg.linear_mode!r}")
-    from_('precision', not (cfg.precision == 'fp16' and cfg.device == 'cpu'), "fp16 needs CUDA; use precision='bf16' on CPU")
+_TRUE, _FALSE = ('1', 'true', 'yes', 'y', 'on'), ('0', 'false', 'no', 'n', 'off')
+_DEPTH = dict(vit_tiny=12, vit_small=12, vit_base=12, vit_large=24)
+_CHOICES = dict(method=MAE_FAMILY + JE_FAMILY, backbone=tuple(_DEPTH), magma_schedule=('warmup', 'constant', 'step', 'triangle'),
+                precision=('fp32', 'bf16', 'fp16'), linear_mode=('fast', 'paper'), profile=('smoke', 'mini', 'paper'))
+_RANGES = dict(  # name: (valid?, the valid range in words)
+    img_size=(lambda v: v >= 1, 'an integer >= 1'), patch_size=(lambda v: v >= 1, 'an integer >= 1'),
+    epochs=(lambda v: v >= 1, 'an integer >= 1'), batch_size=(lambda v: v >= 2, 'an integer >= 2 (MAGMA is a batch-wide term)'),
+    lr=(lambda v: v > 0, 'a number > 0'), weight_decay=(lambda v: v >= 0, 'a number >= 0'),
+    warmup_epochs=(lambda v: v >= 0, 'a number >= 0 (epochs)'), mask_ratio=(lambda v: 0 < v < 1, 'a number in (0, 1)'),
+    decoder_dim=(lambda v: v >= 1, 'an integer >= 1'), decoder_depth=(lambda v: v >= 1, 'an integer >= 1'),
+    decoder_heads=(lambda v: v >= 1, 'an integer >= 1'), magma_weight=(lambda v: v >= 0, 'a number >= 0'),
+    magma_start=(lambda v: v >= 0, 'an integer >= 0 (epoch)'), magma_epochs=(lambda v: v >= 0, 'an integer >= 0 (epochs)'),
+    uniformity_weight=(lambda v: v >= 0, 'a number >= 0'), temperature=(lambda v: v > 0, 'a number > 0'),
+    seed=(lambda v: v >= 0, 'an integer >= 0'), n_per_class=(lambda v: v >= 1, 'an integer >= 1, or None for the default (500 train, 100 test)'),
+    val_fraction=(lambda v: 0 <= v < 1, 'a number in [0, 1); 0 = no validation split'), online_lr=(lambda v: v > 0, 'a number > 0'),
+    log_every=(lambda v: v >= 1, 'an integer >= 1 (steps)'), num_workers=(lambda v: v >= 0, 'an integer >= 0'),
+    knn_k=(lambda v: v >= 1, 'an integer >= 1'), linear_epochs=(lambda v: v >= 1, 'an integer >= 1'))
+
+def _coerce(name: str, v, kind: str, optional: bool):
+    "`v` as `kind` (int, float, bool, str or tuple of ints); exact numeric or boolean strings (papermill `-r`, YAML) are converted."
+    import numbers, math
+    def bad(want): return ValueError(f"{name}={v!r}: must be {want}")
+    if v is None:
+        if optional: return None
+        raise bad(f"given (a {kind})")
+    if kind == 'bool':
+        if isinstance(v, bool): return v
+        if isinstance(v, str) and v.strip().lower() in _TRUE + _FALSE: return v.strip().lower() in _TRUE
+        raise bad('true or false')
+    if kind == 'int':
+        if isinstance(v, bool): raise bad('an integer')
+        if isinstance(v, numbers.Integral): return int(v)
+        if isinstance(v, numbers.Real) and float(v).is_integer(): return int(v)
+        if isinstance(v, str):
+            try: return int(v.strip())
+            except ValueError: pass
+        raise bad('an integer')
+    if kind == 'float':
+        if isinstance(v, bool): raise bad('a number')
+        x = float(v) if isinstance(v, numbers.Real) else None
+        if isinstance(v, str):
+            try: x = float(v.strip())
+            except ValueError: pass
+        if x is None or not math.isfinite(x): raise bad('a finite number')
+        return x
+    if kind == 'tuple':  # magma_layers: 10, '6, 10', [6, 10]
+        items = str(v).replace(',', ' ').split() if isinstance(v, (numbers.Integral, str)) else v
+        try: out = tuple(_coerce(name, x, 'int', False) for x in items)
+        except (ValueError, TypeError): raise bad('one or more block indices, e.g. 10 or [6, 10]') from None
+        if not out: raise bad('one or more block indices, e.g. 10 or [6, 10]')
+        return out
+    if not isinstance(v, str): raise bad('a string')
+    return v
+
+def check_config(cfg: PretrainConfig, here: bool = True) -> PretrainConfig:
+    """Check every field of `cfg` (type, range, choices) and their combinations; raise a one-line ValueError naming the
+    parameter, its value and the valid range. Types are normalized in place (`'5'` -> 5 for an int field, `'protocol'`
+    -> `'paper'`). `here=False` skips what depends on this machine (CUDA), for loading a checkpoint trained elsewhere."""
+    def need(name, ok, msg):
+        if not ok: raise ValueError(f"{name}={getattr(cfg, name)!r}: {msg}")
+    for f in fields(PretrainConfig):
+        kind = f.type.split('|')[0].strip()
+        setattr(cfg, f.name, _coerce(f.name, getattr(cfg, f.name), kind, 'None' in f.type))
+    if cfg.linear_mode == 'protocol': cfg.linear_mode = 'paper'   # the old name of the paper's probe
+    for name, choices in _CHOICES.items():
+        need(name, getattr(cfg, name) in choices, f"unknown {name}; valid: {', '.join(choices)}")
+    for name, (ok, words) in _RANGES.items():
+        v = getattr(cfg, name)
+        need(name, v is None or ok(v), f"must be {words}")
+    need('dataset', cfg.dataset in IMG_SIZES or (cfg.dataset.startswith('folder:') and len(cfg.dataset) > 7),
+         f"must be one of {', '.join(IMG_SIZES)} or folder:<path>")
+    need('device', re.fullmatch(r'auto|cpu|mps|cuda(:\d+)?', cfg.device), "must be auto, cpu, mps, cuda or cuda:N")
+    need('out_dir', cfg.out_dir.strip() != '', "must name a run directory")
+    need('patch_size', cfg.img_size % cfg.patch_size == 0, f"does not divide img_size={cfg.img_size}; pick a divisor of {cfg.img_size}")
+    depth = _DEPTH[cfg.backbone]
+    for name, blocks in (('magma_layers', cfg.magma_layers), ('magma_target', (cfg.magma_target,))):
+        need(name, all(-depth <= b < depth for b in blocks), f"{cfg.backbone} has blocks 0..{depth - 1} (or -{depth}..-1 from the end)")
+    if cfg.method in MAE_FAMILY:
+        need('decoder_heads', cfg.decoder_dim % cfg.decoder_heads == 0, f"does not divide decoder_dim={cfg.decoder_dim}; pick a divisor of it")
+        n = (cfg.img_size // cfg.patch_size) ** 2
+        need('mask_ratio', int(n * (1 - cfg.mask_ratio)) >= 1,
+             f"keeps no visible patch of the {n} patches of img_size={cfg.img_size} / patch_size={cfg.patch_size}; lower it or use more patches")
+    need('resume', not (cfg.resume and cfg.overwrite), "and overwrite=True contradict each other; pass one of them")
+    if here:
+        import torch
+        cuda = torch.cuda.is_available()
+        need('device', cuda or not cfg.device.startswith('cuda'), "but CUDA is not available on this machine; use device='cpu' or 'auto'")
+        need('precision', cfg.precision != 'fp16' or (cuda and (cfg.device == 'auto' or cfg.device.startswith('cuda'))),
+             f"needs CUDA (GradScaler) but device={cfg.device!r} runs on the CPU here; use precision='bf16' or 'fp32'")
+    return cfg
 
 def method_uses_magma(method: str) -> bool: return method.startswith('m-') or method == 'mu-mae'

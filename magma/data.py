@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_data.ipynb #46ac6f52
 from __future__ import annotations
-import os, math, pickle, hashlib
+import os, math, pickle, hashlib, operator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -16,10 +16,11 @@ import magma
 
 # %% auto #0
 __all__ = ['DATASETS', 'SPLITS', 'IMG_SIZE', 'STATS', 'IMG_EXT', 'SYNTHETIC_CLASSES', 'AUGS', 'data_root', 'compute_stats',
-           'load_rgb', 'decode_images', 'cached', 'TensorImages', 'FileImages', 'make_synthetic', 'imagenet100_classes',
-           'get_dataset', 'prepare', 'subset', 'holdout_split', 'ViewAug', 'sample_crops', 'resized_crop', 'gray',
-           'adjust_hue', 'color_jitter', 'blur_kernel_size', 'gaussian_blur', 'solarize', 'TensorAugment',
-           'pil_crop_boxes', 'Loader', 'make_loader', 'eval_loader']
+           'load_rgb', 'fit_square', 'decode_images', 'scan_images', 'cached', 'TensorImages', 'FileImages',
+           'make_synthetic', 'SafeUnpickler', 'imagenet100_classes', 'get_dataset', 'prepare', 'subset',
+           'holdout_split', 'ViewAug', 'sample_crops', 'resized_crop', 'gray', 'adjust_hue', 'color_jitter',
+           'blur_kernel_size', 'gaussian_blur', 'solarize', 'TensorAugment', 'pil_crop_boxes', 'Loader', 'make_loader',
+           'eval_loader']
 
 # %% ../nbs/08_data.ipynb #85385e7b
 DATASETS = ('cifar10', 'cifar100', 'stl10', 'tinyimagenet', 'imagenet100', 'imagenet', 'synthetic', 'folder:<path>')
@@ -72,15 +73,51 @@ def load_rgb(path) -> Image.Image:
     except Exception as e:
         raise ValueError(f"corrupt or unreadable image {path} ({type(e).__name__}: {_line(e)}); delete or replace the file") from None
 
-def _decode(path, size):
-    im = load_rgb(path)
-    return np.asarray(im if im.size == size else im.resize(size, Image.BICUBIC))
+def fit_square(im: Image.Image, size: int) -> Image.Image:
+    "`im` at `size` x `size`: the shorter side resized to `size` (bicubic, antialiased), then the centre crop; as is if already that size."
+    if im.size == (size, size): return im
+    w, h = im.size; s = size / min(w, h)
+    im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+    l, t = (im.size[0] - size) // 2, (im.size[1] - size) // 2
+    return im.crop((l, t, l + size, t + size))
 
-def decode_images(files) -> torch.Tensor:
-    "Decode image files into one uint8 tensor (N,3,H,W); images of another size are resized to the first one's."
-    size = load_rgb(files[0]).size
+def _decode(path, size):
+    "uint8 array (H,W,3) of `path` (at `size` x `size` when given), or the reason it cannot be read (a str)."
+    try:
+        with Image.open(path) as im: im = im.convert('RGB')
+    except Exception as e: return f"{type(e).__name__}: {_line(e)}"
+    return np.asarray(im if size is None else fit_square(im, size))
+
+def _unreadable(name, bad, where, fix):
+    "One line naming every unreadable file of `bad` [(path, reason)]."
+    return ValueError(f"{name}: {len(bad)} unreadable image(s) in {where}: " + '; '.join(f"{p} ({r})" for p, r in bad) + f"; {fix}")
+
+def decode_images(files, size: int | None = None) -> torch.Tensor:
+    """Decode image files into one uint8 tensor (N,3,H,W), every image at `size` x `size` (`fit_square`); with `size=None`
+    they must all have the first one's size. Unreadable files are named, all of them, in one line."""
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as ex: arrs = list(ex.map(partial(_decode, size=size), files))
+    bad = [(f, a) for f, a in zip(files, arrs) if isinstance(a, str)]
+    if bad: raise _unreadable('decode_images', bad, 'the files given', 'delete or replace them')
+    odd = [f for f, a in zip(files, arrs) if a.shape != arrs[0].shape]
+    if odd: raise ValueError(f"decode_images: {odd[0]} is {arrs[files.index(odd[0])].shape[1::-1]} px but {files[0]} is {arrs[0].shape[1::-1]}; pass size= to resize them all")
     return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
+
+def _probe(path):
+    "(width, height) of an image file from its header (`verify` checks its structure), or the reason it cannot be read."
+    try:
+        with Image.open(path) as im: size = im.size; im.verify()
+        return size
+    except Exception as e: return f"{type(e).__name__}: {_line(e)}"
+
+def scan_images(files, desc: str = 'scanning images', progress: bool | None = None) -> dict:
+    """Open every file's header in threads: `sizes` (N,2) as (width, height), -1 where unreadable, and `bad`, the
+    [path, reason] of every unreadable file. A progress bar is shown for 1,000 files or more."""
+    from tqdm.auto import tqdm
+    show = len(files) >= 1000 if progress is None else progress
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as ex:
+        res = list(tqdm(ex.map(_probe, files), total=len(files), desc=desc, disable=not show, leave=False))
+    return dict(sizes=torch.tensor([r if isinstance(r, tuple) else (-1, -1) for r in res], dtype=torch.long).view(-1, 2),
+                bad=[[str(f), r] for f, r in zip(files, res) if isinstance(r, str)])
 
 def _fingerprint(files):
     h = hashlib.sha1()
@@ -157,6 +194,10 @@ def _shape_field(c, u, v, r, f):
 def make_synthetic(n_per_class, num_classes=10, img_size=32, seed=0):
     "Deterministic, balanced synthetic images: returns uint8 images (N,3,S,S) and labels (N,)."
     if not 1 <= num_classes <= len(SYNTHETIC_CLASSES): raise ValueError(f"num_classes must be in 1..{len(SYNTHETIC_CLASSES)}, got {num_classes}")
+    try: n_ok = not isinstance(n_per_class, bool) and operator.index(n_per_class) >= 1
+    except TypeError: n_ok = False
+    if not n_ok:
+        raise ValueError(f"n_per_class={n_per_class!r}: must be an integer >= 1 (images per class)")
     g, N, S = torch.Generator().manual_seed(seed), n_per_class * num_classes, img_size
     labels = torch.arange(num_classes).repeat_interleave(n_per_class)
     U = lambda lo, hi, *shape: torch.rand(N, *shape, generator=g) * (hi - lo) + lo
@@ -192,9 +233,24 @@ _CIFAR = {  # folder, train files, test files, meta file, class-names key, label
     'cifar10': ('cifar-10-batches-py', [f'data_batch_{i}' for i in range(1, 6)], ['test_batch'], 'batches.meta', 'label_names', 'labels'),
     'cifar100': ('cifar-100-python', ['train'], ['test'], 'meta', 'fine_label_names', 'fine_labels')}
 
+_NUMPY_GLOBALS = {(m, n) for m in ('numpy.core.multiarray', 'numpy._core.multiarray') for n in ('_reconstruct', 'scalar')} | {
+    ('numpy', 'ndarray'), ('numpy', 'dtype'), ('numpy.core.numeric', '_frombuffer'), ('numpy._core.numeric', '_frombuffer'),
+    ('_codecs', 'encode')}  # what pickled numpy arrays need (protocols 2 to 5); `encode` rebuilds bytes in protocol 2
+
+class SafeUnpickler(pickle.Unpickler):
+    "An unpickler that builds only builtin values (dicts, lists, strings, numbers, bytes) and numpy arrays: no other global is ever loaded."
+    def find_class(self, module, name):
+        if (module, name) in _NUMPY_GLOBALS: return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it asks for {module}.{name}, which a dataset file never needs (only builtin types and numpy arrays are admitted)")
+
+class _Refused(Exception): pass
+
 def _unpickle(f):
+    "The dict in the dataset pickle `f`, read with `SafeUnpickler`: untrusted bytes never run code."
     try:
-        with open(f, 'rb') as fh: return pickle.load(fh, encoding='latin1')
+        with open(f, 'rb') as fh: d = SafeUnpickler(fh, encoding='latin1').load()
+        if not isinstance(d, dict): raise _Refused(f"it holds a {type(d).__name__}, not a dict")
+        return d
     except Exception as e: raise ValueError(f"malformed dataset file {f} ({type(e).__name__}: {_line(e)}); delete it and prepare again, {_HELP}") from None
 
 def _read_cifar(name, split, root, download):
@@ -256,7 +312,7 @@ def _read_tiny(split, root, download):
             files += fs; labels += [cidx[w]] * len(fs)
     for f in files: _need(f, 'tinyimagenet', fix)
     if not files: raise ValueError(f"tinyimagenet: no images under {base}; {fix}")
-    build = lambda: dict(images=decode_images(files), labels=torch.tensor(labels), classes=classes)
+    build = lambda: dict(images=decode_images(files, 64), labels=torch.tensor(labels), classes=classes)
     return cached(f"tinyimagenet-{'test' if split == 'test' else 'train'}", files, build, root)
 
 # %% ../nbs/08_data.ipynb #a7823636
@@ -273,7 +329,14 @@ def _scan(d, name, classes=None, fix=None):
     samples = [(os.path.join(d, c, f), i) for i, c in enumerate(classes)
                for f in sorted(os.listdir(d/c)) if f.lower().endswith(IMG_EXT)]
     if not samples: raise ValueError(f"{name}: no images under {d}/<class>/; {fix or _HELP}")
+    _no_empty_class(name, d, classes, [l for _, l in samples])
     return samples, classes
+
+def _no_empty_class(name, d, classes, labels):
+    "Refuse class folders without images: they would be classes no image belongs to."
+    empty = sorted(set(range(len(classes))) - set(labels))
+    if empty: raise ValueError(f"{name}: {len(empty)} class folder(s) hold no images ({', '.join(IMG_EXT)}): "
+                               f"{', '.join(str(d/classes[i]) for i in empty)}; remove them or add images")
 
 def imagenet100_classes():
     "The 100 ImageNet wnids of Tian et al. (2020, CMC), in their published order."
@@ -289,21 +352,54 @@ def _read_imagenet(name, split, root, download, img_size=224):
     return FileImages(samples, classes, name, split, img_size, *STATS[name])
 
 # %% ../nbs/08_data.ipynb #d6bc8ebd
-def _folder(name, path, split, root, img_size=None, cache=None):
-    if not path.is_dir(): raise FileNotFoundError(f"{name}: {path} not found; give folder:<path> of a directory with train/ and val/ (or test/)")
-    sub = 'train' if split != 'test' else ('val' if (path/'val').is_dir() else 'test')
+def _folder_split(name, path, sub, root, skip):
+    "Samples, classes and image sizes (N,2) of one split of an ImageFolder, after the up-front scan of every file."
     fix = f"an ImageFolder needs {path}/train/<class>/<image> and {path}/val/ (or test/)"
     samples, classes = _scan(path/sub, name, None, fix)
-    if cache is None: cache = max(load_rgb(samples[0][0]).size) <= 128
-    if not cache: return FileImages(samples, classes, name, split, img_size or 224)
-    key = f"folder-{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]}-{sub}"
     files = [p for p, _ in samples]
+    info, _ = cached(f"folder-{_path_key(path)}-{sub}-scan", files, lambda: scan_images(files, f"scanning {name} {sub}"), root)
+    sizes, bad = info['sizes'], info['bad']
+    if bad:
+        if not skip: raise _unreadable(name, bad, path/sub, "delete or replace them, or pass skip_unreadable=True to leave them out")
+        print(f"{name}: leaving out {len(bad)} unreadable image(s) of {len(files)} in {path/sub} (skip_unreadable=True)")
+        keep = torch.nonzero(sizes[:, 0] >= 0).flatten()
+        samples, sizes = [samples[i] for i in keep.tolist()], sizes[keep]
+        _no_empty_class(name, path/sub, classes, [l for _, l in samples])
+    return samples, classes, sizes
+
+def _path_key(path): return hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
+
+def _common_size(sizes) -> int:
+    "The most common longer side of `sizes` (N,2) (the first such on a tie): one odd file never sets the size."
+    from collections import Counter
+    return Counter(sizes.amax(1).tolist()).most_common(1)[0][0]
+
+def _folder(name, path, split, root, img_size=None, cache=None, skip_unreadable=False):
+    if not path.is_dir(): raise FileNotFoundError(f"{name}: {path} not found; give folder:<path> of a directory with train/ and val/ (or test/)")
+    if img_size is not None and (isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1):
+        raise ValueError(f"img_size={img_size!r}: must be an integer >= 1 (pixels)")
+    sub = 'train' if split != 'test' else ('val' if (path/'val').is_dir() else 'test')
+    samples, classes, sizes = _folder_split(name, path, sub, root, skip_unreadable)
+    if img_size is None:  # the training split's most common size, so that every split of the folder agrees
+        size = _common_size(sizes if sub == 'train' else _folder_split(name, path, 'train', root, skip_unreadable)[2])
+        if cache is None: cache = size <= 128
+        if not cache: size = 224
+    else: size = img_size
+    if cache is None: cache = size <= 128
+    if not cache: return FileImages(samples, classes, name, split, size)
+    files, labels = [p for p, _ in samples], [l for _, l in samples]
     def build():
-        images = decode_images(files)
-        return dict(images=images, labels=torch.tensor([l for _, l in samples]), classes=classes, stats=compute_stats(images) if sub == 'train' else None)
-    d, hit = cached(key, files, build, root)
+        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as ex: arrs = list(ex.map(partial(_decode, size=size), files))
+        bad = [(f, a) for f, a in zip(files, arrs) if isinstance(a, str)]      # passed the header scan, failed to decode
+        if bad and not skip_unreadable: raise _unreadable(name, bad, path/sub, "delete or replace them, or pass skip_unreadable=True to leave them out")
+        if bad: print(f"{name}: leaving out {len(bad)} image(s) of {path/sub} that failed to decode (skip_unreadable=True)")
+        ok = [i for i, a in enumerate(arrs) if not isinstance(a, str)]
+        images = torch.from_numpy(np.stack([arrs[i] for i in ok])).permute(0, 3, 1, 2).contiguous()
+        return dict(images=images, labels=torch.tensor([labels[i] for i in ok]), classes=classes,
+                    stats=compute_stats(images) if sub == 'train' else None)
+    d, hit = cached(f"folder-{_path_key(path)}-{sub}-{size}px{'-skip' if skip_unreadable else ''}", files, build, root)
     if sub == 'train': mean, std = d['stats']
-    else: tr = get_dataset(name, 'train', root); mean, std = tr.mean, tr.std
+    else: tr = _folder(name, path, 'train', root, size, True, skip_unreadable); mean, std = tr.mean, tr.std
     return TensorImages(d['images'], d['labels'], d['classes'], name, split, tuple(mean), tuple(std), from_cache=hit)
 
 def get_dataset(name, split='train', root=None, download=False, **kw):
@@ -367,10 +463,11 @@ class ViewAug:
     blur_sigma: tuple = (0.1, 2.0)
     solarize_p: float = 0.0
 
-_SSL = dict(jitter_p=0.8, gray_p=0.2)
+# the official fork's CIFAR configs (solo-learn's): scripts/pretrain/cifar/augmentations/symmetric.yaml for SimCLR,
+# the augmentations of scripts/pretrain/cifar/vicreg.yaml for VICReg; both views drawn from the same distribution
 AUGS = {'mae': (ViewAug(),),
-        'simclr': (ViewAug(**_SSL, blur_p=0.5),) * 2,
-        'vicreg': (ViewAug(**_SSL, blur_p=1.0), ViewAug(**_SSL, blur_p=0.1, solarize_p=0.2)),
+        'simclr': (ViewAug(jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8, gray_p=0.2, blur_p=0.5),) * 2,
+        'vicreg': (ViewAug(scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2, solarize_p=0.1),) * 2,
         'eval': ()}
 
 # %% ../nbs/08_data.ipynb #95aed038

@@ -4,21 +4,21 @@
 
 # %% ../nbs/10_train.ipynb #12e540d9
 from __future__ import annotations
-import csv, json, math, os, time, platform
+import csv, json, math, os, time, platform, shutil, warnings
 from pathlib import Path
 from dataclasses import asdict
 import torch, torch.nn as nn, torch.nn.functional as F
 import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
-from .configs import PretrainConfig, resolve_config, method_uses_magma, MAE_FAMILY
+from .configs import PretrainConfig, PARAMS, resolve_config, check_config, method_uses_magma, MAE_FAMILY
 import magma.methods as _methods
 import magma.data as _data
 
 # %% auto #0
-__all__ = ['lr_at', 'magma_lambda', 'save_checkpoint', 'load_checkpoint', 'init_distributed', 'pick_device', 'method_kwargs',
-           'build_method', 'augment_kind', 'NonFiniteLoss', 'versions', 'train', 'pretraining_splits', 'param_groups',
-           'load_pretrained']
+__all__ = ['MAX_HEADER', 'lr_at', 'magma_lambda', 'CheckpointError', 'save_checkpoint', 'load_checkpoint', 'init_distributed',
+           'pick_device', 'method_kwargs', 'batch_arithmetic', 'build_method', 'augment_kind', 'NonFiniteLoss',
+           'NonFiniteState', 'versions', 'train', 'pretraining_splits', 'param_groups', 'load_pretrained']
 
 # %% ../nbs/10_train.ipynb #21c49134
 def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> float:
@@ -39,6 +39,16 @@ def magma_lambda(epoch: int, schedule: str = 'warmup', weight: float = 1.0, star
     raise ValueError(f"unknown magma_schedule {schedule!r}; valid: warmup, constant, step, triangle")
 
 # %% ../nbs/10_train.ipynb #c5d81531
+class CheckpointError(ValueError):
+    "A checkpoint that cannot be used: one line naming the file and what is wrong with it."
+
+MAX_HEADER = 16 * 2**20   # bytes of safetensors header (tensor index + metadata) a checkpoint may have; paper-scale runs use < 3 MiB
+
+def _file_mode() -> int:
+    "0o666 less the process umask: the mode `open()` gives every other file a run writes (0o644 under the usual umask)."
+    m = os.umask(0); os.umask(m)
+    return 0o666 & ~m
+
 def _flatten(obj, prefix: str, tensors: dict):
     "Replace every tensor in a nested dict/list by a reference, collecting the tensors in `tensors`."
     if isinstance(obj, torch.Tensor):
@@ -51,35 +61,81 @@ def _flatten(obj, prefix: str, tensors: dict):
     if obj is None or isinstance(obj, (bool, int, float, str)): return obj
     raise TypeError(f"cannot checkpoint a {type(obj).__name__} at {prefix}")
 
-def _unflatten(obj, tensors: dict):
+def _unflatten(obj, tensors: dict, depth: int = 0):
+    if depth > 64: raise ValueError("the state is nested more than 64 levels deep")
     if isinstance(obj, dict):
-        if '__tensor__' in obj: return tensors[obj['__tensor__']]
-        if '__dict__' in obj: return {_unflatten(k, tensors): _unflatten(v, tensors) for k, v in obj['__dict__']}
+        if '__tensor__' in obj:
+            k = obj['__tensor__']
+            if not isinstance(k, str) or k not in tensors: raise ValueError(f"tensor {k!r} named in the metadata is missing from the file")
+            return tensors[k]
+        if '__dict__' in obj: return {_unflatten(k, tensors, depth + 1): _unflatten(v, tensors, depth + 1) for k, v in obj['__dict__']}
         if '__list__' in obj:
-            out = [_unflatten(v, tensors) for v in obj['__list__']]
+            out = [_unflatten(v, tensors, depth + 1) for v in obj['__list__']]
             return tuple(out) if obj.get('tuple') else out
     return obj
 
 def save_checkpoint(path, state: dict) -> Path:
-    "Write the nested `state` (tensors and JSON-able values) to one safetensors file, atomically."
+    "Write the nested `state` (tensors and JSON-able values) to one safetensors file, atomically, with the run's file mode."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {}
     skeleton = _flatten(state, 's', tensors)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     save_file(tensors, str(tmp), metadata={'magma_state': json.dumps(skeleton)})
     with open(tmp, 'rb+') as f: os.fsync(f.fileno())
+    os.chmod(tmp, _file_mode())
     os.replace(tmp, path)
     return path
 
+def _check_header(path: Path):
+    "Refuse, before safetensors parses anything, a file that is not safetensors or whose header is over `MAX_HEADER`."
+    size = path.stat().st_size
+    with open(path, 'rb') as f: head = f.read(9)
+    n = int.from_bytes(head[:8], 'little') if len(head) == 9 else -1
+    if n < 2 or head[8:9] != b'{' or n > size - 8:
+        kind = 'a pickle (torch.save)' if head[:1] == b'\x80' or head[:2] == b'PK' else 'another format'
+        raise CheckpointError(f"{path} is not a safetensors file (it looks like {kind}); magma reads only safetensors checkpoints "
+                              f"written by its trainer, and never unpickles")
+    if n > MAX_HEADER:
+        raise CheckpointError(f"{path}: its safetensors header is {n / 2**20:.1f} MiB, over the {MAX_HEADER // 2**20} MiB cap "
+                              f"(magma.train.MAX_HEADER); not a magma checkpoint")
+
 def load_checkpoint(path, device='cpu') -> dict:
-    "Read a checkpoint written by `save_checkpoint` (safetensors + JSON only: nothing is unpickled)."
+    "Read a checkpoint written by `save_checkpoint` (safetensors + JSON only: nothing is unpickled); every failure is one line naming the file."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"no checkpoint at {path}; train first or pass the run directory's checkpoint.safetensors")
-    with safe_open(str(path), framework='pt', device=str(device)) as f:
-        meta = f.metadata() or {}
-        if 'magma_state' not in meta: raise ValueError(f"{path} is not a magma checkpoint (no 'magma_state' metadata)")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return _unflatten(json.loads(meta['magma_state']), tensors)
+    _check_header(path)
+    try:
+        with safe_open(str(path), framework='pt', device=str(device)) as f:
+            meta = f.metadata() or {}
+            if 'magma_state' not in meta: raise CheckpointError(f"{path} is not a magma checkpoint (no 'magma_state' metadata)")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except CheckpointError: raise
+    except Exception as e: raise CheckpointError(f"{path}: unreadable safetensors file ({type(e).__name__}: {_line(e)})") from None
+    try: state = _unflatten(json.loads(meta['magma_state']), tensors)
+    except RecursionError: raise CheckpointError(f"{path}: malformed 'magma_state' metadata (nested too deeply)") from None
+    except (ValueError, TypeError, KeyError) as e: raise CheckpointError(f"{path}: malformed 'magma_state' metadata ({_line(e)})") from None
+    if not isinstance(state, dict): raise CheckpointError(f"{path}: malformed 'magma_state' metadata (a {type(state).__name__}, not a dict)")
+    return state
+
+def _line(e) -> str: return (str(e).splitlines() or [''])[0][:300]
+
+def _require(st: dict, keys, path):
+    "Refuse a checkpoint state without one of `keys`."
+    missing = [k for k in keys if k not in st]
+    if missing: raise CheckpointError(f"{path}: not a complete magma checkpoint (no {', '.join(map(repr, missing))})")
+
+def _load_weights(module: nn.Module, sd, path, what: str):
+    "`module.load_state_dict(sd)`, strictly, with one line naming the file and the first mismatch when `sd` does not fit."
+    if not isinstance(sd, dict): raise CheckpointError(f"{path}: the {what} weights are a {type(sd).__name__}, not a state dict")
+    own = module.state_dict()
+    missing, extra = [k for k in own if k not in sd], [k for k in sd if k not in own]
+    odd = [k for k in own if k in sd and (not torch.is_tensor(sd[k]) or tuple(sd[k].shape) != tuple(own[k].shape))]
+    if missing or extra or odd:
+        ex = lambda ks: f" (e.g. {ks[0]})" if ks else ''
+        shp = f" (e.g. {odd[0]}: {tuple(getattr(sd[odd[0]], 'shape', ()))} in the file, {tuple(own[odd[0]].shape)} here)" if odd else ''
+        raise CheckpointError(f"{path}: its {what} weights do not fit the architecture of its config: {len(missing)} missing{ex(missing)}, "
+                              f"{len(extra)} unexpected{ex(extra)}, {len(odd)} of another shape{shp}")
+    module.load_state_dict(sd)
 
 # %% ../nbs/10_train.ipynb #4ae2d7ff
 def init_distributed(device: str = 'auto') -> tuple[int, int, int]:
@@ -108,13 +164,27 @@ def _all_mean(x: float, device) -> float:
 def method_kwargs(cfg: PretrainConfig) -> dict:
     "The subset of `cfg` that `magma.methods.create(cfg.method, ...)` takes."
     kw = dict(backbone=cfg.backbone, img_size=cfg.img_size, patch_size=cfg.patch_size,
-              magma_layers=tuple(cfg.magma_layers), magma_target=cfg.magma_target, magma_global=cfg.magma_global)
+              **({'backbone_flavour': cfg.backbone_flavour} if cfg.backbone_flavour else {}),
+              magma_layers=tuple(cfg.magma_layers), magma_target=cfg.magma_target,
+              magma_global=bool(cfg.magma_global) if cfg.magma_global is not None else _world_size() > 1)
     if cfg.method in MAE_FAMILY:
         kw.update(mask_ratio=cfg.mask_ratio, decoder_dim=cfg.decoder_dim, decoder_depth=cfg.decoder_depth,
                   decoder_heads=cfg.decoder_heads)
         if cfg.method in ('u-mae', 'mu-mae'): kw['uniformity_weight'] = cfg.uniformity_weight
     elif 'simclr' in cfg.method: kw['temperature'] = cfg.temperature
     return kw
+
+def _world_size() -> int: return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+def batch_arithmetic(cfg: PretrainConfig, world: int) -> dict:
+    "Global batch, per-process batch, the scaled learning rate and the MAGMA graph's size for `world` processes."
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size={cfg.batch_size} (the global batch) is not divisible by the {world} processes; "
+                         f"use a multiple of {world}")
+    per = cfg.batch_size // world
+    glob = bool(cfg.magma_global) if cfg.magma_global is not None else world > 1
+    return dict(global_batch=cfg.batch_size, per_process_batch=per, world_size=world, base_lr=cfg.lr,
+                lr=cfg.lr * cfg.batch_size / 256, magma_graph=cfg.batch_size if glob else per)
 
 def build_method(cfg: PretrainConfig) -> nn.Module:
     return _methods.create(cfg.method, **method_kwargs(cfg))
@@ -125,6 +195,26 @@ def augment_kind(method: str) -> str:
 # %% ../nbs/10_train.ipynb #c4169937
 class NonFiniteLoss(FloatingPointError):
     "Raised when a training loss is NaN or inf; the last good checkpoint is kept."
+
+class NonFiniteState(NonFiniteLoss):
+    "Raised when the model, probe or optimizer state holds NaN or inf at a checkpoint: it is not saved, the last good one is kept."
+
+def _bad_tensors(state, prefix: str = '') -> list[str]:
+    "Names of the floating-point tensors in the nested `state` that hold NaN or inf."
+    if torch.is_tensor(state): return [prefix] if state.is_floating_point() and not bool(torch.isfinite(state).all()) else []
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else ()
+    return [b for k, v in items for b in _bad_tensors(v, f'{prefix}.{k}' if prefix else str(k))]
+
+def _kept(ckpt_path: Path, kept_epoch: int | None) -> str:
+    "Which checkpoint a failed run leaves, in words: the one actually on disk, or none."
+    if kept_epoch is None: return f"no checkpoint was written ({ckpt_path} does not exist yet)"
+    return f"the last good checkpoint {ckpt_path} (after epoch {kept_epoch}) is kept"
+
+def _advice(cfg) -> str:
+    "What to change after a non-finite loss or state, fitting this run's settings."
+    tips = [f"lower lr (now {cfg.lr:g})", f"lengthen warmup_epochs (now {cfg.warmup_epochs:g})"]
+    if cfg.precision != 'fp32': tips.append(f"use precision='fp32' (now {cfg.precision!r})")
+    return ', '.join(tips[:-1]) + ' or ' + tips[-1]
 
 def versions() -> dict:
     import timm, magma
@@ -182,11 +272,14 @@ def train(cfg: PretrainConfig | None = None, *, stop_after: int | None = None, p
     rank, world, local_rank = init_distributed(cfg.device)
     device = pick_device(cfg.device, local_rank)
     out = Path(cfg.out_dir); ckpt_path = out / 'checkpoint.safetensors'
-    if rank == 0: out.mkdir(parents=True, exist_ok=True)
+    _check_run_dir(cfg, ckpt_path)                               # an existing run is never replaced by accident
 
     # data first: a missing dataset fails here, before any model is built
     train_ds, eval_ds = pretraining_splits(cfg)
-    loader = _data.make_loader(train_ds, cfg.batch_size, augment_kind(cfg.method), device, seed=cfg.seed,
+    arith = batch_arithmetic(cfg, world)
+    if rank == 0: print("batch: global {global_batch} = {world_size} x {per_process_batch} per process; lr {base_lr:g} x "
+                        "{global_batch}/256 = {lr:g}; MAGMA graph over {magma_graph} images".format(**arith), flush=True)
+    loader = _data.make_loader(train_ds, arith['per_process_batch'], augment_kind(cfg.method), device, seed=cfg.seed,
                                rank=rank, world_size=world, img_size=cfg.img_size, num_workers=cfg.num_workers)
     eval_dl = _data.eval_loader(eval_ds, 256, device, img_size=cfg.img_size, num_workers=cfg.num_workers)
     num_classes = len(train_ds.classes)
@@ -201,26 +294,32 @@ def train(cfg: PretrainConfig | None = None, *, stop_after: int | None = None, p
     dtype = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}[cfg.precision]
     autocast = torch.autocast(device.type, dtype=dtype, enabled=cfg.precision != 'fp32')
 
-    start_epoch, history, wall_before = 0, [], 0.0
-    if cfg.resume and ckpt_path.exists():
+    start_epoch, history, wall_before, kept_epoch = 0, [], 0.0, None
+    if cfg.resume:
         st = load_checkpoint(ckpt_path, device)
+        _require(st, ('model', 'probe', 'opt', 'probe_opt', 'scaler', 'rng', 'epoch', 'history', 'config', 'wall_seconds'), ckpt_path)
         _check_resumable(st['config'], cfg)
-        model.load_state_dict(st['model']); probe.load_state_dict(st['probe'])
-        opt.load_state_dict(st['opt']); probe_opt.load_state_dict(st['probe_opt']); scaler.load_state_dict(st['scaler'])
-        torch.set_rng_state(st['rng'][rank].cpu() if len(st['rng']) > rank else st['rng'][0].cpu())
+        _load_weights(model, st['model'], ckpt_path, 'model'); _load_weights(probe, st['probe'], ckpt_path, 'online probe')
+        try:
+            opt.load_state_dict(st['opt']); probe_opt.load_state_dict(st['probe_opt']); scaler.load_state_dict(st['scaler'])
+            torch.set_rng_state(st['rng'][rank].cpu() if len(st['rng']) > rank else st['rng'][0].cpu())
+        except Exception as e: raise CheckpointError(f"{ckpt_path}: its optimizer or RNG state does not fit this run ({type(e).__name__}: {_line(e)})") from None
         start_epoch, history, wall_before = st['epoch'] + 1, st['history'], st['wall_seconds']
+        kept_epoch = st['epoch']
     else:
         torch.manual_seed(cfg.seed + 1_000_003 * rank)           # per-rank masks and noise
     net = model
     if world > 1: net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
     if cfg.compile: net = torch.compile(net)
 
-    log = _CSVLog(out / 'metrics.csv', keep_epochs_below=start_epoch) if rank == 0 else None
-    tb = _tensorboard(out) if rank == 0 else None
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0: raise ValueError(f"batch_size={cfg.batch_size} is larger than the {len(train_ds)}-image training split; lower it")
+    if rank == 0: _start_run_dir(cfg, out)                       # overwrite, stray temporary files, config.json
+    if world > 1: dist.barrier()
+    log = _CSVLog(out / 'metrics.csv', keep_epochs_below=start_epoch) if rank == 0 else None
+    tb = _tensorboard(out, purge_step=start_epoch * steps_per_epoch) if rank == 0 else None   # drops steps logged after the checkpoint
     total, warmup = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
-    base_lr = cfg.lr * cfg.batch_size * world / 256
+    base_lr = arith['lr']
     t_start = time.time()
     from tqdm.auto import tqdm
     end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
@@ -241,7 +340,7 @@ def train(cfg: PretrainConfig | None = None, *, stop_after: int | None = None, p
             if not torch.isfinite(comps['loss']):                    # the one host sync of a step
                 raise NonFiniteLoss(f"non-finite loss {float(comps['loss'])} at epoch {epoch}, step {step} (components: "
                                     + ", ".join(f"{k}={float(v):.4g}" for k, v in comps.items() if k != 'loss')
-                                    + f"); the last good checkpoint is kept at {ckpt_path}. Lower lr or use precision='fp32'")
+                                    + f"); {_kept(ckpt_path, kept_epoch)}. {_advice(cfg).capitalize()}")
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward(); scaler.step(opt); scaler.update()
             # online probe on detached features; labels < 0 (STL-10's unlabeled images) are left out
@@ -270,14 +369,19 @@ def train(cfg: PretrainConfig | None = None, *, stop_after: int | None = None, p
         history.append(row)
         if rank == 0:
             log.add(row)
-            for k, v in row.items():
-                if isinstance(v, float): tb.add_scalar(f'epoch/{k}', v, epoch)
+            for k, v in row.items():                             # at the global step, so that purge_step applies
+                if isinstance(v, float): tb.add_scalar(f'epoch/{k}', v, row['step'])
             tb.flush()
-            save_checkpoint(ckpt_path, dict(model=model.state_dict(), probe=probe.state_dict(), opt=opt.state_dict(),
-                                            probe_opt=probe_opt.state_dict(), scaler=scaler.state_dict(),
-                                            rng=[torch.get_rng_state()], epoch=epoch, history=history,
-                                            config=asdict(cfg), wall_seconds=wall_before + time.time() - t_start,
+        state = dict(model=model.state_dict(), probe=probe.state_dict(), opt=opt.state_dict(), probe_opt=probe_opt.state_dict())
+        bad = _bad_tensors(state)                                # on every rank: DDP replicas fail together
+        if bad:
+            raise NonFiniteState(f"non-finite values (NaN or inf) in {len(bad)} tensor(s) of the model, probe or optimizer state after "
+                                 f"epoch {epoch} (e.g. {bad[0]}), so it is not saved; {_kept(ckpt_path, kept_epoch)}. {_advice(cfg).capitalize()}")
+        if rank == 0:
+            save_checkpoint(ckpt_path, dict(state, scaler=scaler.state_dict(), rng=[torch.get_rng_state()], epoch=epoch,
+                                            history=history, config=asdict(cfg), wall_seconds=wall_before + time.time() - t_start,
                                             versions=versions()))
+        kept_epoch = epoch
     if tb is not None: tb.close()
     last = history[-1] if history else {}
     return dict(method=cfg.method, dataset=cfg.dataset, backbone=cfg.backbone, epochs=cfg.epochs, seed=cfg.seed,
@@ -287,11 +391,12 @@ def train(cfg: PretrainConfig | None = None, *, stop_after: int | None = None, p
                 online_acc=last.get('online_acc'), online_acc_history=[h['online_acc'] for h in history],
                 images_per_sec=sum(h['images_per_sec'] for h in history) / max(len(history), 1),
                 wall_seconds=wall_before + time.time() - t_start, checkpoint=str(ckpt_path),
-                versions=versions(), world_size=world, model=model)
+                versions=versions(), world_size=world, batch=arith, model=model)
 
 def _data_kw(cfg, eval=False) -> dict:
     kw = {}
     if cfg.dataset == 'synthetic' and cfg.n_per_class: kw['n_per_class'] = cfg.n_per_class if not eval else max(cfg.n_per_class // 4, 4)
+    if cfg.dataset.startswith('folder:'): kw.update(img_size=cfg.img_size, skip_unreadable=cfg.skip_unreadable)
     return kw
 
 def _tap_blocks(model) -> tuple:
@@ -312,25 +417,66 @@ def param_groups(model: nn.Module, weight_decay: float, exclude_bias_norm: bool 
     return [dict(params=[p for p in params if p.ndim > 1], weight_decay=weight_decay),
             dict(params=[p for p in params if p.ndim <= 1], weight_decay=0.0)]
 
-_RESUME_FREE = ('resume', 'out_dir', 'device', 'epochs', 'log_every', 'num_workers', 'compile', 'knn_k', 'linear_epochs', 'linear_mode')
+_RESUME_FREE = ('resume', 'overwrite', 'out_dir', 'device', 'log_every', 'num_workers', 'compile', 'knn_k', 'linear_epochs', 'linear_mode')
 
 def _check_resumable(saved: dict, cfg: PretrainConfig):
-    diff = [k for k, v in asdict(cfg).items() if k not in _RESUME_FREE and json.dumps(saved.get(k)) != json.dumps(v)]
+    "Refuse to resume with settings that change what is trained; a key an older checkpoint lacks counts as its default."
+    if not isinstance(saved, dict): raise CheckpointError(f"cannot resume {cfg.out_dir}: its checkpoint's config is a {type(saved).__name__}, not a dict")
+    defaults = asdict(PretrainConfig())
+    if saved.get('epochs', cfg.epochs) != cfg.epochs:
+        raise ValueError(f"cannot resume {cfg.out_dir} with epochs={cfg.epochs}: it was started with epochs={saved['epochs']!r}, over which "
+                         f"its cosine schedule runs; pass epochs={saved['epochs']!r} (a longer run needs a new out_dir)")
+    diff = [k for k, v in asdict(cfg).items() if k not in _RESUME_FREE and json.dumps(saved.get(k, defaults[k])) != json.dumps(v)]
     if diff:
         raise ValueError(f"cannot resume {cfg.out_dir}: its checkpoint was trained with different {', '.join(diff)} "
-                         f"(e.g. {diff[0]}={saved.get(diff[0])!r}); use a new out_dir or the same parameters")
+                         f"(e.g. {diff[0]}={saved.get(diff[0], defaults[diff[0]])!r}); use a new out_dir or the same parameters")
 
-def _tensorboard(out: Path):
+_RUN_FILES = ('checkpoint.safetensors', 'metrics.csv', 'results.json', 'config.json', 'fig2_training.png', 'fig4_pacmap.png', 'training_curves.png')
+
+def _check_run_dir(cfg: PretrainConfig, ckpt_path: Path):
+    "Refuse a run directory holding a run unless resume or overwrite says what to do with it, and resume without a checkpoint."
+    if cfg.resume and not ckpt_path.is_file():
+        raise FileNotFoundError(f"resume=True but {ckpt_path} does not exist (a mistyped out_dir?); check out_dir={cfg.out_dir!r}, "
+                                f"or drop resume to start a new run there")
+    if ckpt_path.exists() and not (cfg.resume or cfg.overwrite):
+        raise FileExistsError(f"out_dir={cfg.out_dir!r} already holds a run ({ckpt_path.name}); pass resume=True to continue it, "
+                              f"overwrite=True to replace it, or another out_dir")
+
+def _start_run_dir(cfg: PretrainConfig, out: Path):
+    """Rank 0, before the first epoch: with `overwrite`, remove the old run's files; remove temporary files a killed write
+    left (`.checkpoint.safetensors.tmp<pid>`, ...); write the config snapshot `config.json`."""
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.overwrite and not cfg.resume:
+        for name in _RUN_FILES: (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / 'tb', ignore_errors=True)
+    for name in ('checkpoint.safetensors', 'results.json', 'config.json'):
+        for p in out.glob(f'.{name}.tmp*'): p.unlink(missing_ok=True)
+    _write_json(out / 'config.json', dict(asdict(cfg), versions=versions()))
+
+def _write_json(path: Path, obj):
+    "Atomic JSON write (temporary file, then rename) with the run's file mode."
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=float)); os.chmod(tmp, _file_mode()); os.replace(tmp, path)
+
+def _tensorboard(out: Path, purge_step: int = 0):
+    "A SummaryWriter on `out/tb` that hides every event at or after `purge_step` (what a killed sitting logged past its checkpoint)."
     from torch.utils.tensorboard import SummaryWriter
-    return SummaryWriter(str(out / 'tb'))
+    return SummaryWriter(str(out / 'tb'), purge_step=purge_step)
 
 # %% ../nbs/10_train.ipynb #d5e8e65d
 def load_pretrained(path, device='cpu') -> tuple[nn.Module, PretrainConfig]:
-    "(model, config) from a run directory or its checkpoint.safetensors; weights loaded strictly."
+    """(model, config) from a run directory or its checkpoint.safetensors; weights loaded strictly. A config key this
+    version of magma does not know (a newer checkpoint) is ignored with a warning, as resume ignores it; a missing one
+    takes its default; a bad value or a mismatched architecture is one line naming the file."""
     path = Path(path)
     if path.is_dir(): path = path / 'checkpoint.safetensors'
     st = load_checkpoint(path, device)
-    cfg = PretrainConfig(**{k: (tuple(v) if k == 'magma_layers' else v) for k, v in st['config'].items()})
+    _require(st, ('model', 'config'), path)
+    if not isinstance(st['config'], dict): raise CheckpointError(f"{path}: its config is a {type(st['config']).__name__}, not a dict")
+    unknown = sorted(k for k in st['config'] if k not in PARAMS)
+    if unknown: warnings.warn(f"{path}: ignoring config key(s) {', '.join(map(repr, unknown))} unknown to this version of magma")
+    try: cfg = check_config(PretrainConfig(**{k: v for k, v in st['config'].items() if k in PARAMS}), here=False)
+    except ValueError as e: raise CheckpointError(f"{path}: its config is invalid ({e})") from None
     model = build_method(cfg).to(device)
-    model.load_state_dict(st['model'])
+    _load_weights(model, st['model'], path, 'model')
     return model.eval(), cfg
