@@ -5,7 +5,8 @@
 # %% ../nbs/08_data.ipynb #46ac6f52
 from __future__ import annotations
 import os, math, pickle, hashlib, operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import NamedTuple
 from functools import partial
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
@@ -18,9 +19,9 @@ import magma
 __all__ = ['DATASETS', 'SPLITS', 'IMG_SIZE', 'STATS', 'IMG_EXT', 'SYNTHETIC_CLASSES', 'AUGS', 'data_root', 'compute_stats',
            'load_rgb', 'fit_square', 'decode_images', 'scan_images', 'cached', 'TensorImages', 'FileImages',
            'make_synthetic', 'SafeUnpickler', 'imagenet100_classes', 'get_dataset', 'prepare', 'subset',
-           'holdout_split', 'ViewAug', 'sample_crops', 'resized_crop', 'gray', 'adjust_hue', 'color_jitter',
-           'blur_kernel_size', 'gaussian_blur', 'solarize', 'TensorAugment', 'pil_crop_boxes', 'Loader', 'make_loader',
-           'eval_loader']
+           'holdout_split', 'train_subset', 'PretrainingData', 'dataset_options', 'pretraining_data', 'ViewAug',
+           'sample_crops', 'resized_crop', 'gray', 'adjust_hue', 'color_jitter', 'blur_kernel_size', 'gaussian_blur',
+           'solarize', 'TensorAugment', 'pil_crop_boxes', 'Loader', 'make_loader', 'eval_loader']
 
 # %% ../nbs/08_data.ipynb #85385e7b
 DATASETS = ('cifar10', 'cifar100', 'stl10', 'tinyimagenet', 'imagenet100', 'imagenet', 'synthetic', 'folder:<path>')
@@ -229,6 +230,11 @@ def _need(path, name, fix=None):
         raise FileNotFoundError(f"{name}: {path} not found; {fix or _HELP}")
     return path
 
+def _download_fix(name, by_hand=None):
+    "What to do about a missing downloadable dataset: the `download` parameter (of `get_dataset` and of a run), or `prepare`."
+    by_hand = by_hand or f"python -c \"from magma.data import prepare; prepare('{name}')\""
+    return f"pass download=True (the `download` parameter of get_dataset('{name}', ...) and of a pretraining run) to fetch it, or {by_hand}"
+
 _CIFAR = {  # folder, train files, test files, meta file, class-names key, labels key
     'cifar10': ('cifar-10-batches-py', [f'data_batch_{i}' for i in range(1, 6)], ['test_batch'], 'batches.meta', 'label_names', 'labels'),
     'cifar100': ('cifar-100-python', ['train'], ['test'], 'meta', 'fine_label_names', 'fine_labels')}
@@ -259,7 +265,7 @@ def _read_cifar(name, split, root, download):
     if download:
         import torchvision
         getattr(torchvision.datasets, name.upper())(base, train=split != 'test', download=True)
-    fix = f"download it with get_dataset('{name}', download=True) or python -c \"from magma.data import prepare; prepare('{name}')\""
+    fix = _download_fix(name)
     files = [_need(base/sub/f, name, fix) for f in (tst if split == 'test' else trn) + [meta]]
     def build():
         bs = [_unpickle(f) for f in files[:-1]]
@@ -273,7 +279,7 @@ def _read_stl10(split, root, download):
     if download:
         import torchvision
         torchvision.datasets.STL10(root/'stl10', split={'train': 'train+unlabeled', 'train_labeled': 'train'}.get(split, 'test'), download=True)
-    fix = "download it with get_dataset('stl10', download=True) or python -c \"from magma.data import prepare; prepare('stl10')\""
+    fix = _download_fix('stl10')
     parts = {'train': ['train', 'unlabeled'], 'train_labeled': ['train'], 'test': ['test']}[split]
     xs = [_need(base/f'{p}_X.bin', 'stl10', fix) for p in parts]
     ys = [_need(base/f'{p}_y.bin', 'stl10', fix) for p in parts if p != 'unlabeled']
@@ -296,7 +302,7 @@ def _read_tiny(split, root, download):
     if download and not base.exists():
         from torchvision.datasets.utils import download_and_extract_archive
         download_and_extract_archive(_TINY_URL, root)
-    fix = f"download {_TINY_URL} and unzip it into {root}, or get_dataset('tinyimagenet', download=True)"
+    fix = _download_fix('tinyimagenet', f"download {_TINY_URL} and unzip it into {root}")
     classes = sorted(_need(base/'wnids.txt', 'tinyimagenet', fix).read_text().split())
     cidx = {w: i for i, w in enumerate(classes)}
     if split == 'test':
@@ -319,10 +325,10 @@ def _read_tiny(split, root, download):
 def _scan(d, name, classes=None, fix=None):
     "Samples (path, label) and classes of an ImageFolder split directory `d`."
     d = _need(d, name, fix)
-    found = sorted(e.name for e in os.scandir(d) if e.is_dir())
+    found = sorted(e.name for e in os.scandir(d) if e.is_dir() and not e.name.startswith('.'))  # not .ipynb_checkpoints
     if classes is None:
         classes = found
-        if not classes: raise ValueError(f"{name}: {d} holds no class folders (expected {d}/<class>/<image>); {fix or _HELP}")
+        if not classes: raise ValueError(f"{name}: {d} holds no class folders and no images (expected {d}/<class>/<image>, or images directly in {d} if unlabeled); {fix or _HELP}")
     else:
         missing = sorted(set(classes) - set(found))
         if missing: raise FileNotFoundError(f"{name}: {len(missing)} class folders missing, e.g. {d/missing[0]}; {fix or _HELP}")
@@ -352,19 +358,34 @@ def _read_imagenet(name, split, root, download, img_size=224):
     return FileImages(samples, classes, name, split, img_size, *STATS[name])
 
 # %% ../nbs/08_data.ipynb #d6bc8ebd
+def _flat(d) -> bool:
+    "Whether directory `d` is an unlabeled split: image files and no class folders (hidden folders do not count)."
+    entries = list(os.scandir(d))
+    return (not any(e.is_dir() and not e.name.startswith('.') for e in entries)
+            and any(e.is_file() and e.name.lower().endswith(IMG_EXT) for e in entries))
+
+def _train_dir(path) -> str:
+    "The training split's folder under `path`: 'train', or '.' for a flat folder of images (no train/)."
+    return 'train' if (path/'train').is_dir() or not _flat(path) else '.'
+
 def _folder_split(name, path, sub, root, skip):
-    "Samples, classes and image sizes (N,2) of one split of an ImageFolder, after the up-front scan of every file."
-    fix = f"an ImageFolder needs {path}/train/<class>/<image> and {path}/val/ (or test/)"
-    samples, classes = _scan(path/sub, name, None, fix)
+    """Samples, classes and image sizes (N,2) of one split of an ImageFolder, after the up-front scan of every file. A split
+    folder with images and no class folders is unlabeled: labels -1, no classes."""
+    fix = (f"an ImageFolder needs {path}/train/<class>/<image> and {path}/val/ (or test/); an unlabeled one (pretraining only), "
+           f"images directly in {path}/train/ or {path}/")
+    d = _need(path/sub, name, fix)
+    if _flat(d): samples, classes = [(os.path.join(d, f), -1) for f in sorted(os.listdir(d)) if f.lower().endswith(IMG_EXT)], []
+    else: samples, classes = _scan(d, name, None, fix)
     files = [p for p, _ in samples]
-    info, _ = cached(f"folder-{_path_key(path)}-{sub}-scan", files, lambda: scan_images(files, f"scanning {name} {sub}"), root)
+    key = 'flat' if sub == '.' else sub
+    info, _ = cached(f"folder-{_path_key(path)}-{key}-scan", files, lambda: scan_images(files, f"scanning {name} {key}"), root)
     sizes, bad = info['sizes'], info['bad']
     if bad:
-        if not skip: raise _unreadable(name, bad, path/sub, "delete or replace them, or pass skip_unreadable=True to leave them out")
-        print(f"{name}: leaving out {len(bad)} unreadable image(s) of {len(files)} in {path/sub} (skip_unreadable=True)")
+        if not skip: raise _unreadable(name, bad, d, "delete or replace them, or pass skip_unreadable=True to leave them out")
+        print(f"{name}: leaving out {len(bad)} unreadable image(s) of {len(files)} in {d} (skip_unreadable=True)")
         keep = torch.nonzero(sizes[:, 0] >= 0).flatten()
         samples, sizes = [samples[i] for i in keep.tolist()], sizes[keep]
-        _no_empty_class(name, path/sub, classes, [l for _, l in samples])
+        _no_empty_class(name, d, classes, [l for _, l in samples])
     return samples, classes, sizes
 
 def _path_key(path): return hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
@@ -375,13 +396,17 @@ def _common_size(sizes) -> int:
     return Counter(sizes.amax(1).tolist()).most_common(1)[0][0]
 
 def _folder(name, path, split, root, img_size=None, cache=None, skip_unreadable=False):
-    if not path.is_dir(): raise FileNotFoundError(f"{name}: {path} not found; give folder:<path> of a directory with train/ and val/ (or test/)")
+    if not path.is_dir(): raise FileNotFoundError(f"{name}: {path} not found; give folder:<path> of a directory with train/ and val/ (or test/), or of unlabeled images")
     if img_size is not None and (isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1):
         raise ValueError(f"img_size={img_size!r}: must be an integer >= 1 (pixels)")
-    sub = 'train' if split != 'test' else ('val' if (path/'val').is_dir() else 'test')
+    trd = _train_dir(path)
+    if split != 'train' and (trd == '.' or _flat(path/trd)):
+        raise ValueError(f"{name} is unlabeled ({path/trd} holds images and no class folders): it has a 'train' split for pretraining "
+                         f"but no {split!r} split; set eval_dataset to a labelled dataset for the kNN bank, the probes and the test")
+    sub = trd if split != 'test' else ('val' if (path/'val').is_dir() else 'test')
     samples, classes, sizes = _folder_split(name, path, sub, root, skip_unreadable)
     if img_size is None:  # the training split's most common size, so that every split of the folder agrees
-        size = _common_size(sizes if sub == 'train' else _folder_split(name, path, 'train', root, skip_unreadable)[2])
+        size = _common_size(sizes if sub == trd else _folder_split(name, path, trd, root, skip_unreadable)[2])
         if cache is None: cache = size <= 128
         if not cache: size = 224
     else: size = img_size
@@ -396,9 +421,9 @@ def _folder(name, path, split, root, img_size=None, cache=None, skip_unreadable=
         ok = [i for i, a in enumerate(arrs) if not isinstance(a, str)]
         images = torch.from_numpy(np.stack([arrs[i] for i in ok])).permute(0, 3, 1, 2).contiguous()
         return dict(images=images, labels=torch.tensor([labels[i] for i in ok]), classes=classes,
-                    stats=compute_stats(images) if sub == 'train' else None)
-    d, hit = cached(f"folder-{_path_key(path)}-{sub}-{size}px{'-skip' if skip_unreadable else ''}", files, build, root)
-    if sub == 'train': mean, std = d['stats']
+                    stats=compute_stats(images) if sub == trd else None)
+    d, hit = cached(f"folder-{_path_key(path)}-{'flat' if sub == '.' else sub}-{size}px{'-skip' if skip_unreadable else ''}", files, build, root)
+    if sub == trd: mean, std = d['stats']
     else: tr = _folder(name, path, 'train', root, size, True, skip_unreadable); mean, std = tr.mean, tr.std
     return TensorImages(d['images'], d['labels'], d['classes'], name, split, tuple(mean), tuple(std), from_cache=hit)
 
@@ -433,20 +458,107 @@ def subset(ds, idx):
         return FileImages([ds.samples[i] for i in idx.tolist()], ds.classes, ds.name, ds.split, ds.img_size, ds.mean, ds.std)
     return TensorImages(ds.images[idx], ds.labels[idx], ds.classes, ds.name, ds.split, ds.mean, ds.std, ds.from_cache)
 
+def _per_class(ds, k_of, seed, unlabeled=False):
+    """Sorted indices of `k_of(n, class name)` images drawn with `seed` from each labelled class of `ds` (in label order),
+    then, with `unlabeled`, from its unlabeled images (label -1) as one more group; `k_of` raises on a bad count."""
+    g, picked = torch.Generator().manual_seed(int(seed)), []
+    groups = [(c, ds.classes[c]) for c in torch.unique(ds.labels[ds.labels >= 0]).tolist()] + ([(-1, 'unlabeled')] if unlabeled else [])
+    for c, cname in groups:
+        members = torch.nonzero(ds.labels == c).flatten()
+        if c < 0 and not len(members): continue
+        picked.append(members[torch.randperm(len(members), generator=g)[:k_of(len(members), cname)]])
+    return torch.sort(torch.cat(picked)).values if picked else torch.zeros(0, dtype=torch.long)
+
 def holdout_split(ds, fraction: float, seed: int = 0):
     "(train part, held-out part) of `ds`: round(fraction * n_c) images of each labelled class c, drawn with `seed`."
     if not 0 < fraction < 1: raise ValueError(f"val_fraction must be in (0, 1), got {fraction!r}; use 0 for no validation split")
-    g, held = torch.Generator().manual_seed(int(seed)), []
-    for c in torch.unique(ds.labels[ds.labels >= 0]).tolist():
-        members = torch.nonzero(ds.labels == c).flatten()
-        k = int(round(fraction * len(members)))
-        if k == 0 or k == len(members):
-            raise ValueError(f"val_fraction={fraction} holds out {k} of the {len(members)} images of class {ds.classes[c]!r}; "
-                             f"pick a fraction that leaves images on both sides")
-        held.append(members[torch.randperm(len(members), generator=g)[:k]])
-    held = torch.sort(torch.cat(held)).values
+    def k_of(n, cname):
+        k = int(round(fraction * n))
+        if k == 0 or k == n: raise ValueError(f"val_fraction={fraction} holds out {k} of the {n} images of class {cname!r}; "
+                                              f"pick a fraction that leaves images on both sides")
+        return k
+    held = _per_class(ds, k_of, seed)
     keep = torch.ones(len(ds), dtype=torch.bool); keep[held] = False
     return subset(ds, torch.nonzero(keep).flatten()), subset(ds, held)
+
+
+# %% ../nbs/08_data.ipynb #b15a0002
+def train_subset(ds, fraction: float = 1.0, per_class: int | None = None, seed: int = 0):
+    "The images of `ds` to pretrain on: a stratified `fraction` of each class (and of the unlabeled images), or `per_class` images of each class; drawn with `seed`."
+    _check_subset(fraction, per_class)
+    if per_class is None:
+        if fraction == 1: return ds
+        def k_of(n, cname):
+            k = int(round(fraction * n))
+            if k == 0: raise ValueError(f"train_fraction={fraction} keeps 0 of the {n} images of class {cname!r} of {ds.name}; use a larger fraction")
+            return k
+        return subset(ds, _per_class(ds, k_of, seed, unlabeled=True))
+    if not bool((ds.labels >= 0).any()):
+        raise ValueError(f"train_per_class={per_class}: {ds.name} has no labels (unlabeled images have no class); use train_fraction instead")
+    def k_of(n, cname):
+        if per_class > n: raise ValueError(f"train_per_class={per_class} but class {cname!r} of {ds.name} has {n} images; use at most the smallest class's count")
+        return per_class
+    return subset(ds, _per_class(ds, k_of, seed))
+
+def _check_subset(fraction, per_class):
+    "Refuse a bad subset option before any data is read."
+    if per_class is not None:
+        if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
+            raise ValueError(f"train_per_class={per_class!r}: must be an integer >= 1 (images of each class), or None for no per-class subset")
+        if fraction != 1: raise ValueError(f"train_fraction={fraction} and train_per_class={per_class}: give one of them (leave train_fraction at 1)")
+    elif isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise ValueError(f"train_fraction={fraction!r}: must be a number in (0, 1]; 1 keeps every image")
+
+
+# %% ../nbs/08_data.ipynb #b15a0006
+class PretrainingData(NamedTuple):
+    "The datasets of a pretraining run (see `pretraining_data`); `.scored` is `val` if there is one, else `test`."
+    train: object
+    bank: object
+    val: object
+    test: object
+    @property
+    def scored(self): return self.test if self.val is None else self.val
+
+def dataset_options(name: str, split: str, img_size: int | None = None, skip_unreadable: bool = False, n_per_class: int | None = None) -> dict:
+    "The `get_dataset` options a run passes to dataset `name`: a folder's `img_size` and `skip_unreadable`, synthetic's size."
+    if name.startswith('folder:'): return dict(img_size=img_size, skip_unreadable=skip_unreadable)
+    if name == 'synthetic' and n_per_class: return dict(n_per_class=n_per_class if split != 'test' else max(n_per_class // 4, 4))
+    return {}
+
+
+# %% ../nbs/08_data.ipynb #b15a0007
+def _relabel(ds, classes, mean, std):
+    "`ds` with every label -1, the classes `classes` and the statistics (mean, std)."
+    if isinstance(ds, FileImages):
+        return FileImages([(p, -1) for p, _ in ds.samples], list(classes), ds.name, ds.split, ds.img_size, mean, std)
+    return replace(ds, labels=torch.full_like(ds.labels, -1), classes=list(classes), mean=mean, std=std)
+
+def pretraining_data(dataset: str, *, root=None, download: bool = False, eval_dataset: str | None = None,
+                     val_fraction: float = 0.0, train_fraction: float = 1.0, train_per_class: int | None = None,
+                     subset_seed: int = 0, val_seed: int = 0, img_size: int | None = None, skip_unreadable: bool = False,
+                     n_per_class: int | None = None) -> PretrainingData:
+    "(train, bank, val, test) of a pretraining run on `dataset`, scored on `eval_dataset` (None: `dataset`); see the table above."
+    _check_subset(train_fraction, train_per_class)
+    if isinstance(val_fraction, bool) or not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction={val_fraction!r}: must be a number in [0, 1); 0 = no validation split")
+    ev = eval_dataset if eval_dataset not in (None, '', dataset) else None
+    get = lambda name, split: get_dataset(name, split, root, download=download, **dataset_options(name, split, img_size, skip_unreadable, n_per_class))
+    train = get(dataset, 'train')
+    name = ev or dataset
+    labelled = ev is None and bool((train.labels >= 0).all())  # then the train split is the labelled split (all but STL-10)
+    bank = replace(train, split='train_labeled') if labelled else get(name, 'train_labeled')
+    test, val = get(name, 'test'), None
+    if val_fraction:
+        bank, val = holdout_split(bank, val_fraction, val_seed)
+        if ev is None:  # the same draw on the train split: STL-10's labelled images come first in it, in the same order
+            train, held = holdout_split(train, val_fraction, val_seed) if not labelled else (bank, val)
+            if not torch.equal(held.labels, val.labels): raise RuntimeError(f"{dataset}: the validation images of 'train' and 'train_labeled' differ")
+    train = train_subset(train, train_fraction, train_per_class, subset_seed)
+    if ev is not None:
+        train = _relabel(train, bank.classes, train.mean, train.std)
+        bank, val, test = (None if d is None else replace(d, mean=train.mean, std=train.std) for d in (bank, val, test))
+    return PretrainingData(train, bank, val, test)
 
 
 # %% ../nbs/08_data.ipynb #252f691e
