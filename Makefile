@@ -66,3 +66,4 @@ export: $(STAMP)  ## notebooks -> package, then strip notebook noise
 check: $(STAMP)  ## notebooks clean and package in sync (what CI checks)
 	$(BIN)/nbdev_clean && git diff --quiet -- nbs || { echo "nbdev_clean changed nbs/: run 'make export' and commit"; exit 1; }
 	$(BIN)/nbdev_export && git diff --quiet -- magma || { echo "magma/ is out of sync with nbs/: run 'make export' and commit"; exit 1; }
+	$(BIN)/ruff check --select F magma  # undefined names, unused imports: exported code stands on its own

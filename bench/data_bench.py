@@ -10,6 +10,7 @@ import torch
 import torchvision.transforms.v2 as v2
 from torchvision.datasets import ImageFolder
 from magma.data import get_dataset, make_loader, TensorAugment, compute_stats
+from magma.methods import METHODS
 
 def rate(n, fn, reps=1):
     fn()  # warm-up
@@ -18,7 +19,7 @@ def rate(n, fn, reps=1):
     return n * reps / (time.perf_counter() - t)
 
 def tensor_epoch(ds, kind, bs):
-    ld = make_loader(ds, bs, kind, 'cpu', seed=0)
+    ld = make_loader(ds, bs, METHODS[kind].views, 'cpu', seed=0)
     def run():
         for b in ld: pass
     return len(ld) * bs, run
@@ -58,7 +59,7 @@ def main():
     print(f"{'pipeline':72s} {'images/s':>9s}")
     res = {}
     for kind in ('mae', 'simclr'):
-        aug, x = TensorAugment(kind, 32, ds.mean, ds.std), ds.images[:a.bs].clone()
+        aug, x = TensorAugment(METHODS[kind].views, 32, ds.mean, ds.std), ds.images[:a.bs].clone()
         g = torch.Generator().manual_seed(0)
         res['aug', kind] = rate(a.bs, lambda: aug(x, g), reps=20)
         res['tensor', kind] = rate(*tensor_epoch(ds, kind, a.bs))

@@ -13,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from magma.configs import resolve_config
 from magma.train import build_method
 import magma.data as data
+from magma.methods import METHODS
 
 
 def matmul_rate(dtype, n=2048, reps=10):
@@ -25,7 +26,7 @@ def matmul_rate(dtype, n=2048, reps=10):
 def bench(precision, steps):
     cfg = {m: resolve_config('mini', method=m, dataset='synthetic', precision=precision) for m in ('mae', 'm-mae')}
     ds = data.get_dataset('synthetic', 'train', n_per_class=100)
-    loader = data.make_loader(ds, 256, 'mae', 'cpu', seed=0)
+    loader = data.make_loader(ds, 256, METHODS['mae'].views, 'cpu', seed=0)
     dtype = {'fp32': torch.float32, 'bf16': torch.bfloat16}[precision]
     ac = lambda: torch.autocast('cpu', dtype=dtype, enabled=precision != 'fp32')
     models = {}

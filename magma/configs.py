@@ -6,11 +6,12 @@
 from __future__ import annotations
 import re
 from dataclasses import dataclass, field, fields
+from .methods import METHODS, method_spec
 
 # %% auto #0
-__all__ = ['PAPER_TABLE4', 'PAPER_TABLE5', 'IMG_SIZES', 'PAPER_COMMON', 'PAPER_MAE', 'PAPER_JE', 'MAE_FAMILY', 'JE_FAMILY',
-           'PARAMS', 'LIGHT_DECODER', 'MINI_MAGMA', 'PROFILES', 'paper_table', 'PretrainConfig', 'resolve_config',
-           'check_config', 'method_uses_magma']
+__all__ = ['PAPER_TABLE4', 'PAPER_TABLE5', 'IMG_SIZES', 'PAPER_COMMON', 'PAPER_MAE', 'PAPER_JE', 'PAPER_BY_FAMILY', 'PARAMS',
+           'LIGHT_DECODER', 'MINI_MAGMA', 'PROFILES', 'paper_table', 'PretrainConfig', 'resolve_config', 'check_config',
+           'method_uses_magma']
 
 # %% ../nbs/09_configs.ipynb #4a290063
 _COLS = ('backbone', 'patch_size', 'epochs', 'batch_size', 'lr', 'magma_start')
@@ -32,21 +33,21 @@ PAPER_COMMON = dict(weight_decay=0.05, warmup_epochs=10, magma_weight=1.0, magma
                     magma_target=-1, magma_schedule='warmup')
 PAPER_MAE = dict(mask_ratio=0.75, uniformity_weight=0.01, decoder_dim=512, decoder_depth=8, decoder_heads=16)
 PAPER_JE = dict(temperature=0.2)
-MAE_FAMILY = ('mae', 'm-mae', 'u-mae', 'mu-mae')
-JE_FAMILY = ('simclr', 'm-simclr', 'vicreg', 'm-vicreg')
+# the paper's tables by method family; each method declares its family on its class (`MethodSpec.family`)
+PAPER_BY_FAMILY = {'mae': (PAPER_TABLE4, PAPER_MAE), 'joint-embedding': (PAPER_TABLE5, PAPER_JE)}
 
 def paper_table(method: str) -> dict:
-    "Table 4 for the MAE family, Table 5 for SimCLR/VICReg and their M- variants."
-    if method in MAE_FAMILY: return PAPER_TABLE4
-    if method in JE_FAMILY: return PAPER_TABLE5
-    raise ValueError(f"unknown method {method!r}; valid: {', '.join(MAE_FAMILY + JE_FAMILY)}")
+    "Table 4 for the MAE family, Table 5 for the joint-embedding family, as the method's registered family says."
+    fam = method_spec(method).family
+    if fam not in PAPER_BY_FAMILY: raise ValueError(f"method {method!r} has family {fam!r}, which no table of the paper covers; use profile='mini' or 'smoke'")
+    return PAPER_BY_FAMILY[fam][0]
 
 # %% ../nbs/09_configs.ipynb #120f9cd3
 def _p(default, help: str): return field(default=default, metadata={'help': help})
 
 @dataclass
 class PretrainConfig:
-    method: str = _p('m-mae', "mae, m-mae, u-mae, mu-mae, simclr, m-simclr, vicreg or m-vicreg")
+    method: str = _p('m-mae', "a registered method: any name in magma.methods.METHODS, listed by --help and in the error for an unknown one")
     dataset: str = _p('synthetic', "cifar10, cifar100, stl10, tinyimagenet, imagenet100, imagenet, synthetic or folder:<path>")
     data_dir: str | None = _p(None, "data root (default: data/ at the project root, or $MAGMA_DATA)")
     backbone: str = _p('vit_tiny', "vit_tiny, vit_small, vit_base or vit_large")
@@ -70,7 +71,7 @@ class PretrainConfig:
     magma_target: int = _p(-1, "the regularized block (-1 = last)")
     magma_schedule: str = _p('warmup', "warmup (official), constant, step or triangle")
     magma_global: bool | None = _p(None, "build the MAGMA graph over the global batch across processes; None: yes under DDP, as one process would")
-    uniformity_weight: float = _p(0.01, "U-MAE uniformity weight (u-mae and mu-mae)")
+    uniformity_weight: float = _p(0.01, "U-MAE uniformity weight (u-mae and mu-mae; a method whose own default differs keeps it unless this is set)")
     temperature: float = _p(0.2, "SimCLR temperature")
     seed: int = _p(0, "random seed")
     device: str = _p('auto', "auto, cpu, cuda or cuda:N")
@@ -82,12 +83,21 @@ class PretrainConfig:
     profile: str = _p('smoke', "smoke, mini or paper: fills in every parameter left as None")
     n_per_class: int | None = _p(None, "synthetic dataset: images per class (train split)")
     skip_unreadable: bool = _p(False, "folder datasets: leave out unreadable image files (their count is printed) instead of refusing them")
+    download: bool = _p(False, "fetch dataset (and eval_dataset) if missing: cifar10, cifar100, stl10, tinyimagenet (ImageNet cannot be downloaded)")
+    eval_dataset: str | None = _p(None, "the labelled dataset kNN, probes, validation and test are scored on (same names as dataset); None: dataset itself; needed for an unlabeled folder")
+    train_fraction: float = _p(1.0, "pretrain on this stratified fraction of each class of the training split (and of its unlabeled images); 1 = all")
+    train_per_class: int | None = _p(None, "pretrain on this many images of each class (unlabeled images left out); None = off; not with train_fraction")
+    subset_seed: int = _p(0, "seed of the train_fraction / train_per_class draw; fixed across training seeds, so a seed sweep pretrains on the same images")
     val_fraction: float = _p(0.0, "hold out this stratified fraction of the training split (never pretrained on) to score kNN and probes on; 0 = none")
     online_lr: float = _p(1e-3, "learning rate of the online linear probe (AdamW, no weight decay)")
     log_every: int = _p(10, "steps between per-step CSV rows")
+    loggers: str = _p('tensorboard', "where the run logs: tensorboard, wandb, both comma-separated (tensorboard,wandb), or none")
+    wandb_project: str | None = _p(None, "wandb project (default: magma); only with loggers including wandb")
+    wandb_mode: str | None = _p(None, "wandb mode: online, offline or disabled (default: wandb's, from WANDB_MODE)")
     num_workers: int = _p(4, "DataLoader workers for the 224 px ImageFolder path")
     knn_k: int = _p(10, "k of the final kNN evaluation")
     linear_epochs: int = _p(100, "epochs of the final linear probe")
+    method_args: dict | None = _p(None, "the method's own keys that have no field here (its config_help), e.g. {'proj_hidden_dim': 512}; also accepted as plain parameters")
     linear_mode: str = _p('fast', "final linear probe: fast (cached, standardized features) or paper (augmented, frozen encoder: the protocol; 'protocol' is an alias)")
 
 PARAMS = tuple(f.name for f in fields(PretrainConfig))
@@ -109,13 +119,15 @@ def _paper_profile(dataset: str, method: str) -> dict:
     if name not in table:
         raise ValueError(f"the paper has no hyperparameters for dataset {dataset!r}; choose one of {', '.join(table)} "
                          f"or imagenet, or use profile='mini'/'smoke' with explicit parameters")
-    out = {**PAPER_COMMON, **table[name], 'img_size': IMG_SIZES[name]}
-    if method in MAE_FAMILY: out.update(PAPER_MAE)
-    else: out.update(PAPER_JE)
-    return out
+    return {**PAPER_COMMON, **table[name], 'img_size': IMG_SIZES[name], **PAPER_BY_FAMILY[method_spec(method).family][1]}
 
 def resolve_config(profile: str = 'smoke', **params) -> PretrainConfig:
-    "Defaults, then `profile`, then the explicit `params` (None = not given). Checks names, values and combinations."
+    """Defaults, then `profile`, then the explicit `params` (None = not given). Checks names, values and combinations.
+    A parameter that is not a field but one of the method's own keys (its `config_help`) goes into `method_args`."""
+    own = method_spec(params.get('method') or PretrainConfig.method).config_help
+    extra = {k: params.pop(k) for k in [k for k in params if k not in PARAMS and k in own]}
+    extra = {k: v for k, v in extra.items() if v is not None}
+    if extra: params['method_args'] = {**(params.get('method_args') or {}), **extra}
     unknown = sorted(set(params) - set(PARAMS))
     if unknown:
         import difflib
@@ -134,7 +146,7 @@ def resolve_config(profile: str = 'smoke', **params) -> PretrainConfig:
 # %% ../nbs/09_configs.ipynb #0e6ae7d5
 _TRUE, _FALSE = ('1', 'true', 'yes', 'y', 'on'), ('0', 'false', 'no', 'n', 'off')
 _DEPTH = dict(vit_tiny=12, vit_small=12, vit_base=12, vit_large=24)
-_CHOICES = dict(method=MAE_FAMILY + JE_FAMILY, backbone=tuple(_DEPTH), magma_schedule=('warmup', 'constant', 'step', 'triangle'),
+_CHOICES = dict(method=tuple(METHODS), backbone_flavour=(None, 'mae', 'timm'), backbone=tuple(_DEPTH), magma_schedule=('warmup', 'constant', 'step', 'triangle'),
                 precision=('fp32', 'bf16', 'fp16'), linear_mode=('fast', 'paper'), profile=('smoke', 'mini', 'paper'))
 _RANGES = dict(  # name: (valid?, the valid range in words)
     img_size=(lambda v: v >= 1, 'an integer >= 1'), patch_size=(lambda v: v >= 1, 'an integer >= 1'),
@@ -148,7 +160,9 @@ _RANGES = dict(  # name: (valid?, the valid range in words)
     seed=(lambda v: v >= 0, 'an integer >= 0'), n_per_class=(lambda v: v >= 1, 'an integer >= 1, or None for the default (500 train, 100 test)'),
     val_fraction=(lambda v: 0 <= v < 1, 'a number in [0, 1); 0 = no validation split'), online_lr=(lambda v: v > 0, 'a number > 0'),
     log_every=(lambda v: v >= 1, 'an integer >= 1 (steps)'), num_workers=(lambda v: v >= 0, 'an integer >= 0'),
-    knn_k=(lambda v: v >= 1, 'an integer >= 1'), linear_epochs=(lambda v: v >= 1, 'an integer >= 1'))
+    knn_k=(lambda v: v >= 1, 'an integer >= 1'), linear_epochs=(lambda v: v >= 1, 'an integer >= 1'),
+    train_fraction=(lambda v: 0 < v <= 1, 'a number in (0, 1]; 1 = every image'), train_per_class=(lambda v: v >= 1, 'an integer >= 1, or None for no per-class subset'),
+    subset_seed=(lambda v: v >= 0, 'an integer >= 0'))
 
 def _coerce(name: str, v, kind: str, optional: bool):
     "`v` as `kind` (int, float, bool, str or tuple of ints); exact numeric or boolean strings (papermill `-r`, YAML) are converted."
@@ -183,6 +197,13 @@ def _coerce(name: str, v, kind: str, optional: bool):
         except (ValueError, TypeError): raise bad('one or more block indices, e.g. 10 or [6, 10]') from None
         if not out: raise bad('one or more block indices, e.g. 10 or [6, 10]')
         return out
+    if kind == 'dict':  # method_args: a dict, or its JSON text (papermill -p, the CLI)
+        if isinstance(v, str):
+            import json
+            try: v = json.loads(v)
+            except ValueError: raise bad('a dict or its JSON text, e.g. {"proj_hidden_dim": 512}') from None
+        if not isinstance(v, dict): raise bad('a dict, e.g. {"proj_hidden_dim": 512}')
+        return dict(v)
     if not isinstance(v, str): raise bad('a string')
     return v
 
@@ -197,10 +218,13 @@ def check_config(cfg: PretrainConfig, here: bool = True) -> PretrainConfig:
         setattr(cfg, f.name, _coerce(f.name, getattr(cfg, f.name), kind, 'None' in f.type))
     if cfg.linear_mode == 'protocol': cfg.linear_mode = 'paper'   # the old name of the paper's probe
     for name, choices in _CHOICES.items():
-        need(name, getattr(cfg, name) in choices, f"unknown {name}; valid: {', '.join(choices)}")
+        need(name, getattr(cfg, name) in choices, f"unknown {name}; valid: {', '.join(str(c) for c in choices)}")
     for name, (ok, words) in _RANGES.items():
         v = getattr(cfg, name)
         need(name, v is None or ok(v), f"must be {words}")
+    need('eval_dataset', cfg.eval_dataset is None or cfg.eval_dataset in IMG_SIZES or (cfg.eval_dataset.startswith('folder:') and len(cfg.eval_dataset) > 7),
+         f"must be one of {', '.join(IMG_SIZES)} or folder:<path>, or None to score on dataset itself")
+    need('train_per_class', cfg.train_per_class is None or cfg.train_fraction == 1, "give one of train_fraction and train_per_class (leave train_fraction at 1)")
     need('dataset', cfg.dataset in IMG_SIZES or (cfg.dataset.startswith('folder:') and len(cfg.dataset) > 7),
          f"must be one of {', '.join(IMG_SIZES)} or folder:<path>")
     need('device', re.fullmatch(r'auto|cpu|mps|cuda(:\d+)?', cfg.device), "must be auto, cpu, mps, cuda or cuda:N")
@@ -209,7 +233,12 @@ def check_config(cfg: PretrainConfig, here: bool = True) -> PretrainConfig:
     depth = _DEPTH[cfg.backbone]
     for name, blocks in (('magma_layers', cfg.magma_layers), ('magma_target', (cfg.magma_target,))):
         need(name, all(-depth <= b < depth for b in blocks), f"{cfg.backbone} has blocks 0..{depth - 1} (or -{depth}..-1 from the end)")
-    if cfg.method in MAE_FAMILY:
+    own = method_spec(cfg.method).config_help
+    for k, v in (cfg.method_args or {}).items():
+        need('method_args', k in own and k not in PARAMS, f"{k!r} is not a key of method {cfg.method!r} without a field of its own; "
+             f"its keys: {', '.join(sorted(set(own) - set(PARAMS))) or 'none'}")
+        cfg.method_args[k] = _coerce(k, v, own[k][0].__name__ if own[k][0] in (int, float, bool, str) else 'str', False)
+    if 'decoder_heads' in own:
         need('decoder_heads', cfg.decoder_dim % cfg.decoder_heads == 0, f"does not divide decoder_dim={cfg.decoder_dim}; pick a divisor of it")
         n = (cfg.img_size // cfg.patch_size) ** 2
         need('mask_ratio', int(n * (1 - cfg.mask_ratio)) >= 1,
@@ -223,4 +252,6 @@ def check_config(cfg: PretrainConfig, here: bool = True) -> PretrainConfig:
              f"needs CUDA (GradScaler) but device={cfg.device!r} runs on the CPU here; use precision='bf16' or 'fp32'")
     return cfg
 
-def method_uses_magma(method: str) -> bool: return method.startswith('m-') or method == 'mu-mae'
+def method_uses_magma(method: str) -> bool:
+    "Whether `method` carries MAGMA (λ ≠ 0 in its registered defaults): the registry decides."
+    return method_spec(method).uses_magma

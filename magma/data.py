@@ -16,12 +16,12 @@ import torchvision.transforms as T, torchvision.transforms.v2.functional as TF
 import magma
 
 # %% auto #0
-__all__ = ['DATASETS', 'SPLITS', 'IMG_SIZE', 'STATS', 'IMG_EXT', 'SYNTHETIC_CLASSES', 'AUGS', 'data_root', 'compute_stats',
-           'load_rgb', 'fit_square', 'decode_images', 'scan_images', 'cached', 'TensorImages', 'FileImages',
-           'make_synthetic', 'SafeUnpickler', 'imagenet100_classes', 'get_dataset', 'prepare', 'subset',
-           'holdout_split', 'train_subset', 'PretrainingData', 'dataset_options', 'pretraining_data', 'ViewAug',
-           'sample_crops', 'resized_crop', 'gray', 'adjust_hue', 'color_jitter', 'blur_kernel_size', 'gaussian_blur',
-           'solarize', 'TensorAugment', 'pil_crop_boxes', 'Loader', 'make_loader', 'eval_loader']
+__all__ = ['DATASETS', 'SPLITS', 'IMG_SIZE', 'STATS', 'IMG_EXT', 'SYNTHETIC_CLASSES', 'data_root', 'compute_stats', 'load_rgb',
+           'fit_square', 'decode_images', 'scan_images', 'cached', 'TensorImages', 'FileImages', 'make_synthetic',
+           'SafeUnpickler', 'imagenet100_classes', 'get_dataset', 'prepare', 'subset', 'holdout_split', 'train_subset',
+           'PretrainingData', 'dataset_options', 'pretraining_data', 'ViewAug', 'as_views', 'sample_crops',
+           'resized_crop', 'gray', 'adjust_hue', 'color_jitter', 'blur_kernel_size', 'gaussian_blur', 'solarize',
+           'TensorAugment', 'pil_crop_boxes', 'Loader', 'make_loader', 'eval_loader']
 
 # %% ../nbs/08_data.ipynb #85385e7b
 DATASETS = ('cifar10', 'cifar100', 'stl10', 'tinyimagenet', 'imagenet100', 'imagenet', 'synthetic', 'folder:<path>')
@@ -575,12 +575,18 @@ class ViewAug:
     blur_sigma: tuple = (0.1, 2.0)
     solarize_p: float = 0.0
 
-# the official fork's CIFAR configs (solo-learn's): scripts/pretrain/cifar/augmentations/symmetric.yaml for SimCLR,
-# the augmentations of scripts/pretrain/cifar/vicreg.yaml for VICReg; both views drawn from the same distribution
-AUGS = {'mae': (ViewAug(),),
-        'simclr': (ViewAug(jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8, gray_p=0.2, blur_p=0.5),) * 2,
-        'vicreg': (ViewAug(scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2, solarize_p=0.1),) * 2,
-        'eval': ()}
+def as_views(views) -> tuple:
+    "`views` (ViewAug objects, or dicts of ViewAug fields, one per view; 'eval' or () for none) as a tuple of ViewAug."
+    if isinstance(views, str):
+        if views != 'eval': raise ValueError(f"augmentation {views!r}: pass a method's views (magma.methods.METHODS[name].views), a tuple of ViewAug, or 'eval'")
+        return ()
+    out = []
+    for v in views:
+        if isinstance(v, ViewAug): out.append(v); continue
+        bad = sorted(set(v) - set(ViewAug.__dataclass_fields__))
+        if bad: raise ValueError(f"unknown augmentation parameter(s) {bad}; valid: {', '.join(ViewAug.__dataclass_fields__)}")
+        out.append(ViewAug(**{k: tuple(x) if isinstance(x, list) else x for k, x in v.items()}))
+    return tuple(out)
 
 # %% ../nbs/08_data.ipynb #95aed038
 def sample_crops(n, height, width, scale=(0.08, 1.0), ratio=(3/4, 4/3), generator=None, attempts=10):
@@ -656,10 +662,9 @@ def solarize(x, threshold=0.5): return torch.where(x >= threshold, 1 - x, x)
 
 # %% ../nbs/08_data.ipynb #88f08ac4
 class TensorAugment:
-    "Batched augmentation `kind` in {'mae', 'simclr', 'vicreg', 'eval'} to `img_size`, normalized with `mean`, `std`."
-    def __init__(self, kind, img_size, mean=(0.5,)*3, std=(0.25,)*3, crop=True):
-        if kind not in AUGS: raise ValueError(f"unknown augmentation {kind!r}; valid: {', '.join(AUGS)}")
-        self.kind, self.views, self.img_size, self.crop = kind, AUGS[kind], img_size, crop
+    "Batched augmentation of `views` (one ViewAug or dict per view, as a method declares them; 'eval': none) to `img_size`, normalized."
+    def __init__(self, views, img_size, mean=(0.5,)*3, std=(0.25,)*3, crop=True):
+        self.views, self.img_size, self.crop = as_views(views), img_size, crop
         self.mean, self.std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
         self.k = blur_kernel_size(img_size)
 
@@ -698,18 +703,18 @@ class TensorAugment:
 
     def __call__(self, x, generator=None):
         x = x.float().div(255) if x.dtype == torch.uint8 else x.float()
-        if self.kind == 'eval': return self.normalize(self.resize(x))
+        if not self.views: return self.normalize(self.resize(x))
         if x.dim() == 5: outs = [self.view(x[:, i], v, generator, crop=False) for i, v in enumerate(self.views)]
         else: outs = [self.view(x, v, generator, crop=self.crop) for v in self.views]
         return outs[0] if len(outs) == 1 else tuple(outs)
 
-    def __repr__(self): return f"TensorAugment({self.kind!r}, {self.img_size}, views={self.views})"
+    def __repr__(self): return f"TensorAugment({self.views}, {self.img_size})"
 
 # %% ../nbs/08_data.ipynb #bfcd68da
 def _mix(*ints): return int(np.random.SeedSequence([int(i) for i in ints]).generate_state(1, np.uint64)[0] >> 1)
 
 class _FileCrops(torch.utils.data.Dataset):
-    "DataLoader worker side: decode (and for training kinds, crop every view) of a `FileImages` item (index, seed)."
+    "DataLoader worker side: decode (and for training views, crop every view) of a `FileImages` item (index, seed)."
     def __init__(self, ds, views, size): self.ds, self.views, self.size = ds, views, size
     def __len__(self): return len(self.ds)
     def __getitem__(self, item):
@@ -729,11 +734,11 @@ def pil_crop_boxes(img, views, seed):
 
 class Loader:
     "Augmented batches of a dataset; see `make_loader`."
-    def __init__(self, ds, batch_size, kind='mae', device='cpu', seed=0, shuffle=True, drop_last=True, rank=0, world_size=1,
+    def __init__(self, ds, batch_size, views=(ViewAug(),), device='cpu', seed=0, shuffle=True, drop_last=True, rank=0, world_size=1,
                  img_size=None, mean=None, std=None, num_workers=None, aug_threads=1):
-        self.ds, self.bs, self.kind, self.device, self.seed = ds, batch_size, kind, torch.device(device), seed
+        self.ds, self.bs, self.device, self.seed = ds, batch_size, torch.device(device), seed
         self.shuffle, self.drop_last, self.rank, self.world_size = shuffle, drop_last, rank, world_size
-        self.aug = TensorAugment(kind, img_size or ds.img_size, mean or ds.mean, std or ds.std)
+        self.aug = TensorAugment(views, img_size or ds.img_size, mean or ds.mean, std or ds.std)
         self.files = ds.images is None
         self.num_workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
         self.epoch, self.start_batch, self.aug_threads = 0, 0, aug_threads
@@ -776,9 +781,9 @@ class Loader:
                                          num_workers=self.num_workers, pin_memory=self.device.type == 'cuda')
         for (b, i), (x, y) in zip(batches, dl): yield self._out(b, i, x if self.aug.views else x[:, 0], y)
 
-def make_loader(dataset, batch_size, kind='mae', device='cpu', seed=0, shuffle=True, drop_last=True, rank=0, world_size=1, **kw):
+def make_loader(dataset, batch_size, views=(ViewAug(),), device='cpu', seed=0, shuffle=True, drop_last=True, rank=0, world_size=1, **kw):
     "An iterable of augmented batches (dicts) with `len()` and `set_epoch(epoch, start_batch=0)`; order depends only on (seed, epoch)."
-    return Loader(dataset, batch_size, kind, device, seed, shuffle, drop_last, rank, world_size, **kw)
+    return Loader(dataset, batch_size, views, device, seed, shuffle, drop_last, rank, world_size, **kw)
 
 def eval_loader(dataset, batch_size, device='cpu', **kw):
     "Every image once, in order, with the eval transform (resize if needed, normalize)."

@@ -9,14 +9,17 @@ from dataclasses import fields
 from pathlib import Path
 import torch, torch.nn as nn
 import torch.distributed as dist
-from .configs import PretrainConfig, resolve_config
-from .train import train, build_method, _data_kw, _write_json
+from .configs import PretrainConfig, PARAMS, PROFILES, PAPER_COMMON, PAPER_TABLE4, resolve_config, _CHOICES
+from .methods import METHODS
+from .train import train, build_method, pretraining_data_of, _write_json
 import magma.data as _data
 from .evaluate import knn_eval, linear_probe, davies_bouldin, pick_classes, pool_tokens
-from .figures import fig2_training, fig4_pacmap
+from .figures import fig2_training, fig4_pacmap, fig_reconstruction
+from .base import method_spec
 
 # %% auto #0
-__all__ = ['encode_split', 'evaluate_encoder', 'training_curves', 'run', 'parser', 'main']
+__all__ = ['encode_split', 'evaluate_encoder', 'training_curves', 'run', 'profile_defaults', 'parser', 'main',
+           'notebook_parameters']
 
 # %% ../nbs/14_pretrain.ipynb #2f449bea
 @torch.no_grad()
@@ -56,15 +59,15 @@ def evaluate_encoder(encoder, bank_dl, test_dl, device, *, k=10, linear_epochs=1
 # %% ../nbs/14_pretrain.ipynb #9eea4b7a
 def _atomic_json(path: Path, obj): _write_json(path, obj)   # atomic, with the run's file mode
 
-def training_curves(csv_path, path):
-    "Seaborn panels of the per-epoch loss components, λ, the raw MAGMA term and the online accuracy."
+def training_curves(csv_path, path, components=()):
+    "Seaborn panels of the per-epoch loss `components` (a method's `MethodSpec.components`), λ, the raw MAGMA term and the online accuracy."
     import pandas as pd, seaborn as sns
     from matplotlib.figure import Figure
     ep = pd.read_csv(csv_path); ep = ep[ep.kind == 'epoch']
-    comps = [c for c in ep.columns if c in ('loss', 'mae', 'uniformity', 'simclr', 'vicreg')]
+    comps = [c for c in ep.columns if c == 'loss' or c in components]
     fig = Figure(figsize=(16, 3.6)); axs = fig.subplots(1, 4)
     sns.lineplot(data=ep.melt('epoch', comps, 'component', 'value'), x='epoch', y='value', hue='component', ax=axs[0], marker='o')
-    for ax, col, title in zip(axs[1:], ('magma_weight', 'magma', 'online_acc'), ('λ (MAGMA weight)', 'raw MAGMA term', 'online accuracy')):
+    for ax, col, title in zip(axs[1:], ('magma_weight', 'magma', 'online_acc'), ('λ (MAGMA weight)', 'raw MAGMA term', 'online accuracy (%)')):
         if col in ep: sns.lineplot(data=ep, x='epoch', y=col, ax=ax, marker='o')
         ax.set_title(title)
     axs[0].set_title('loss components'); axs[2].set_yscale('log')
@@ -74,15 +77,13 @@ def training_curves(csv_path, path):
 def run(cfg: PretrainConfig | None = None, *, progress: bool = True, evaluate: bool = True, **params) -> dict:
     "Pretrain, evaluate, plot and write `results.json` in `cfg.out_dir`; returns the results dict."
     cfg = cfg if isinstance(cfg, PretrainConfig) else resolve_config(**params)
-    res = train(cfg, progress=progress)
+    res = train(cfg, progress=progress, keep_logger=True)
     t0 = time.time()  # evaluation clock: `wall_seconds` spans every sitting of a resumed run, so never subtract it
-    model = res.pop('model')
+    model, logger = res.pop('model'), res.pop('logger')
     if dist.is_initialized() and dist.get_rank() != 0: return res
     out, device = Path(cfg.out_dir), next(model.parameters()).device
-    bank_ds = _data.get_dataset(cfg.dataset, 'train_labeled', root=cfg.data_dir, **_data_kw(cfg))
-    val_ds = None                               # the held-out part: scored, never pretrained on nor in the bank
-    if cfg.val_fraction > 0: bank_ds, val_ds = _data.holdout_split(bank_ds, cfg.val_fraction)
-    test_ds = _data.get_dataset(cfg.dataset, 'test', root=cfg.data_dir, **_data_kw(cfg, eval=True))
+    data = pretraining_data_of(cfg)             # the held-out val part: scored, never pretrained on nor in the bank
+    bank_ds, val_ds, test_ds = data.bank, data.val, data.test
     dl = lambda ds: _data.eval_loader(ds, 256, device, img_size=cfg.img_size, mean=bank_ds.mean, std=bank_ds.std, num_workers=cfg.num_workers)
     if evaluate:
         vdl = dl(val_ds) if val_ds is not None else None
@@ -101,10 +102,18 @@ def run(cfg: PretrainConfig | None = None, *, progress: bool = True, evaluate: b
                 res[f'{pre}linear_acc_fast'], res[f'{pre}linear_top5_fast'] = res[f'{pre}linear_acc'], res[f'{pre}linear_top5']
                 res[f'{pre}linear_acc'], res[f'{pre}linear_top5'] = lin['top1'], lin['top5']
             res['linear_mode'] = "paper (augmented, frozen encoder: the protocol) for linear_acc and random_linear_acc; the other linear_* are fast"
-        fig4_pacmap((ft, yt, ours['linear_acc']), out / 'fig4_pacmap.png', seed=cfg.seed)
+        fig4_pacmap((ft, yt, ours['linear_acc']), out / 'fig4_pacmap.png', seed=cfg.seed, classes=test_ds.classes)
+        if hasattr(model, 'mask_ratio'):        # a masked autoencoder: reconstructions of 6 test images (seeded mask)
+            few = _data.subset(test_ds, torch.linspace(0, len(test_ds) - 1, 6).long())
+            fig_reconstruction(model, next(iter(dl(few)))['img'].to(device), out / 'fig_reconstruction.png',
+                               mean=bank_ds.mean, std=bank_ds.std, seed=cfg.seed, title=out.name)
     fig2_training(out / 'metrics.csv', out / 'fig2_training.png')
-    training_curves(out / 'metrics.csv', out / 'training_curves.png')
+    training_curves(out / 'metrics.csv', out / 'training_curves.png', method_spec(cfg.method).components)
     res['eval_seconds'] = time.time() - t0
+    if logger is not None:                      # TensorBoard (and wandb): evaluation metrics, hyperparameters, figures
+        logger.summary({k: v for k, v in res.items() if k not in ('epochs', 'seed', 'epochs_done', 'world_size')})
+        for p in sorted(out.glob('*.png')): logger.figure(p.stem, p)
+        logger.close()
     _atomic_json(out / 'results.json', res)
     return res
 
@@ -114,28 +123,68 @@ def _bool(s: str) -> bool:
     if s.lower() in ('0', 'false', 'no', 'n'): return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
 
+def profile_defaults(name: str) -> str:
+    "What `name` resolves to when not given: the dataclass default and, where a profile sets it, the profile's value."
+    d = {f.name: f.default for f in fields(PretrainConfig)}[name]
+    shown = [f"{p} {PROFILES[p][name]}" for p in PROFILES if name in PROFILES[p] and PROFILES[p][name] != d]
+    if name in PAPER_COMMON or any(name in t for t in PAPER_TABLE4.values()): shown.append('paper: Tables 4 and 5')
+    return f"default {d}" + (', ' + ', '.join(shown) if shown else '')
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='python -m magma.pretrain', allow_abbrev=False, description="Pretrain a ViT with MAGMA (same parameters as nbs/pretrain.ipynb).")
+    "The CLI, built from `PretrainConfig` (types, help, choices, the profiles' values) and from every registered method's own keys."
+    p = argparse.ArgumentParser(prog='python -m magma.pretrain', allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="Pretrain a ViT with MAGMA (the parameters of nbs/pretrain.ipynb). A flag not given takes "
+                                            "the profile's value, shown in each help line; --config replays a run's config.json or a YAML file.")
+    p.add_argument('--config', default=None, help="a run's config.json (or a YAML/JSON file of parameters) to start from; flags given here win")
     hints = typing.get_type_hints(PretrainConfig)
     for f in fields(PretrainConfig):
         t = hints[f.name]; args = typing.get_args(t)
         base = next((a for a in args if a is not type(None)), t) if args else t
-        kw = dict(help=f.metadata.get('help', ''), default=None)
+        kw = dict(help=f"{f.metadata.get('help', '')} [{profile_defaults(f.name)}]".replace('%', '%%'), default=None)
         if f.name == 'magma_layers': kw.update(type=int, nargs='+')
-        elif base is bool: kw['type'] = _bool
+        elif base is bool: kw.update(type=_bool, nargs='?', const=True, metavar='true|false')   # --resume alone means true
         elif base in (int, float, str): kw['type'] = base
-        if f.name == 'profile': kw['default'] = 'smoke'
+        if f.name in _CHOICES: kw['choices'] = [c for c in _CHOICES[f.name] if c is not None]
         p.add_argument(f'--{f.name}', **kw)
+    own = {}                                    # every registered method's keys that have no field of their own
+    for name, spec in METHODS.items():
+        for k, (typ, hlp) in spec.config_help.items():
+            if k not in PARAMS: own.setdefault(k, (typ, hlp, []))[2].append(name)
+    for k, (typ, hlp, names) in own.items():
+        p.add_argument(f'--{k}', type=_bool if typ is bool else typ, default=None, help=f"{hlp} (only {', '.join(sorted(names))})")
     return p
 
+def _load_params(path) -> dict:
+    "Parameters from a run's `config.json` or a YAML/JSON file; run-specific entries (versions, out_dir, resume) are left out."
+    import yaml
+    d = yaml.safe_load(Path(path).read_text())
+    if not isinstance(d, dict): raise ValueError(f"--config {path}: expected a mapping of parameters, got {type(d).__name__}")
+    return {k: v for k, v in d.items() if k not in ('versions', 'out_dir', 'resume', 'overwrite')}
+
 def main(argv=None):
-    a = vars(parser().parse_args(argv))
-    profile = a.pop('profile')
+    a = {k: v for k, v in vars(parser().parse_args(argv)).items()}
+    cfg_file = a.pop('config')
+    a = {**(_load_params(cfg_file) if cfg_file else {}), **{k: v for k, v in a.items() if v is not None}}
+    profile = a.pop('profile', None) or 'smoke'
     res = run(profile=profile, **a)
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(json.dumps({k: res.get(k) for k in ('method', 'dataset', 'knn_acc', 'linear_acc', 'online_acc', 'images_per_sec')}))
         print(f"results: {Path(res['config']['out_dir']) / 'results.json'}")
     if dist.is_initialized(): dist.destroy_process_group()
+
+# %% ../nbs/14_pretrain.ipynb #724ca204
+def notebook_parameters() -> str:
+    """The parameters cell of `nbs/pretrain.ipynb`, generated from `PretrainConfig`: one line per field, `None` meaning
+    the profile's value (papermill's help shows the comment, which lists the defaults; no parentheses, which papermill's
+    parser refuses), plus `progress`."""
+    hints, lines = typing.get_type_hints(PretrainConfig), []
+    for f in fields(PretrainConfig):
+        args = [a for a in typing.get_args(hints[f.name]) if a is not type(None)] or [hints[f.name]]
+        t = {tuple: 'list', dict: 'dict'}.get(args[0], args[0].__name__)
+        default = {'method': repr(f.default), 'profile': repr(f.default)}.get(f.name, 'None')
+        note = f"{f.metadata.get('help', '')}; {profile_defaults(f.name)}".replace('(', '- ').replace(')', '').replace('λ', 'lambda')
+        lines.append(f"{f.name}: {t} = {default}  # {note}")
+    return '\n'.join(lines + ["progress: bool = True  # show the tqdm progress bar"])
 
 # %% ../nbs/14_pretrain.ipynb #a2c34504
 #| eval: false

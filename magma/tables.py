@@ -173,7 +173,7 @@ def ablation_frame(runs) -> pd.DataFrame:
 def choose_schedule(frame: pd.DataFrame) -> dict:
     "The MAGMA cell of `frame` with the highest `score` (validation only): its column, score and (λ, e_st, e_dur)."
     m = frame[frame.row.map(lambda r: METHODS[r].uses_magma)].dropna(subset=['score'])
-    if m.empty: raise ValueError("no finished M-MAE run with validation numbers to choose from; run the mini ablation first")
+    if m.empty: raise ValueError("no finished MAGMA run with validation numbers to choose from; run the mini ablation first")
     best = m.loc[m.score.idxmax()]
     lam, est, edur = best.col.replace('lam', '').replace('-est', ' ').replace('-edur', ' ').split()
     return dict(col=best.col, score=float(best.score), magma_weight=float(lam), magma_start=int(est), magma_epochs=int(edur))

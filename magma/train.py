@@ -6,19 +6,21 @@
 from __future__ import annotations
 import csv, json, math, os, time, platform, shutil, warnings
 from pathlib import Path
-from dataclasses import asdict
+from dataclasses import asdict, fields
 import torch, torch.nn as nn, torch.nn.functional as F
 import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
-from .configs import PretrainConfig, PARAMS, resolve_config, check_config, method_uses_magma, MAE_FAMILY
+from .configs import PretrainConfig, PARAMS, resolve_config, check_config, method_uses_magma
+from .base import method_spec
+from .loggers import RunLogger, parse_backends
 import magma.methods as _methods
 import magma.data as _data
 
 # %% auto #0
 __all__ = ['MAX_HEADER', 'lr_at', 'magma_lambda', 'CheckpointError', 'save_checkpoint', 'load_checkpoint', 'init_distributed',
-           'pick_device', 'method_kwargs', 'batch_arithmetic', 'build_method', 'augment_kind', 'NonFiniteLoss',
-           'NonFiniteState', 'versions', 'train', 'pretraining_splits', 'param_groups', 'load_pretrained']
+           'pick_device', 'method_kwargs', 'batch_arithmetic', 'build_method', 'NonFiniteLoss', 'NonFiniteState',
+           'versions', 'train', 'pretraining_data_of', 'pretraining_splits', 'param_groups', 'load_pretrained']
 
 # %% ../nbs/10_train.ipynb #21c49134
 def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> float:
@@ -161,18 +163,21 @@ def _all_mean(x: float, device) -> float:
     return float(t) / dist.get_world_size()
 
 # %% ../nbs/10_train.ipynb #18f1994a
+_GEOMETRY = ('backbone', 'img_size', 'patch_size', 'magma_target')   # always the config's (the trainer sets λ itself)
+
 def method_kwargs(cfg: PretrainConfig) -> dict:
-    "The subset of `cfg` that `magma.methods.create(cfg.method, ...)` takes."
-    kw = dict(backbone=cfg.backbone, img_size=cfg.img_size, patch_size=cfg.patch_size,
-              **({'backbone_flavour': cfg.backbone_flavour} if cfg.backbone_flavour else {}),
-              magma_layers=tuple(cfg.magma_layers), magma_target=cfg.magma_target,
+    """What `magma.methods.create(cfg.method, ...)` takes from `cfg`, asked of the registry: the geometry and MAGMA
+    blocks always; any other key the method accepts when the config sets it away from the `PretrainConfig` default (so
+    a method's own default stands unless asked otherwise); and `method_args`."""
+    keys = method_spec(cfg.method).config
+    kw = {k: getattr(cfg, k) for k in _GEOMETRY}
+    kw.update(magma_layers=tuple(cfg.magma_layers),
               magma_global=bool(cfg.magma_global) if cfg.magma_global is not None else _world_size() > 1)
-    if cfg.method in MAE_FAMILY:
-        kw.update(mask_ratio=cfg.mask_ratio, decoder_dim=cfg.decoder_dim, decoder_depth=cfg.decoder_depth,
-                  decoder_heads=cfg.decoder_heads)
-        if cfg.method in ('u-mae', 'mu-mae'): kw['uniformity_weight'] = cfg.uniformity_weight
-    elif 'simclr' in cfg.method: kw['temperature'] = cfg.temperature
-    return kw
+    if cfg.backbone_flavour: kw['backbone_flavour'] = cfg.backbone_flavour
+    for f in fields(PretrainConfig):
+        if f.name in keys and f.name not in kw and f.name != 'magma_weight' and getattr(cfg, f.name) != f.default:
+            kw[f.name] = getattr(cfg, f.name)
+    return {**kw, **(cfg.method_args or {})}
 
 def _world_size() -> int: return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
@@ -188,9 +193,6 @@ def batch_arithmetic(cfg: PretrainConfig, world: int) -> dict:
 
 def build_method(cfg: PretrainConfig) -> nn.Module:
     return _methods.create(cfg.method, **method_kwargs(cfg))
-
-def augment_kind(method: str) -> str:
-    return 'simclr' if 'simclr' in method else 'vicreg' if 'vicreg' in method else 'mae'
 
 # %% ../nbs/10_train.ipynb #c4169937
 class NonFiniteLoss(FloatingPointError):
@@ -266,7 +268,8 @@ def _probe_accuracy(encoder, probe, loader, device, autocast, taps=()) -> dict:
     return out
 
 # %% ../nbs/10_train.ipynb #8249e98e
-def train(cfg: PretrainConfig | None = None, *, stop_after: int | None = None, progress: bool = True, **params) -> dict:
+def train(cfg: PretrainConfig | None = None, *, stop_after: int | None = None, progress: bool = True, keep_logger: bool = False,
+          **params) -> dict:
     "Pretrain `cfg` (or `resolve_config(**params)`) in `cfg.out_dir`; returns the run summary."
     cfg = cfg if isinstance(cfg, PretrainConfig) else resolve_config(**params)
     rank, world, local_rank = init_distributed(cfg.device)
@@ -275,11 +278,15 @@ def train(cfg: PretrainConfig | None = None, *, stop_after: int | None = None, p
     _check_run_dir(cfg, ckpt_path)                               # an existing run is never replaced by accident
 
     # data first: a missing dataset fails here, before any model is built
+    if cfg.download and world > 1:                               # one process downloads, the others wait for it
+        if rank == 0: pretraining_data_of(cfg)
+        dist.barrier()
     train_ds, eval_ds = pretraining_splits(cfg)
+    parse_backends(cfg.loggers)                                  # on every process: a missing wandb fails on all ranks
     arith = batch_arithmetic(cfg, world)
     if rank == 0: print("batch: global {global_batch} = {world_size} x {per_process_batch} per process; lr {base_lr:g} x "
                         "{global_batch}/256 = {lr:g}; MAGMA graph over {magma_graph} images".format(**arith), flush=True)
-    loader = _data.make_loader(train_ds, arith['per_process_batch'], augment_kind(cfg.method), device, seed=cfg.seed,
+    loader = _data.make_loader(train_ds, arith['per_process_batch'], method_spec(cfg.method).views, device, seed=cfg.seed,
                                rank=rank, world_size=world, img_size=cfg.img_size, num_workers=cfg.num_workers)
     eval_dl = _data.eval_loader(eval_ds, 256, device, img_size=cfg.img_size, num_workers=cfg.num_workers)
     num_classes = len(train_ds.classes)
@@ -287,6 +294,7 @@ def train(cfg: PretrainConfig | None = None, *, stop_after: int | None = None, p
 
     torch.manual_seed(cfg.seed)                                  # identical initial weights on every rank
     model = build_method(cfg).to(device)
+    if world > 1: model.sync_batchnorm()                         # BatchNorm over the global batch, for a method that has it (no-op otherwise)
     probe = nn.Linear(model.encoder.embed_dim, num_classes).to(device)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.exclude_bias_norm_wd), lr=cfg.lr, betas=(0.9, 0.95), fused=True)
     probe_opt = torch.optim.AdamW(probe.parameters(), lr=cfg.online_lr, weight_decay=0.0, fused=True)
@@ -317,7 +325,8 @@ def train(cfg: PretrainConfig | None = None, *, stop_after: int | None = None, p
     if rank == 0: _start_run_dir(cfg, out)                       # overwrite, stray temporary files, config.json
     if world > 1: dist.barrier()
     log = _CSVLog(out / 'metrics.csv', keep_epochs_below=start_epoch) if rank == 0 else None
-    tb = _tensorboard(out, purge_step=start_epoch * steps_per_epoch) if rank == 0 else None   # drops steps logged after the checkpoint
+    logger = RunLogger(out, asdict(cfg), backends=cfg.loggers, purge_step=start_epoch * steps_per_epoch,   # drops steps logged after the checkpoint
+                       wandb_project=cfg.wandb_project, wandb_mode=cfg.wandb_mode) if rank == 0 else None
     total, warmup = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
     base_lr = arith['lr']
     t_start = time.time()
@@ -343,6 +352,7 @@ def train(cfg: PretrainConfig | None = None, *, stop_after: int | None = None, p
                                     + f"); {_kept(ckpt_path, kept_epoch)}. {_advice(cfg).capitalize()}")
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward(); scaler.step(opt); scaler.update()
+            model.on_step(step, total)                                # the method's per-step hook (a momentum target's update, say)
             # online probe on detached features; labels < 0 (STL-10's unlabeled images) are left out
             y = batch['label'].to(device)
             feats = res['feats'].detach().float()
@@ -359,7 +369,7 @@ def train(cfg: PretrainConfig | None = None, *, stop_after: int | None = None, p
                 ips = seen * world / max(time.time() - t0, 1e-9)
                 bar.set_postfix(loss=f"{vals['loss']:.4f}", img_s=f"{ips:.0f}")
                 log.add(dict(kind='step', epoch=epoch, step=step, lr=lr, magma_weight=lam, **vals, images_per_sec=ips))
-                for k, v in vals.items(): tb.add_scalar(f'step/{k}', v, step)
+                logger.scalars(vals, step, prefix='step')
         train_seconds = time.time() - t0
         row = dict(kind='epoch', epoch=epoch, step=(epoch + 1) * steps_per_epoch - 1, lr=lr, magma_weight=lam,
                    **{k: _all_mean(v, device) for k, v in _mean_dict(sums, n).items()},
@@ -369,9 +379,8 @@ def train(cfg: PretrainConfig | None = None, *, stop_after: int | None = None, p
         history.append(row)
         if rank == 0:
             log.add(row)
-            for k, v in row.items():                             # at the global step, so that purge_step applies
-                if isinstance(v, float): tb.add_scalar(f'epoch/{k}', v, row['step'])
-            tb.flush()
+            logger.scalars({k: v for k, v in row.items() if isinstance(v, float)}, row['step'], prefix='epoch')   # at the global step, so purge_step applies
+            logger.flush()
         state = dict(model=model.state_dict(), probe=probe.state_dict(), opt=opt.state_dict(), probe_opt=probe_opt.state_dict())
         bad = _bad_tensors(state)                                # on every rank: DDP replicas fail together
         if bad:
@@ -382,7 +391,7 @@ def train(cfg: PretrainConfig | None = None, *, stop_after: int | None = None, p
                                             history=history, config=asdict(cfg), wall_seconds=wall_before + time.time() - t_start,
                                             versions=versions()))
         kept_epoch = epoch
-    if tb is not None: tb.close()
+    if logger is not None and not keep_logger: logger.close()
     last = history[-1] if history else {}
     return dict(method=cfg.method, dataset=cfg.dataset, backbone=cfg.backbone, epochs=cfg.epochs, seed=cfg.seed,
                 config=asdict(cfg), epochs_done=len(history),
@@ -391,24 +400,24 @@ def train(cfg: PretrainConfig | None = None, *, stop_after: int | None = None, p
                 online_acc=last.get('online_acc'), online_acc_history=[h['online_acc'] for h in history],
                 images_per_sec=sum(h['images_per_sec'] for h in history) / max(len(history), 1),
                 wall_seconds=wall_before + time.time() - t_start, checkpoint=str(ckpt_path),
-                versions=versions(), world_size=world, batch=arith, model=model)
-
-def _data_kw(cfg, eval=False) -> dict:
-    kw = {}
-    if cfg.dataset == 'synthetic' and cfg.n_per_class: kw['n_per_class'] = cfg.n_per_class if not eval else max(cfg.n_per_class // 4, 4)
-    if cfg.dataset.startswith('folder:'): kw.update(img_size=cfg.img_size, skip_unreadable=cfg.skip_unreadable)
-    return kw
+                versions=versions(), world_size=world, batch=arith, model=model, **({'logger': logger} if keep_logger else {}))
 
 def _tap_blocks(model) -> tuple:
     "The reference and target blocks of the MAGMA term, as non-negative block indices."
     return tuple(sorted(set(model.encoder.check_blocks(tuple(model.magma.layers)))))
 
-def pretraining_splits(cfg: PretrainConfig, split: str = 'train'):
-    """(training images, images the online probe is scored on). With `val_fraction` > 0 the held-out part of the
-    training split is removed from pretraining and scored instead of the test split, so no run looks at test."""
-    train_ds = _data.get_dataset(cfg.dataset, split, root=cfg.data_dir, **_data_kw(cfg))
-    if cfg.val_fraction > 0: return _data.holdout_split(train_ds, cfg.val_fraction)
-    return train_ds, _data.get_dataset(cfg.dataset, 'test', root=cfg.data_dir, **_data_kw(cfg, eval=True))
+def pretraining_data_of(cfg: PretrainConfig) -> _data.PretrainingData:
+    "Every dataset a run reads, from its config: `magma.data.pretraining_data` (train, bank, val, test)."
+    return _data.pretraining_data(cfg.dataset, root=cfg.data_dir, download=cfg.download, eval_dataset=cfg.eval_dataset,
+                                  val_fraction=cfg.val_fraction, train_fraction=cfg.train_fraction, train_per_class=cfg.train_per_class,
+                                  subset_seed=cfg.subset_seed, img_size=cfg.img_size, skip_unreadable=cfg.skip_unreadable,
+                                  n_per_class=cfg.n_per_class)
+
+def pretraining_splits(cfg: PretrainConfig):
+    """(images pretrained on, images the online probe is scored on): the validation images with `val_fraction` > 0
+    (never pretrained on), else the test split, of `eval_dataset` (or `dataset`)."""
+    d = pretraining_data_of(cfg)
+    return d.train, d.scored
 
 def param_groups(model: nn.Module, weight_decay: float, exclude_bias_norm: bool = False) -> list[dict]:
     "AdamW groups: every trainable parameter decayed (official code), or 1-D ones (biases, norms) exempt (FB MAE)."
@@ -417,7 +426,8 @@ def param_groups(model: nn.Module, weight_decay: float, exclude_bias_norm: bool 
     return [dict(params=[p for p in params if p.ndim > 1], weight_decay=weight_decay),
             dict(params=[p for p in params if p.ndim <= 1], weight_decay=0.0)]
 
-_RESUME_FREE = ('resume', 'overwrite', 'out_dir', 'device', 'log_every', 'num_workers', 'compile', 'knn_k', 'linear_epochs', 'linear_mode')
+_RESUME_FREE = ('resume', 'overwrite', 'out_dir', 'device', 'log_every', 'num_workers', 'compile', 'knn_k', 'linear_epochs', 'linear_mode',
+                'loggers', 'wandb_project', 'wandb_mode', 'download')
 
 def _check_resumable(saved: dict, cfg: PretrainConfig):
     "Refuse to resume with settings that change what is trained; a key an older checkpoint lacks counts as its default."
@@ -448,7 +458,7 @@ def _start_run_dir(cfg: PretrainConfig, out: Path):
     out.mkdir(parents=True, exist_ok=True)
     if cfg.overwrite and not cfg.resume:
         for name in _RUN_FILES: (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / 'tb', ignore_errors=True)
+        shutil.rmtree(out / 'tb', ignore_errors=True); shutil.rmtree(out / 'wandb', ignore_errors=True)
     for name in ('checkpoint.safetensors', 'results.json', 'config.json'):
         for p in out.glob(f'.{name}.tmp*'): p.unlink(missing_ok=True)
     _write_json(out / 'config.json', dict(asdict(cfg), versions=versions()))
@@ -457,11 +467,6 @@ def _write_json(path: Path, obj):
     "Atomic JSON write (temporary file, then rename) with the run's file mode."
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2, default=float)); os.chmod(tmp, _file_mode()); os.replace(tmp, path)
-
-def _tensorboard(out: Path, purge_step: int = 0):
-    "A SummaryWriter on `out/tb` that hides every event at or after `purge_step` (what a killed sitting logged past its checkpoint)."
-    from torch.utils.tensorboard import SummaryWriter
-    return SummaryWriter(str(out / 'tb'), purge_step=purge_step)
 
 # %% ../nbs/10_train.ipynb #d5e8e65d
 def load_pretrained(path, device='cpu') -> tuple[nn.Module, PretrainConfig]:

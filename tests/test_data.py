@@ -3,6 +3,7 @@ same images, and sharding / resumption over a whole epoch. Every dataset is gene
 import numpy as np, pytest, torch
 from PIL import Image
 from magma.data import get_dataset, make_loader, ViewAug, sample_crops, pil_crop_boxes
+from magma.methods import METHODS
 
 S = 64  # ramp images: red = x coordinate, green = y coordinate
 
@@ -40,7 +41,7 @@ def test_both_paths_same_crop_distribution(ramp_folder, tmp_path):
     assert small.images is not None and large.images is None
     fr = {}
     for key, ds in (('tensor', small), ('loader', large)):
-        ld = make_loader(ds, 50, 'mae', seed=1, num_workers=0, **norm)
+        ld = make_loader(ds, 50, METHODS['mae'].views, seed=1, num_workers=0, **norm)
         ws, hs = [], []
         for e in range(12):
             ld.set_epoch(e); w, h = crop_fractions(ld, 32); ws.append(w); hs.append(h)
@@ -56,8 +57,8 @@ def test_both_paths_same_crop_distribution(ramp_folder, tmp_path):
 def test_worker_processes_are_deterministic(ramp_folder):
     "The DataLoader path gives the same batches with 0 or 2 worker processes, and with a resumed epoch."
     ds = get_dataset(f'folder:{ramp_folder}', 'train', cache=False, img_size=32)
-    a = list(make_loader(ds, 20, 'simclr', seed=5, num_workers=0))
-    l2 = make_loader(ds, 20, 'simclr', seed=5, num_workers=2)
+    a = list(make_loader(ds, 20, METHODS['simclr'].views, seed=5, num_workers=0))
+    l2 = make_loader(ds, 20, METHODS['simclr'].views, seed=5, num_workers=2)
     b = list(l2)
     assert len(a) == len(b) == 5
     for x, y in zip(a, b):
@@ -68,7 +69,7 @@ def test_worker_processes_are_deterministic(ramp_folder):
 
 def test_sharding_and_resumption_over_an_epoch():
     ds = get_dataset('synthetic', 'train', n_per_class=100)
-    ranks = [make_loader(ds, 16, 'vicreg', seed=7, rank=r, world_size=4) for r in range(4)]
+    ranks = [make_loader(ds, 16, METHODS['vicreg'].views, seed=7, rank=r, world_size=4) for r in range(4)]
     for l in ranks: l.set_epoch(3)
     idx = [torch.cat([b['index'] for b in l]) for l in ranks]
     assert len({len(l) for l in ranks}) == 1 and len(set(torch.cat(idx).tolist())) == sum(map(len, idx)) == 4 * 15 * 16
