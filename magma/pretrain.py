@@ -57,8 +57,6 @@ def evaluate_encoder(encoder, bank_dl, test_dl, device, *, k=10, linear_epochs=1
     return out, queries['']['cls']
 
 # %% ../nbs/14_pretrain.ipynb #9eea4b7a
-def _atomic_json(path: Path, obj): _write_json(path, obj)   # atomic, with the run's file mode
-
 def training_curves(csv_path, path, components=()):
     "Seaborn panels of the per-epoch loss `components` (a method's `MethodSpec.components`), λ, the raw MAGMA term and the online accuracy."
     import pandas as pd, seaborn as sns
@@ -114,7 +112,7 @@ def run(cfg: PretrainConfig | None = None, *, progress: bool = True, evaluate: b
         logger.summary({k: v for k, v in res.items() if k not in ('epochs', 'seed', 'epochs_done', 'world_size')})
         for p in sorted(out.glob('*.png')): logger.figure(p.stem, p)
         logger.close()
-    _atomic_json(out / 'results.json', res)
+    _write_json(out / 'results.json', res)                  # atomic, with the run's file mode
     return res
 
 # %% ../nbs/14_pretrain.ipynb #62f00a6f

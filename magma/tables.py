@@ -170,20 +170,25 @@ def ablation_frame(runs) -> pd.DataFrame:
         rows.append(row)
     return pd.DataFrame(rows)
 
+def _setting(col: str) -> tuple:
+    "(λ, e_st, e_dur) of a Table 2 column name `lam<λ>-est<e_st>-edur<e_dur>` (the inverse of `magma.paper.table2_col`)."
+    lam, est, edur = col.replace('lam', '').replace('-est', ' ').replace('-edur', ' ').split()
+    return float(lam), int(est), int(edur)
+
 def choose_schedule(frame: pd.DataFrame) -> dict:
     "The MAGMA cell of `frame` with the highest `score` (validation only): its column, score and (λ, e_st, e_dur)."
     m = frame[frame.row.map(lambda r: METHODS[r].uses_magma)].dropna(subset=['score'])
     if m.empty: raise ValueError("no finished MAGMA run with validation numbers to choose from; run the mini ablation first")
     best = m.loc[m.score.idxmax()]
-    lam, est, edur = best.col.replace('lam', '').replace('-est', ' ').replace('-edur', ' ').split()
-    return dict(col=best.col, score=float(best.score), magma_weight=float(lam), magma_start=int(est), magma_epochs=int(edur))
+    lam, est, edur = _setting(best.col)
+    return dict(col=best.col, score=float(best.score), magma_weight=lam, magma_start=est, magma_epochs=edur)
 
 
 # %% ../nbs/17_tables.ipynb #f02fb87e
 def _col_name(row, col) -> str:
     if not METHODS[row].uses_magma: return f"{display_name(row)} (λ = 0)"
-    lam, est, edur = col.replace('lam', '').replace('-est', ' ').replace('-edur', ' ').split()
-    return f"λ={lam}, e_st={est}, e_dur={edur}"
+    lam, est, edur = _setting(col)
+    return f"λ={lam:g}, e_st={est}, e_dur={edur}"
 
 def ablation_markdown(frame: pd.DataFrame) -> str:
     "The ablation as Markdown: validation, test, floors, switch-on ratio, end-of-training tap norm and spread, the choice."

@@ -19,8 +19,9 @@ import magma.data as _data
 
 # %% auto #0
 __all__ = ['MAX_HEADER', 'lr_at', 'magma_lambda', 'CheckpointError', 'save_checkpoint', 'load_checkpoint', 'init_distributed',
-           'pick_device', 'method_kwargs', 'batch_arithmetic', 'build_method', 'NonFiniteLoss', 'NonFiniteState',
-           'versions', 'train', 'pretraining_data_of', 'pretraining_splits', 'param_groups', 'load_pretrained']
+           'pick_device', 'method_kwargs', 'global_graph', 'batch_arithmetic', 'build_method', 'NonFiniteLoss',
+           'NonFiniteState', 'versions', 'train', 'pretraining_data_of', 'pretraining_splits', 'param_groups',
+           'load_pretrained']
 
 # %% ../nbs/10_train.ipynb #21c49134
 def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> float:
@@ -172,7 +173,7 @@ def method_kwargs(cfg: PretrainConfig) -> dict:
     keys = method_spec(cfg.method).config
     kw = {k: getattr(cfg, k) for k in _GEOMETRY}
     kw.update(magma_layers=tuple(cfg.magma_layers),
-              magma_global=bool(cfg.magma_global) if cfg.magma_global is not None else _world_size() > 1)
+              magma_global=global_graph(cfg, _world_size()))
     if cfg.backbone_flavour: kw['backbone_flavour'] = cfg.backbone_flavour
     for f in fields(PretrainConfig):
         if f.name in keys and f.name not in kw and f.name != 'magma_weight' and getattr(cfg, f.name) != f.default:
@@ -181,13 +182,17 @@ def method_kwargs(cfg: PretrainConfig) -> dict:
 
 def _world_size() -> int: return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
+def global_graph(cfg: PretrainConfig, world: int) -> bool:
+    "Whether the MAGMA graph spans the global batch: `magma_global` if set, else yes exactly when there are several processes."
+    return bool(cfg.magma_global) if cfg.magma_global is not None else world > 1
+
 def batch_arithmetic(cfg: PretrainConfig, world: int) -> dict:
     "Global batch, per-process batch, the scaled learning rate and the MAGMA graph's size for `world` processes."
     if cfg.batch_size % world:
         raise ValueError(f"batch_size={cfg.batch_size} (the global batch) is not divisible by the {world} processes; "
                          f"use a multiple of {world}")
     per = cfg.batch_size // world
-    glob = bool(cfg.magma_global) if cfg.magma_global is not None else world > 1
+    glob = global_graph(cfg, world)
     return dict(global_batch=cfg.batch_size, per_process_batch=per, world_size=world, base_lr=cfg.lr,
                 lr=cfg.lr * cfg.batch_size / 256, magma_graph=cfg.batch_size if glob else per)
 
