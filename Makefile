@@ -35,7 +35,7 @@ demo: $(STAMP)  ## pretrain + evaluate M-MAE on the synthetic dataset through pa
 		--cwd nbs --log-output --no-progress-bar 2>&1 | grep -E "^(kNN|linear|DBI|method|results|plots)" || true
 	@test -f runs/demo/m-mae/results.json || { echo "demo failed: see runs/demo/m-mae.ipynb"; exit 1; }
 	@echo "output notebook: $(CURDIR)/runs/demo/m-mae.ipynb"
-	@echo "run directory:   $(CURDIR)/runs/demo/m-mae (results.json, metrics.csv, fig2_training.png, fig4_pacmap.png, training_curves.png, tb/)"
+	@echo "run directory:   $(CURDIR)/runs/demo/m-mae (results.json, metrics.csv, fig2_training.png, fig4_pacmap.png, fig_reconstruction.png, tb/)"
 
 bench: $(STAMP)  ## every benchmark, printed (see bench/README.md)
 	$(BIN)/python bench/manifold_bench.py

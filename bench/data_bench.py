@@ -9,7 +9,9 @@ import argparse, os, time, tempfile
 import torch
 import torchvision.transforms.v2 as v2
 from torchvision.datasets import ImageFolder
-from magma.data import get_dataset, make_loader, TensorAugment, compute_stats
+from magma.datasets import get_dataset, compute_stats
+from magma.augment import TensorAugment
+from magma.loader import make_loader
 from magma.methods import METHODS
 
 def rate(n, fn, reps=1):

@@ -12,7 +12,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from magma.configs import resolve_config
 from magma.train import build_method
-import magma.data as data
+from magma.datasets import get_dataset
+from magma.loader import make_loader
 from magma.methods import METHODS
 
 
@@ -25,8 +26,8 @@ def matmul_rate(dtype, n=2048, reps=10):
 
 def bench(precision, steps):
     cfg = {m: resolve_config('mini', method=m, dataset='synthetic', precision=precision) for m in ('mae', 'm-mae')}
-    ds = data.get_dataset('synthetic', 'train', n_per_class=100)
-    loader = data.make_loader(ds, 256, METHODS['mae'].views, 'cpu', seed=0)
+    ds = get_dataset('synthetic', 'train', n_per_class=100)
+    loader = make_loader(ds, 256, METHODS['mae'].views, 'cpu', seed=0)
     dtype = {'fp32': torch.float32, 'bf16': torch.bfloat16}[precision]
     ac = lambda: torch.autocast('cpu', dtype=dtype, enabled=precision != 'fp32')
     models = {}

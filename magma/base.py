@@ -67,7 +67,7 @@ def method_spec(name: str) -> MethodSpec:
 # %% ../nbs/03_base.ipynb #66a0b784
 class SSLMethod(nn.Module):
     "Base: `encoder` (ViT), `magma` (MagmaLoss), `magma_weight` (λ), config checking."
-    views: tuple = ()          # one dict of augmentation parameters per view (magma.data.ViewAug fields)
+    views: tuple = ()          # one dict of augmentation parameters per view (magma.augment.ViewAug fields)
     components: tuple = ()     # the loss terms forward returns besides 'loss' and 'magma'
     family: str = ''           # the paper table of its hyperparameters: 'mae' (Table 4) or 'joint-embedding' (Table 5)
     config_help: dict = {}     # {key: (type, help)} of the keys this class adds

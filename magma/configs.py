@@ -7,10 +7,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, fields
 from .methods import METHODS, method_spec
+from .datasets import IMG_SIZE
+from .ssl.mae import DECODERS
+from .patches import visible_patches
 
 # %% auto #0
-__all__ = ['PAPER_TABLE4', 'PAPER_TABLE5', 'IMG_SIZES', 'PAPER_COMMON', 'PAPER_MAE', 'PAPER_JE', 'PAPER_BY_FAMILY', 'PARAMS',
-           'LIGHT_DECODER', 'MINI_MAGMA', 'PROFILES', 'paper_table', 'PretrainConfig', 'resolve_config', 'check_config',
+__all__ = ['PAPER_TABLE4', 'PAPER_TABLE5', 'PAPER_COMMON', 'PAPER_MAE', 'PAPER_JE', 'PAPER_BY_FAMILY', 'PARAMS', 'LIGHT_DECODER',
+           'MINI_MAGMA', 'PROFILES', 'paper_table', 'PretrainConfig', 'resolve_config', 'check_config',
            'method_uses_magma']
 
 # %% ../nbs/09_configs.ipynb #4a290063
@@ -27,11 +30,10 @@ PAPER_TABLE5 = {  # SimCLR- and VICReg-based methods
     'stl10':        dict(zip(_COLS, ('vit_tiny', 12, 1000, 256, 1.0e-3, 10))),
     'imagenet100':  dict(zip(_COLS, ('vit_tiny', 16, 200, 256, 1.0e-3, 10))),
 }
-IMG_SIZES = dict(cifar10=32, cifar100=32, synthetic=32, stl10=96, tinyimagenet=64, imagenet100=224, imagenet=224)
 # (i) common parameters, (ii) MAE family, (iii) joint-embedding family (appendix A), and the official code's defaults
 PAPER_COMMON = dict(weight_decay=0.05, warmup_epochs=10, magma_weight=1.0, magma_epochs=100, magma_layers=(10,),
                     magma_target=-1, magma_schedule='warmup')
-PAPER_MAE = dict(mask_ratio=0.75, uniformity_weight=0.01, decoder_dim=512, decoder_depth=8, decoder_heads=16)
+PAPER_MAE = dict(mask_ratio=0.75, uniformity_weight=0.01, **DECODERS['paper'])   # the decoder presets live with the MAE (04_mae)
 PAPER_JE = dict(temperature=0.2)
 # the paper's tables by method family; each method declares its family on its class (`MethodSpec.family`)
 PAPER_BY_FAMILY = {'mae': (PAPER_TABLE4, PAPER_MAE), 'joint-embedding': (PAPER_TABLE5, PAPER_JE)}
@@ -56,6 +58,7 @@ class PretrainConfig:
     patch_size: int = _p(4, "ViT patch size; must divide img_size")
     epochs: int = _p(2, "pretraining epochs")
     batch_size: int = _p(256, "global batch size, split evenly across processes under DDP (Tables 4 and 5 give the global batch)")
+    accum_steps: int = _p(1, "gradient accumulation: split each process's batch into this many micro-batches, one optimizer step per batch (MAE's accum_iter); each micro-batch builds its own MAGMA graph")
     lr: float = _p(1.5e-4, "base learning rate, scaled by batch_size / 256 (the global batch)")
     weight_decay: float = _p(0.05, "AdamW weight decay")
     exclude_bias_norm_wd: bool = _p(False, "exempt biases, norms and other 1-D parameters from weight decay (FB MAE); False decays every parameter, as the official code does")
@@ -103,7 +106,7 @@ class PretrainConfig:
 PARAMS = tuple(f.name for f in fields(PretrainConfig))
 
 # %% ../nbs/09_configs.ipynb #334ba75f
-LIGHT_DECODER = dict(decoder_dim=128, decoder_depth=2, decoder_heads=4)
+LIGHT_DECODER = DECODERS['light']   # 128-d, 2 blocks, 4 heads
 MINI_MAGMA = dict(magma_weight=1.0, magma_start=2, magma_epochs=10)   # the centre of the mini ablation (see prose)
 PROFILES = {
     'smoke': dict(dataset='synthetic', n_per_class=16, backbone='vit_tiny', img_size=32, patch_size=4, epochs=2,
@@ -119,7 +122,7 @@ def _paper_profile(dataset: str, method: str) -> dict:
     if name not in table:
         raise ValueError(f"the paper has no hyperparameters for dataset {dataset!r}; choose one of {', '.join(table)} "
                          f"or imagenet, or use profile='mini'/'smoke' with explicit parameters")
-    return {**PAPER_COMMON, **table[name], 'img_size': IMG_SIZES[name], **PAPER_BY_FAMILY[method_spec(method).family][1]}
+    return {**PAPER_COMMON, **table[name], 'img_size': IMG_SIZE[name], **PAPER_BY_FAMILY[method_spec(method).family][1]}
 
 def resolve_config(profile: str = 'smoke', **params) -> PretrainConfig:
     """Defaults, then `profile`, then the explicit `params` (None = not given). Checks names, values and combinations.
@@ -152,7 +155,7 @@ _RANGES = dict(  # name: (valid?, the valid range in words)
     img_size=(lambda v: v >= 1, 'an integer >= 1'), patch_size=(lambda v: v >= 1, 'an integer >= 1'),
     epochs=(lambda v: v >= 1, 'an integer >= 1'), batch_size=(lambda v: v >= 2, 'an integer >= 2 (MAGMA is a batch-wide term)'),
     lr=(lambda v: v > 0, 'a number > 0'), weight_decay=(lambda v: v >= 0, 'a number >= 0'),
-    warmup_epochs=(lambda v: v >= 0, 'a number >= 0 (epochs)'), mask_ratio=(lambda v: 0 < v < 1, 'a number in (0, 1)'),
+    warmup_epochs=(lambda v: v >= 0, 'a number >= 0 (epochs)'),
     decoder_dim=(lambda v: v >= 1, 'an integer >= 1'), decoder_depth=(lambda v: v >= 1, 'an integer >= 1'),
     decoder_heads=(lambda v: v >= 1, 'an integer >= 1'), magma_weight=(lambda v: v >= 0, 'a number >= 0'),
     magma_start=(lambda v: v >= 0, 'an integer >= 0 (epoch)'), magma_epochs=(lambda v: v >= 0, 'an integer >= 0 (epochs)'),
@@ -162,7 +165,7 @@ _RANGES = dict(  # name: (valid?, the valid range in words)
     log_every=(lambda v: v >= 1, 'an integer >= 1 (steps)'), num_workers=(lambda v: v >= 0, 'an integer >= 0'),
     knn_k=(lambda v: v >= 1, 'an integer >= 1'), linear_epochs=(lambda v: v >= 1, 'an integer >= 1'),
     train_fraction=(lambda v: 0 < v <= 1, 'a number in (0, 1]; 1 = every image'), train_per_class=(lambda v: v >= 1, 'an integer >= 1, or None for no per-class subset'),
-    subset_seed=(lambda v: v >= 0, 'an integer >= 0'))
+    subset_seed=(lambda v: v >= 0, 'an integer >= 0'), accum_steps=(lambda v: v >= 1, 'an integer >= 1 (1 = no accumulation)'))
 
 def _coerce(name: str, v, kind: str, optional: bool):
     "`v` as `kind` (int, float, bool, str or tuple of ints); exact numeric or boolean strings (papermill `-r`, YAML) are converted."
@@ -222,11 +225,11 @@ def check_config(cfg: PretrainConfig, here: bool = True) -> PretrainConfig:
     for name, (ok, words) in _RANGES.items():
         v = getattr(cfg, name)
         need(name, v is None or ok(v), f"must be {words}")
-    need('eval_dataset', cfg.eval_dataset is None or cfg.eval_dataset in IMG_SIZES or (cfg.eval_dataset.startswith('folder:') and len(cfg.eval_dataset) > 7),
-         f"must be one of {', '.join(IMG_SIZES)} or folder:<path>, or None to score on dataset itself")
+    need('eval_dataset', cfg.eval_dataset is None or cfg.eval_dataset in IMG_SIZE or (cfg.eval_dataset.startswith('folder:') and len(cfg.eval_dataset) > 7),
+         f"must be one of {', '.join(IMG_SIZE)} or folder:<path>, or None to score on dataset itself")
     need('train_per_class', cfg.train_per_class is None or cfg.train_fraction == 1, "give one of train_fraction and train_per_class (leave train_fraction at 1)")
-    need('dataset', cfg.dataset in IMG_SIZES or (cfg.dataset.startswith('folder:') and len(cfg.dataset) > 7),
-         f"must be one of {', '.join(IMG_SIZES)} or folder:<path>")
+    need('dataset', cfg.dataset in IMG_SIZE or (cfg.dataset.startswith('folder:') and len(cfg.dataset) > 7),
+         f"must be one of {', '.join(IMG_SIZE)} or folder:<path>")
     need('device', re.fullmatch(r'auto|cpu|mps|cuda(:\d+)?', cfg.device), "must be auto, cpu, mps, cuda or cuda:N")
     need('out_dir', cfg.out_dir.strip() != '', "must name a run directory")
     need('patch_size', cfg.img_size % cfg.patch_size == 0, f"does not divide img_size={cfg.img_size}; pick a divisor of {cfg.img_size}")
@@ -240,9 +243,9 @@ def check_config(cfg: PretrainConfig, here: bool = True) -> PretrainConfig:
         cfg.method_args[k] = _coerce(k, v, own[k][0].__name__ if own[k][0] in (int, float, bool, str) else 'str', False)
     if 'decoder_heads' in own:
         need('decoder_heads', cfg.decoder_dim % cfg.decoder_heads == 0, f"does not divide decoder_dim={cfg.decoder_dim}; pick a divisor of it")
-        n = (cfg.img_size // cfg.patch_size) ** 2
-        need('mask_ratio', int(n * (1 - cfg.mask_ratio)) >= 1,
-             f"keeps no visible patch of the {n} patches of img_size={cfg.img_size} / patch_size={cfg.patch_size}; lower it or use more patches")
+    if 'mask_ratio' in own: visible_patches((cfg.img_size // cfg.patch_size) ** 2, cfg.mask_ratio)   # the one mask_ratio check
+    need('accum_steps', cfg.batch_size % cfg.accum_steps == 0 and cfg.batch_size // cfg.accum_steps >= 2,
+         f"must divide batch_size={cfg.batch_size} into micro-batches of at least 2 images (MAGMA is a batch-wide term)")
     need('resume', not (cfg.resume and cfg.overwrite), "and overwrite=True contradict each other; pass one of them")
     if here:
         import torch

@@ -4,56 +4,83 @@
 
 # %% ../nbs/11_evaluate.ipynb #0128c4db
 from __future__ import annotations
-import copy, hashlib, math
+import copy, hashlib, os
 from pathlib import Path
 from typing import Callable, Iterable
 import numpy as np
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
+from .augment import ViewAug, TensorAugment
+from .datasets import TensorImages, FileImages
+from .loader import eval_loader, make_loader
 
 # %% auto #0
-__all__ = ['eval_transform', 'default_transform', 'as_loader', 'encoder_img_size', 'check_resolution', 'load_state_dict_checked',
+__all__ = ['POOLS', 'PROBE_VIEW', 'encoder_img_size', 'check_resolution', 'image_batches', 'load_state_dict_checked',
            'load_encoder', 'pool_tokens', 'feature_cache_path', 'extract_features', 'knn_scores', 'topk_accuracy',
-           'knn_eval', 'random_resized_crop_flip', 'train_linear', 'linear_accuracy', 'linear_probe', 'finetune',
-           'adapt_resolution', 'transfer', 'davies_bouldin', 'pick_classes', 'evaluate']
+           'knn_eval', 'train_linear', 'linear_accuracy', 'linear_probe', 'finetune', 'adapt_resolution', 'transfer',
+           'davies_bouldin', 'pick_classes', 'evaluate']
 
 # %% ../nbs/11_evaluate.ipynb #13d76785
-def eval_transform(mean=None, std=None) -> Callable[[Tensor], Tensor]:
-    "Batched eval transform: uint8 -> float in [0, 1], then `(x - mean) / std` per channel when given."
-    m = None if mean is None else torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    s = None if std is None else torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    def tf(x: Tensor) -> Tensor:
-        x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
-        if m is not None: x = (x - m.to(x.device)) / s.to(x.device)
-        return x
-    return tf
-
-def default_transform(data) -> Callable[[Tensor], Tensor]:
-    "`eval_transform` with the dataset's `mean`/`std` attributes when it has them (e.g. `magma.data.TensorImages`), else none."
-    ds = data.dataset if isinstance(data, DataLoader) else data
-    return eval_transform(getattr(ds, 'mean', None), getattr(ds, 'std', None))
-
-def as_loader(data, batch_size: int = 256, shuffle: bool = False, num_workers: int = 0, generator=None) -> DataLoader:
-    "A `DataLoader` over a map-style dataset, an `(images, labels)` pair, or a `DataLoader` (returned as is)."
-    if isinstance(data, DataLoader): return data
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
-        data = TensorDataset(*data)
-    if not (hasattr(data, '__getitem__') and hasattr(data, '__len__')):   # any map-style dataset
-        raise TypeError(f"expected a Dataset, a DataLoader or an (images, labels) tensor pair, got {type(data).__name__}")
-    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, generator=generator)
-
 def encoder_img_size(encoder: nn.Module) -> tuple[int, int]:
     "The (H, W) the encoder's patch embedding was built for."
     return tuple(encoder.patch_embed.img_size)
 
+def _side(encoder: nn.Module) -> int:
+    "The side of the square images the encoder takes."
+    h, w = encoder_img_size(encoder)
+    if h != w: raise ValueError(f"the encoder takes {h}x{w} images; magma evaluates square images: adapt_resolution(encoder, {h})")
+    return h
+
 def check_resolution(encoder: nn.Module, x: Tensor) -> None:
-    "ValueError, suggesting `transfer`/`adapt_resolution`, when images do not match the encoder's resolution."
+    "ValueError when a prepared batch does not have the encoder's resolution (prepare it with `image_batches`, or adapt the encoder)."
     want, got = encoder_img_size(encoder), tuple(x.shape[-2:])
     if got != want:
-        raise ValueError(f"images are {got[0]}x{got[1]} but the encoder was configured for {want[0]}x{want[1]}; "
-                         f"evaluate at the encoder's resolution, or use transfer(...) / adapt_resolution(encoder, {got[0]}) "
-                         f"to interpolate the position embeddings")
+        raise ValueError(f"images are {got[0]}x{got[1]} but the encoder was configured for {want[0]}x{want[1]}; prepare them with "
+                         f"magma.evaluate.image_batches (it resizes them), or use transfer(...) / adapt_resolution(encoder, {got[0]}) "
+                         f"to evaluate at their own resolution")
+
+def _check_square(x: Tensor) -> None:
+    if x.shape[-2] != x.shape[-1]:
+        raise ValueError(f"images are {x.shape[-2]}x{x.shape[-1]}, not square; make them square first with magma.datasets.fit_square "
+                         f"(the shorter side to the size, then the centre crop)")
+
+def _stats(data) -> tuple:
+    "The (mean, std) a dataset (or a DataLoader's dataset) carries, else (None, None)."
+    ds = data.dataset if isinstance(data, DataLoader) else data
+    return getattr(ds, 'mean', None), getattr(ds, 'std', None)
+
+def _as_dataset(data, mean=None, std=None):
+    "A magma dataset as is; an (images, labels) pair as a `TensorImages`, normalized with `mean`/`std` if given, else not at all."
+    if isinstance(data, (TensorImages, FileImages)): return data
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+        _check_square(data[0])
+        return TensorImages(data[0], data[1].long(), [], mean=mean or (0.0,) * 3, std=std or (1.0,) * 3)
+    raise TypeError(f"expected a magma dataset (TensorImages, FileImages), an (images, labels) tensor pair or a DataLoader, "
+                    f"got {type(data).__name__}; wrap another Dataset in a torch DataLoader")
+
+def _dataloader_batches(dl: DataLoader, aug: TensorAugment, g: torch.Generator, device):
+    for x, y in dl:
+        _check_square(x)
+        yield aug(x.to(device), g), torch.as_tensor(y).long().to(device)
+
+def image_batches(data, img_size: int, *, view: ViewAug | None = None, batch_size: int = 256, device='cpu', seed: int = 0,
+                  epoch: int = 0, mean=None, std=None, num_workers: int | None = None) -> Iterable[tuple[Tensor, Tensor]]:
+    """(images, labels) batches of `data` on `device`, at `img_size`, normalized (`mean`/`std`, else the data's own).
+    Without `view`: every image once, in order, resized by the policy above (`magma.loader.eval_loader`). With a
+    `ViewAug`: that augmentation, in a shuffled order (`magma.loader.make_loader`), both drawn from (`seed`, `epoch`)."""
+    device = torch.device(device)
+    if isinstance(data, DataLoader):                      # its own order; every batch through the same TensorAugment
+        m, s = _stats(data)
+        aug = TensorAugment((view,) if view else 'eval', img_size, mean or m or (0.0,) * 3, std or s or (1.0,) * 3)
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
+        return _dataloader_batches(data, aug, g, device)
+    ds, kw = _as_dataset(data, mean, std), dict(img_size=img_size, mean=mean, std=std, num_workers=num_workers)
+    if view is None: loader = eval_loader(ds, batch_size, device, **kw)
+    else:
+        loader = make_loader(ds, batch_size, (view,), device, seed=seed, shuffle=True, drop_last=False, **kw)
+        loader.set_epoch(epoch)
+    return ((b['img'], b['label'].long()) for b in loader)
 
 # %% ../nbs/11_evaluate.ipynb #1a84c5c6
 def load_state_dict_checked(model: nn.Module, state_dict: dict, what: str = "checkpoint") -> nn.Module:
@@ -92,6 +119,8 @@ def load_encoder(checkpoint, like: nn.Module | None = None, loader: Callable | N
     return _encoder_of(model)
 
 # %% ../nbs/11_evaluate.ipynb #0c4dcff8
+POOLS = ('cls', 'mean')
+
 def _tokens(encoder: nn.Module, x: Tensor) -> Tensor:
     "Normed tokens (B, 1+N, D)."
     return encoder.encode(x)[0] if hasattr(encoder, 'encode') else encoder.forward_features(x)
@@ -106,40 +135,53 @@ def _device_of(m: nn.Module) -> torch.device:
     p = next(m.parameters(), None)
     return p.device if p is not None else torch.device('cpu')
 
-def feature_cache_path(checkpoint, split: str, pool: str = 'cls', cache_dir=None) -> Path:
-    "One cache file per checkpoint file (path, size, mtime), split and pool; default folder `<checkpoint dir>/features`."
+def feature_cache_path(checkpoint, split: str, cache_dir=None) -> Path:
+    "One cache file per checkpoint file (path, size, mtime) and `split` (a name for the images); default folder `<checkpoint dir>/features`."
     p = Path(checkpoint).resolve()
     if p.is_dir(): p = p / 'checkpoint.safetensors'             # a run directory: its checkpoint (the dir's mtime moves)
     st = p.stat()
     h = hashlib.sha1(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:10]
-    return Path(cache_dir or p.parent / 'features') / f"{p.stem}-{h}-{split}-{pool}.safetensors"
+    return Path(cache_dir or p.parent / 'features') / f"{p.stem}-{h}-{split}.safetensors"
+
+def _data_key(data, img_size: int, mean=None, std=None) -> str:
+    "A short hash of the images of `data`, their labels and their preprocessing: a split's name in the feature cache."
+    if isinstance(data, DataLoader):
+        raise ValueError("the feature cache needs a magma dataset or an (images, labels) pair (a DataLoader's images have no name); pass cache_dir=None")
+    ds = _as_dataset(data, mean, std)
+    h = hashlib.sha1(repr((type(ds).__name__, img_size, tuple(mean or ds.mean), tuple(std or ds.std))).encode())
+    if isinstance(ds, FileImages): h.update(repr(ds.samples).encode())
+    else: h.update(ds.images.contiguous().numpy()); h.update(ds.labels.contiguous().numpy())
+    return h.hexdigest()[:10]
 
 @torch.no_grad()
-def extract_features(encoder, data, *, pool: str = 'cls', transform: Callable | None = None, batch_size: int = 256,
-                     device=None, cache=None, num_workers: int = 0) -> tuple[Tensor, Tensor]:
-    "(features (N, D) float32, labels (N,) int64) of `data` under the eval `transform`, batched, without gradients."
+def extract_features(encoder, data, *, pools=POOLS, batch_size: int = 256, device=None, mean=None, std=None,
+                     num_workers: int | None = None, cache=None) -> dict:
+    """{pool: (features (N, D) float32 on the CPU, labels (N,) int64)} of every image of `data`, in order, resized by the
+    policy above: one pass through the encoder (eval mode, no gradients) for all `pools`."""
     from safetensors.torch import load_file, save_file
+    for p in pools: pool_tokens(torch.zeros(1, 2, 1), p)           # validate early
     if cache is not None and Path(cache).exists():
         d = load_file(str(cache))
-        if d.get('pool') is not None and d['pool'].item() == (0 if pool == 'cls' else 1):
-            return d['features'], d['labels']
-    pool_tokens(torch.zeros(1, 2, 1), pool)                       # validate early
+        if all(f'features_{p}' in d for p in pools): return {p: (d[f'features_{p}'], d['labels']) for p in pools}
     enc = load_encoder(encoder)
     device = torch.device(device) if device is not None else _device_of(enc)
-    transform = transform or default_transform(data)
+    batches = image_batches(data, _side(enc), batch_size=batch_size, device=device, mean=mean, std=std, num_workers=num_workers)
+    feats, labels = {p: [] for p in pools}, []
     was_training = enc.training; enc.eval()
-    feats, labels = [], []
     try:
-        for x, y in as_loader(data, batch_size, num_workers=num_workers):
-            x = transform(x.to(device, non_blocking=True))
-            check_resolution(enc, x)
-            feats.append(pool_tokens(_tokens(enc, x), pool).float().cpu()); labels.append(torch.as_tensor(y).long().cpu())
+        for x, y in batches:
+            tokens = _tokens(enc, x).float()
+            for p in pools: feats[p].append(pool_tokens(tokens, p).cpu())
+            labels.append(y.cpu())
     finally:
         enc.train(was_training)
-    out = torch.cat(feats), torch.cat(labels)
-    if cache is not None:
-        Path(cache).parent.mkdir(parents=True, exist_ok=True)
-        save_file({'features': out[0].contiguous(), 'labels': out[1], 'pool': torch.tensor(0 if pool == 'cls' else 1)}, str(cache))
+    y = torch.cat(labels)
+    out = {p: (torch.cat(f), y) for p, f in feats.items()}
+    if cache is not None:                                           # written whole, then renamed: never a torn file
+        cache = Path(cache); cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+        save_file({**{f'features_{p}': f.contiguous() for p, (f, _) in out.items()}, 'labels': y.contiguous()}, str(tmp))
+        os.replace(tmp, cache)
     return out
 
 # %% ../nbs/11_evaluate.ipynb #343c15ea
@@ -210,36 +252,10 @@ def knn_eval(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, test
     return topk_accuracy(s, test_labels)
 
 # %% ../nbs/11_evaluate.ipynb #fcb9e72e
-def random_resized_crop_flip(x: Tensor, size: int | tuple[int, int] | None = None, scale=(0.08, 1.0),
-                             ratio=(3 / 4, 4 / 3), generator: torch.Generator | None = None) -> Tensor:
-    "Per-image RandomResizedCrop + horizontal flip (p = 0.5) of a batch (B, C, H, W), torchvision's sampling."
-    import torchvision.transforms.functional as TF
-    size = tuple(x.shape[-2:]) if size is None else ((size, size) if isinstance(size, int) else tuple(size))
-    H, W = x.shape[-2:]; area = H * W
-    log_r = (math.log(ratio[0]), math.log(ratio[1]))
-    out = []
-    for img in x:
-        for _ in range(10):                       # torchvision's RandomResizedCrop.get_params, with our generator
-            u = torch.rand(3, generator=generator).tolist()
-            a = area * (scale[0] + (scale[1] - scale[0]) * u[0]); r = math.exp(log_r[0] + (log_r[1] - log_r[0]) * u[1])
-            w, h = int(round(math.sqrt(a * r))), int(round(math.sqrt(a / r)))
-            if 0 < w <= W and 0 < h <= H:
-                i = int(torch.randint(0, H - h + 1, (1,), generator=generator)); j = int(torch.randint(0, W - w + 1, (1,), generator=generator))
-                break
-        else:                                     # fallback: central crop
-            w, h = W, H; i = j = 0
-        c = TF.resized_crop(img, i, j, h, w, list(size), antialias=True)
-        if u[2] < 0.5: c = c.flip(-1)
-        out.append(c)
-    return torch.stack(out)
-
 def _num_classes(data) -> int:
-    "1 + the largest training label: from a `labels` tensor or `classes` list when the dataset has one, else by a pass over it."
-    ds = data.dataset if isinstance(data, DataLoader) else data
-    if isinstance(ds, (tuple, list)) and len(ds) == 2 and isinstance(ds[1], Tensor): return int(ds[1].max()) + 1
-    if isinstance(getattr(ds, 'labels', None), Tensor): return int(ds.labels.max()) + 1
-    if getattr(ds, 'classes', None): return len(ds.classes)
-    return int(max(int(torch.as_tensor(y).max()) for _, y in as_loader(data, 1024))) + 1
+    "1 + the largest training label: from the labels a magma dataset or a pair holds, else by one pass over a DataLoader."
+    if isinstance(data, DataLoader): return int(max(int(torch.as_tensor(y).max()) for _, y in data)) + 1
+    return int(_as_dataset(data).labels.max()) + 1
 
 def _fit_linear(head: nn.Linear, batches: Callable[[int], Iterable], epochs: int, lr: float, momentum: float,
                 weight_decay: float, milestones, gamma: float) -> list[float]:
@@ -296,38 +312,36 @@ def linear_accuracy(head: nn.Module, feats: Tensor, labels: Tensor) -> dict:
     return topk_accuracy(head(feats.to(dev).float()).double(), labels.to(dev))
 
 # %% ../nbs/11_evaluate.ipynb #d886160a
-def linear_probe(encoder, train, test, *, mode: str = 'fast', num_classes: int | None = None, transform: Callable | None = None,
-                 train_transform: Callable | None = None, pool: str = 'cls', epochs: int = 100, lr: float = 0.1,
-                 momentum: float = 0.9, weight_decay: float = 0.0, batch_size: int = 256, milestones=(60, 80),
-                 gamma: float = 0.1, seed: int = 0, device=None, features: tuple | None = None, num_workers: int = 0) -> dict:
-    "Linear probe: `mode='paper'` (augmented, the protocol) or `'fast'` (cached features, NOT the protocol). Top-1/top-5 + head."
+PROBE_VIEW = ViewAug(scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_p=0.5)   # RandomResizedCrop + flip, no colour operations
+
+def linear_probe(encoder, train, test, *, mode: str = 'fast', num_classes: int | None = None, view: ViewAug = PROBE_VIEW,
+                 pool: str = 'cls', epochs: int = 100, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0,
+                 batch_size: int = 256, milestones=(60, 80), gamma: float = 0.1, seed: int = 0, device=None,
+                 features: tuple | None = None, mean=None, std=None, num_workers: int | None = None) -> dict:
+    "Linear probe: `mode='paper'` (images augmented by `view`, the protocol) or `'fast'` (cached features, NOT the protocol). Top-1/top-5 + head."
     if mode not in ('fast', 'paper'): raise ValueError(f"mode must be 'fast' or 'paper', got {mode!r}")
+    if mode == 'paper' and features is not None: raise ValueError("mode='paper' augments images every epoch, so it cannot use cached features")
     kw = dict(epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay, milestones=milestones, gamma=gamma)
     if features is not None: (tr_f, tr_y), (te_f, te_y) = features
     else:
         enc = load_encoder(encoder)
-        te_f, te_y = extract_features(enc, test, pool=pool, transform=transform, batch_size=batch_size, device=device, num_workers=num_workers)
-        if mode == 'fast':
-            tr_f, tr_y = extract_features(enc, train, pool=pool, transform=transform, batch_size=batch_size, device=device, num_workers=num_workers)
+        if mean is None: mean, std = _stats(train)                # the training split's normalization, for both splits
+        ex = dict(pools=(pool,), batch_size=batch_size, device=device, mean=mean, std=std, num_workers=num_workers)
+        te_f, te_y = extract_features(enc, test, **ex)[pool]
+        if mode == 'fast': tr_f, tr_y = extract_features(enc, train, **ex)[pool]
     if mode == 'fast':
         C = int(num_classes or int(max(tr_y.max(), te_y.max())) + 1)
         head, lrs = train_linear(tr_f, tr_y, C, batch_size=batch_size, seed=seed, device=device, **kw)
     else:
-        if features is not None: raise ValueError("mode='paper' augments images every epoch, so it cannot use cached features")
         dev = torch.device(device) if device is not None else _device_of(enc)
-        g = torch.Generator().manual_seed(seed)
-        loader = as_loader(train, batch_size, shuffle=True, num_workers=num_workers, generator=g)
-        aug = train_transform or (lambda x: random_resized_crop_flip(x, encoder_img_size(enc), generator=g))
-        tf = transform or default_transform(train)
         C = int(num_classes or max(_num_classes(train), int(te_y.max()) + 1))
         torch.manual_seed(seed); head = nn.Linear(te_f.shape[1], C).to(dev)
-        was_training = enc.training; enc.eval()
-        def batches(ep):
-            for x, y in loader:
-                x = tf(aug(x).to(dev))
-                check_resolution(enc, x)
+        def batches(ep):                                         # a new draw of `view` every epoch, from (seed, epoch)
+            for x, y in image_batches(train, _side(enc), view=view, batch_size=batch_size, device=dev, seed=seed, epoch=ep,
+                                      mean=mean, std=std, num_workers=num_workers):
                 with torch.no_grad(): f = pool_tokens(_tokens(enc, x), pool).float()
-                yield f, torch.as_tensor(y).long().to(dev)
+                yield f, y
+        was_training = enc.training; enc.eval()
         try: lrs = _fit_linear(head, batches, **kw)
         finally: enc.train(was_training)
     return {**linear_accuracy(head, te_f, te_y), 'head': head, 'lrs': lrs, 'mode': mode}
@@ -335,16 +349,14 @@ def linear_probe(encoder, train, test, *, mode: str = 'fast', num_classes: int |
 # %% ../nbs/11_evaluate.ipynb #d4cfde3f
 def finetune(encoder, train, test, *, num_classes: int | None = None, epochs: int = 100, batch_size: int = 256,
              blr: float = 5e-4, lr: float | None = None, layer_decay: float = 0.75, weight_decay: float = 0.05,
-             warmup_epochs: int = 5, min_lr: float = 1e-6, label_smoothing: float = 0.1, transform: Callable | None = None,
-             train_transform: Callable | None = None, seed: int = 0, device=None, num_workers: int = 0) -> dict:
-    "MAE-recipe full fine-tuning of a deep copy of the encoder + a linear head; returns top-1/top-5 and the model."
+             warmup_epochs: int = 5, min_lr: float = 1e-6, label_smoothing: float = 0.1, view: ViewAug = PROBE_VIEW,
+             seed: int = 0, device=None, mean=None, std=None, num_workers: int | None = None) -> dict:
+    "MAE-recipe full fine-tuning of a deep copy of the encoder + a linear head, on `view`-augmented batches; returns top-1/top-5 and the model."
     from timm.optim import create_optimizer_v2
     from timm.scheduler import CosineLRScheduler
     model = copy.deepcopy(load_encoder(encoder))
     dev = torch.device(device) if device is not None else _device_of(model)
-    transform = transform or default_transform(train)
-    g = torch.Generator().manual_seed(seed)
-    loader = as_loader(train, batch_size, shuffle=True, num_workers=num_workers, generator=g)
+    if mean is None: mean, std = _stats(train)                    # the training split's normalization, for both splits
     if num_classes is None: num_classes = _num_classes(train)
     torch.manual_seed(seed)
     model.reset_classifier(num_classes)
@@ -352,22 +364,22 @@ def finetune(encoder, train, test, *, num_classes: int | None = None, epochs: in
     model.to(dev)
     lr = lr if lr is not None else blr * batch_size / 256
     opt = create_optimizer_v2(model, 'adamw', lr=lr, weight_decay=weight_decay, layer_decay=layer_decay, betas=(0.9, 0.999))
-    steps = epochs * len(loader)
-    sched = CosineLRScheduler(opt, t_initial=steps, lr_min=min_lr, warmup_t=warmup_epochs * len(loader),
+    per_epoch = len(train) if isinstance(train, DataLoader) else -(-len(_as_dataset(train)) // batch_size)
+    sched = CosineLRScheduler(opt, t_initial=epochs * per_epoch, lr_min=min_lr, warmup_t=warmup_epochs * per_epoch,
                               warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
-    aug = train_transform or (lambda x: random_resized_crop_flip(x, encoder_img_size(model), generator=g))
     lrs, step = [], 0
     sched.step_update(0)
     for ep in range(epochs):
         model.train()
-        for x, y in loader:
-            x = transform(aug(x).to(dev)); check_resolution(model, x)
-            loss = F.cross_entropy(model(x), torch.as_tensor(y).long().to(dev), label_smoothing=label_smoothing)
+        for x, y in image_batches(train, _side(model), view=view, batch_size=batch_size, device=dev, seed=seed, epoch=ep,
+                                  mean=mean, std=std, num_workers=num_workers):
+            loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
             opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
             lrs.append(max(pg['lr'] for pg in opt.param_groups))
             step += 1; sched.step_update(step)
     model.eval()
-    f, y = extract_features(model, test, transform=transform, batch_size=batch_size, device=dev, num_workers=num_workers)
+    f, y = extract_features(model, test, pools=('cls',), batch_size=batch_size, device=dev, mean=mean, std=std,
+                            num_workers=num_workers)['cls']
     with torch.no_grad(): logits = model.head(f.to(dev))          # f is the CLS pre-logit feature
     return {**topk_accuracy(logits.double(), y), 'model': model, 'lrs': lrs}
 
@@ -383,22 +395,26 @@ def adapt_resolution(encoder, img_size: int | tuple[int, int]) -> nn.Module:
     if hasattr(enc, 'img_size'): enc.img_size = size[0] if size[0] == size[1] else size
     return enc
 
+def _img_side(data) -> int:
+    "The side of the images of `data`: a dataset's `img_size`, or the first batch of a DataLoader."
+    return next(iter(data))[0].shape[-1] if isinstance(data, DataLoader) else _as_dataset(data).img_size
+
 def transfer(encoder, train, test, *, img_size: int | tuple[int, int] | None = None, linear: str | None = 'fast',
-             knn: bool = True, k: int = 10, metric: str = 'euclidean', transform: Callable | None = None,
-             pool: str = 'cls', batch_size: int = 256, device=None, **linear_kw) -> dict:
+             knn: bool = True, k: int = 10, metric: str = 'euclidean', pool: str = 'cls', batch_size: int = 256, device=None,
+             mean=None, std=None, **linear_kw) -> dict:
     "kNN and linear probe of an encoder pretrained on A, on dataset B at B's resolution (`img_size`, default: B's images)."
-    if img_size is None:
-        x0 = next(iter(as_loader(test, 1)))[0]; img_size = tuple(x0.shape[-2:])
-    enc = adapt_resolution(encoder, img_size)
-    tr = extract_features(enc, train, pool=pool, transform=transform, batch_size=batch_size, device=device)
-    te = extract_features(enc, test, pool=pool, transform=transform, batch_size=batch_size, device=device)
+    if linear not in (None, 'fast', 'paper'): raise ValueError(f"linear must be 'fast', 'paper' or None, got {linear!r}")
+    enc = adapt_resolution(encoder, img_size if img_size is not None else _img_side(test))
+    if mean is None: mean, std = _stats(train)
+    ex = dict(pools=(pool,), batch_size=batch_size, device=device, mean=mean, std=std)
+    tr, te = extract_features(enc, train, **ex)[pool], extract_features(enc, test, **ex)[pool]
     out = {'img_size': tuple(encoder_img_size(enc))}
     if knn: out.update({f'knn_{kk}': v for kk, v in knn_eval(*tr, *te, k=k, metric=metric).items()})
     if linear == 'fast':
         r = linear_probe(None, None, None, features=(tr, te), batch_size=batch_size, device=device, **linear_kw)
         out.update(linear_top1=r['top1'], linear_top5=r['top5'])
     elif linear == 'paper':
-        r = linear_probe(enc, train, test, mode='paper', transform=transform, pool=pool, batch_size=batch_size, device=device, **linear_kw)
+        r = linear_probe(enc, train, test, mode='paper', pool=pool, batch_size=batch_size, device=device, mean=mean, std=std, **linear_kw)
         out.update(linear_top1=r['top1'], linear_top5=r['top5'])
     return out
 
@@ -418,28 +434,39 @@ def pick_classes(labels, n: int = 10, seed: int = 0) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(cls, size=min(n, len(cls)), replace=False))
 
 # %% ../nbs/11_evaluate.ipynb #7d9380cd
-def evaluate(encoder, train, test, *, linear: str | None = 'fast', knn: bool = True, dbi: bool = True, k: int = 10,
-             metric: str = 'euclidean', transform: Callable | None = None, pool: str = 'cls', batch_size: int = 256,
-             device=None, cache_dir=None, dbi_classes: int = 10, seed: int = 0, **linear_kw) -> dict:
-    "kNN, linear probe and DBI of an encoder (or checkpoint path): the `results.json` numbers."
+def evaluate(encoder, bank, test, *, val=None, knn: bool = True, linear: str | None = 'fast', dbi: bool = True, prefix: str = '',
+             k: int = 10, epochs: int = 100, seed: int = 0, dbi_classes: int = 10, batch_size: int = 256, device=None, mean=None,
+             std=None, num_workers: int | None = None, cache_dir=None, checkpoint=None, **linear_kw) -> tuple[dict, dict]:
+    "(the `results.json` numbers: kNN, linear probe and DBI, CLS and mean-pool, test and `val`; the features of every split)."
+    if linear not in (None, 'fast', 'paper'): raise ValueError(f"linear must be 'fast', 'paper' or None, got {linear!r}")
+    if checkpoint is None and not isinstance(encoder, nn.Module): checkpoint = encoder
+    if cache_dir is not None and checkpoint is None:
+        raise ValueError("cache_dir: the feature cache is kept per checkpoint file; pass checkpoint=<the run directory or its checkpoint>")
     enc = load_encoder(encoder)
-    caches = [None, None]
-    if cache_dir is not None and not isinstance(encoder, nn.Module):
-        caches = [feature_cache_path(encoder, s, pool, cache_dir) for s in ('train', 'test')]
-    kw = dict(pool=pool, transform=transform, batch_size=batch_size, device=device)
-    tr = extract_features(enc, train, cache=caches[0], **kw)
-    te = extract_features(enc, test, cache=caches[1], **kw)
+    if mean is None: mean, std = _stats(bank)                    # every split normalized with the bank's statistics
+    ex = dict(batch_size=batch_size, device=device, mean=mean, std=std, num_workers=num_workers)
+    cache = lambda name, data: None if cache_dir is None else feature_cache_path(checkpoint, f"{name}-{_data_key(data, _side(enc), mean, std)}", cache_dir)
+    splits = {'bank': bank, 'test': test, **({'val': val} if val is not None else {})}
+    feats = {name: extract_features(enc, data, cache=cache(name, data), **ex) for name, data in splits.items()}
     out = {}
-    if knn:
-        r = knn_eval(*tr, *te, k=k, metric=metric); out.update(knn_acc=r['top1'], knn_top5=r['top5'])
-    if linear is not None:
-        if linear == 'fast':
-            r = linear_probe(None, None, None, features=(tr, te), batch_size=batch_size, device=device, seed=seed, **linear_kw)
-        else:
-            r = linear_probe(enc, train, test, mode=linear, transform=transform, pool=pool, batch_size=batch_size,
-                             device=device, seed=seed, **linear_kw)
-        out.update(linear_acc=r['top1'], linear_top5=r['top5'], linear_mode=linear)
-    if dbi:
-        keep = np.isin(te[1].numpy(), pick_classes(te[1], dbi_classes, seed))
-        out['dbi'] = davies_bouldin(te[0][keep], te[1][keep])
-    return out
+    for pool, sfx in (('cls', ''), ('mean', '_mean')):
+        fb, yb = feats['bank'][pool]
+        keep = yb >= 0                                            # unlabeled images (STL-10) are not in the bank
+        for q in ('test', 'val'):
+            if q not in feats: continue
+            ft, yt = feats[q][pool]
+            pre = ('' if q == 'test' else 'val_') + prefix
+            if knn: out[f'{pre}knn_acc{sfx}'] = knn_eval(fb[keep], yb[keep], ft, yt, k=k)['top1']
+            if linear:
+                r = linear_probe(None, None, None, features=((fb[keep], yb[keep]), (ft, yt)), epochs=epochs, seed=seed,
+                                 batch_size=batch_size, **linear_kw)
+                out[f'{pre}linear_acc{sfx}'], out[f'{pre}linear_top5{sfx}'] = r['top1'], r['top5']
+            if dbi:
+                m = torch.isin(yt, torch.as_tensor(pick_classes(yt, dbi_classes, seed)))
+                out[f'{pre}dbi{sfx}'] = davies_bouldin(ft[m], yt[m])
+    if linear == 'paper':                                         # the protocol for the CLS probe; the fast numbers stay as *_fast
+        r = linear_probe(enc, bank, test, mode='paper', epochs=epochs, seed=seed, batch_size=batch_size, device=device,
+                         mean=mean, std=std, num_workers=num_workers, **linear_kw)
+        out[f'{prefix}linear_acc_fast'], out[f'{prefix}linear_top5_fast'] = out[f'{prefix}linear_acc'], out[f'{prefix}linear_top5']
+        out[f'{prefix}linear_acc'], out[f'{prefix}linear_top5'] = r['top1'], r['top5']
+    return out, feats

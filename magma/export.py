@@ -8,6 +8,7 @@ import argparse, json, warnings
 from pathlib import Path
 import torch.nn as nn
 from .evaluate import load_encoder, load_state_dict_checked
+from .checkpoints import atomic_path, write_json
 from .train import load_pretrained
 
 # %% auto #0
@@ -15,9 +16,9 @@ __all__ = ['dataset_stats', 'timm_config', 'export_timm', 'load_timm', 'parser',
 
 # %% ../nbs/13_export.ipynb #3d5e8a71
 def dataset_stats(dataset, root=None) -> tuple[tuple, tuple]:
-    "(mean, std) of a dataset: its own `.mean`/`.std`, or by name `magma.data.STATS`, else those `get_dataset` computes (folder:...)."
+    "(mean, std) of a dataset: its own `.mean`/`.std`, or by name `magma.datasets.STATS`, else those `get_dataset` computes (folder:...)."
     if hasattr(dataset, 'mean') and hasattr(dataset, 'std'): return tuple(dataset.mean), tuple(dataset.std)
-    from magma.data import STATS, get_dataset
+    from magma.datasets import STATS, get_dataset
     if dataset in STATS: return tuple(STATS[dataset][0]), tuple(STATS[dataset][1])
     ds = get_dataset(dataset, 'train', root=root)
     return tuple(ds.mean), tuple(ds.std)
@@ -61,8 +62,8 @@ def export_timm(encoder, folder, mean=None, std=None, dataset=None, data_dir=Non
     cfg = timm_config(enc, mean, std)
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().cpu().contiguous() for k, v in enc.state_dict().items() if not k.startswith('head.')}
-    save_file(sd, str(folder / 'model.safetensors'), metadata={'format': 'pt'})
-    (folder / 'config.json').write_text(json.dumps(cfg, indent=2))
+    with atomic_path(folder / 'model.safetensors') as tmp: save_file(sd, str(tmp), metadata={'format': 'pt'})
+    write_json(folder / 'config.json', cfg)
     return folder
 
 def load_timm(folder) -> nn.Module:

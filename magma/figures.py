@@ -38,12 +38,6 @@ def _show_images(x: Tensor, mean=None, std=None) -> np.ndarray:
     return x.clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
 # %% ../nbs/12_figures.ipynb #2f90078d
-_NOT_COMPONENTS = {'kind', 'epoch', 'step', 'lr', 'magma_weight', 'loss', 'magma', 'online_acc', 'online_train_acc',
-                   'images_per_sec', 'epoch_seconds'}
-
-def _is_component(c: str) -> bool:
-    return c not in _NOT_COMPONENTS and not c.startswith('tap') and not any(t in c for t in ('acc', 'seconds', 'per_sec', 'time'))
-
 def read_metrics(csv) -> tuple:
     "(per-epoch means of the step rows, the epoch rows) of a trainer metrics CSV."
     import pandas as pd
@@ -70,35 +64,46 @@ def _run_names(csvs) -> dict:
     if isinstance(csvs, dict): return {(k or Path(v).parent.name or Path(v).stem): v for k, v in csvs.items()}
     return {Path(c).parent.name or Path(c).stem: c for c in ([csvs] if isinstance(csvs, (str, Path)) else csvs)}
 
-def fig2_training(csvs, path=None, max_markers: int = 30) -> Figure:
-    "Fig. 2: loss curves, raw MAGMA term (solid: backpropagated, with the λ applied; dashed: logged only) and online accuracy (%)."
-    fig = Figure(figsize=(15, 4)); axs = fig.subplots(1, 3)
-    for i, (name, csv) in enumerate(_run_names(csvs).items()):
+def fig2_training(csvs, path=None, components=(), max_markers: int = 30) -> Figure:
+    """Fig. 2 and a run's training curves: (a) the loss and its `components` (`MethodSpec.components`, or {run: components}),
+    (b) λ as applied, (c) the raw MAGMA term (solid: backpropagated, with its λ; dashed: logged only), (d) online accuracy (%)."""
+    runs = _run_names(csvs)
+    fig = Figure(figsize=(19, 4.2)); axs = fig.subplots(1, 4)
+    magma_terms = []
+    for i, (name, csv) in enumerate(runs.items()):
         col = f"C{i}"
+        lab = (lambda s: f"{name}: {s}") if len(runs) > 1 else (lambda s: s)
         pe, ep = read_metrics(csv)
         kw = dict(marker='o', ms=3) if len(pe) <= max_markers else {}      # a run of 1 or 2 epochs is points, not lines
         mk = lambda m: {**kw, 'marker': m} if kw else {}
-        comps = [c for c in pe.columns if _is_component(c) and pe[c].notna().any()]
-        if 'loss' in pe: axs[0].plot(pe.epoch, pe.loss, color=col, lw=2, label=f"{name} loss", **kw)
+        comps = components.get(name, ()) if isinstance(components, dict) else components
+        comps = [c for c in comps if c not in ('loss', 'magma') and c in pe and pe[c].notna().any()]
+        if 'loss' in pe: axs[0].plot(pe.epoch, pe.loss, color=col, lw=2, label=lab('loss'), **kw)
         for j, c in enumerate(comps):
-            axs[0].plot(pe.epoch, pe[c], color=col, lw=1, ls=[':', '-.', (0, (5, 1))][j % 3], label=f"{name} {c}", **mk('s^vD'[j % 4]))
+            axs[0].plot(pe.epoch, pe[c], color=col, lw=1, ls=[':', '-.', (0, (5, 1))][j % 3], label=lab(c), **mk('s^vD'[j % 4]))
+        if 'magma_weight' in pe:
+            axs[1].plot(pe.epoch, pe.magma_weight, color=col, lw=2, label=lab(magma_label(pe.epoch, pe.magma_weight)), **kw)
         if 'magma' in pe and pe.magma.notna().any():
+            magma_terms.append(pe.magma.dropna())
             if 'magma_weight' in pe:
                 on = pe.magma_weight > 0
                 off = ~on                          # dashed where λ=0, reaching the neighbouring epochs so that the curve is unbroken
                 near = off | off.shift(1, fill_value=False) | off.shift(-1, fill_value=False)
-                if off.any(): axs[1].plot(pe.epoch, pe.magma.where(near), color=col, ls='--', lw=1, label=f"{name} (logged only, λ=0)", **kw)
-                if on.any(): axs[1].plot(pe.epoch, pe.magma.where(on), color=col, lw=2, label=f"{name} (backprop, {magma_label(pe.epoch, pe.magma_weight)})", **kw)
-            else: axs[1].plot(pe.epoch, pe.magma, color=col, lw=2, label=f"{name} (λ not logged)", **kw)
-        for c, ls, m, lab in (('online_acc', '-', 'o', name), ('online_train_acc', ':', 's', f"{name} (train)")):
+                if off.any(): axs[2].plot(pe.epoch, pe.magma.where(near), color=col, ls='--', lw=1, label=lab("logged only, λ=0"), **kw)
+                if on.any(): axs[2].plot(pe.epoch, pe.magma.where(on), color=col, lw=2, label=lab(f"backprop, {magma_label(pe.epoch, pe.magma_weight)}"), **kw)
+            else: axs[2].plot(pe.epoch, pe.magma, color=col, lw=2, label=lab("λ not logged"), **kw)
+        for c, ls, m, what in (('online_acc', '-', 'o', 'evaluation split'), ('online_train_acc', ':', 's', 'training batches')):
             acc = ep[['epoch', c]].dropna() if c in ep else ep.iloc[:0]
-            if len(acc): axs[2].plot(acc.epoch, acc[c], color=col, ls=ls, label=lab, **(mk(m) or dict(marker='.')))
-    for ax, t, yl in zip(axs, ["(a) loss", "(b) MAGMA term (raw)", "(c) online linear accuracy"], ["loss", r"$\mathcal{L}_{Reg}$", "top-1 accuracy (%)"]):
+            if len(acc): axs[3].plot(acc.epoch, acc[c], color=col, ls=ls, label=lab(what), **(mk(m) or dict(marker='.')))
+    titles = ["(a) loss", "(b) λ applied (MAGMA weight)", "(c) MAGMA term (raw)", "(d) online linear accuracy"]
+    for ax, t, yl in zip(axs, titles, ["loss", "λ", r"$\mathcal{L}_{Reg}$", "top-1 accuracy (%)"]):
         ax.set_title(t); ax.set_xlabel("epoch"); ax.set_ylabel(yl); ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         lo, hi = ax.get_xlim()
         if hi - lo < 2: ax.set_xlim((lo + hi) / 2 - 1, (lo + hi) / 2 + 1)     # one epoch: whole-number ticks around it
         if ax.lines: ax.legend(fontsize=7)
         else: ax.text(0.5, 0.5, "not logged", ha='center', va='center', transform=ax.transAxes, color='0.5')
+    if magma_terms and all((m > 0).all() for m in magma_terms): axs[2].set_yscale('log')
+    if len(runs) == 1: fig.suptitle(next(iter(runs)))
     fig.tight_layout()
     return _save(fig, path)
 

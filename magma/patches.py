@@ -8,7 +8,7 @@ import math
 import torch
 
 # %% auto #0
-__all__ = ['patchify', 'unpatchify', 'random_masking']
+__all__ = ['patchify', 'unpatchify', 'visible_patches', 'random_masking']
 
 # %% ../nbs/01b_patches.ipynb #6f6e3d88
 def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -32,14 +32,19 @@ def unpatchify(x: torch.Tensor, patch_size: int, img_size: int | tuple[int, int]
     x = x.reshape(B, h, w, p, p, channels)
     return torch.einsum('nhwpqc->nchpwq', x).reshape(B, channels, h * p, w * p)
 
+# %% ../nbs/01b_patches.ipynb #c0d1021b
+def visible_patches(num_patches: int, mask_ratio: float) -> int:
+    "How many of `num_patches` patches an MAE keeps visible, `int(L * (1 - mask_ratio))`; the one check of `mask_ratio` (configs and MAE call it)."
+    if not 0 < mask_ratio < 1: raise ValueError(f"mask_ratio={mask_ratio!r}: must be a number in (0, 1)")
+    keep = int(num_patches * (1 - mask_ratio))
+    if keep < 1: raise ValueError(f"mask_ratio={mask_ratio!r}: keeps no visible patch of the {num_patches} patches; lower it or use more patches (a smaller patch_size)")
+    return keep
+
 # %% ../nbs/01b_patches.ipynb #fa4a85b7
 def random_masking(batch_size: int, num_patches: int, mask_ratio: float = 0.75, device=None,
                    generator: torch.Generator | None = None):
     "MAE per-sample random masking: `(ids_keep (B,K), mask (B,L) 1=masked, ids_restore (B,L))`."
-    if not 0 < mask_ratio < 1: raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
-    L = num_patches
-    keep = int(L * (1 - mask_ratio))
-    if keep < 1: raise ValueError(f"mask_ratio={mask_ratio} keeps no patch out of {L}")
+    L, keep = num_patches, visible_patches(num_patches, mask_ratio)
     noise = torch.rand(batch_size, L, device=device, generator=generator)
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)

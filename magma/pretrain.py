@@ -7,112 +7,55 @@ from __future__ import annotations
 import argparse, json, time, typing
 from dataclasses import fields
 from pathlib import Path
-import torch, torch.nn as nn
+import torch
 import torch.distributed as dist
 from .configs import PretrainConfig, PARAMS, PROFILES, PAPER_COMMON, PAPER_TABLE4, resolve_config, _CHOICES
 from .methods import METHODS
-from .train import train, build_method, pretraining_data_of, _write_json
-import magma.data as _data
-from .evaluate import knn_eval, linear_probe, davies_bouldin, pick_classes, pool_tokens
+from .train import train, build_method, pretraining_data_of
+from .checkpoints import write_json
+import magma.datasets as _datasets
+import magma.loader as _loader
+import magma.evaluate as _evaluate
 from .figures import fig2_training, fig4_pacmap, fig_reconstruction
 from .base import method_spec
 
 # %% auto #0
-__all__ = ['encode_split', 'evaluate_encoder', 'training_curves', 'run', 'profile_defaults', 'parser', 'main',
-           'notebook_parameters']
-
-# %% ../nbs/14_pretrain.ipynb #2f449bea
-@torch.no_grad()
-def encode_split(encoder: nn.Module, loader, device, pools=('cls', 'mean')) -> dict:
-    "{pool: (features, labels)} of every image of an evaluation loader, with the encoder in eval mode."
-    was = encoder.training; encoder.eval()
-    feats, labels = {p: [] for p in pools}, []
-    for batch in loader:
-        tokens = encoder.encode(batch['img'].to(device))[0].float()
-        for p in pools: feats[p].append(pool_tokens(tokens, p).cpu())
-        labels.append(batch['label'].cpu())
-    encoder.train(was)
-    y = torch.cat(labels)
-    return {p: (torch.cat(f), y) for p, f in feats.items()}
-
-def evaluate_encoder(encoder, bank_dl, test_dl, device, *, k=10, linear_epochs=100, seed=0, prefix='', val_dl=None) -> dict:
-    """kNN, fast linear probe and DBI for CLS and mean-pool features: the results.json numbers. The bank (and the probe's
-    training set) is `bank_dl`; the queries are `test_dl`, and `val_dl` too when given (keys prefixed `val_`)."""
-    bank = encode_split(encoder, bank_dl, device)
-    queries = {'': encode_split(encoder, test_dl, device)}
-    if val_dl is not None: queries['val_'] = encode_split(encoder, val_dl, device)
-    out = {}
-    for pool in ('cls', 'mean'):
-        sfx = '' if pool == 'cls' else '_mean'
-        fb, yb = bank[pool]
-        keep = yb >= 0                                      # unlabeled images (STL-10) are not in the bank
-        for q, split in queries.items():
-            ft, yt = split[pool]; pre = q + prefix
-            out[f'{pre}knn_acc{sfx}'] = knn_eval(fb[keep], yb[keep], ft, yt, k=k)['top1']
-            lin = linear_probe(None, None, None, features=((fb[keep], yb[keep]), (ft, yt)), epochs=linear_epochs, seed=seed)
-            out[f'{pre}linear_acc{sfx}'], out[f'{pre}linear_top5{sfx}'] = lin['top1'], lin['top5']
-            sel = torch.as_tensor(pick_classes(yt, 10, seed))
-            m = torch.isin(yt, sel)
-            out[f'{pre}dbi{sfx}'] = davies_bouldin(ft[m], yt[m])
-    return out, queries['']['cls']
+__all__ = ['LINEAR_MODES', 'run', 'profile_defaults', 'parser', 'main', 'notebook_parameters']
 
 # %% ../nbs/14_pretrain.ipynb #9eea4b7a
-def training_curves(csv_path, path, components=()):
-    "Seaborn panels of the per-epoch loss `components` (a method's `MethodSpec.components`), λ, the raw MAGMA term and the online accuracy."
-    import pandas as pd, seaborn as sns
-    from matplotlib.figure import Figure
-    ep = pd.read_csv(csv_path); ep = ep[ep.kind == 'epoch']
-    comps = [c for c in ep.columns if c == 'loss' or c in components]
-    fig = Figure(figsize=(16, 3.6)); axs = fig.subplots(1, 4)
-    sns.lineplot(data=ep.melt('epoch', comps, 'component', 'value'), x='epoch', y='value', hue='component', ax=axs[0], marker='o')
-    for ax, col, title in zip(axs[1:], ('magma_weight', 'magma', 'online_acc'), ('λ (MAGMA weight)', 'raw MAGMA term', 'online accuracy (%)')):
-        if col in ep: sns.lineplot(data=ep, x='epoch', y=col, ax=ax, marker='o')
-        ax.set_title(title)
-    axs[0].set_title('loss components'); axs[2].set_yscale('log')
-    fig.tight_layout(); fig.savefig(path, dpi=110)
-    return fig
+LINEAR_MODES = {'fast': 'fast (cached, standardized features; not the paper protocol)',
+                'paper': "paper (augmented, frozen encoder: the protocol) for linear_acc and random_linear_acc; the other linear_* are fast"}
 
 def run(cfg: PretrainConfig | None = None, *, progress: bool = True, evaluate: bool = True, **params) -> dict:
     "Pretrain, evaluate, plot and write `results.json` in `cfg.out_dir`; returns the results dict."
     cfg = cfg if isinstance(cfg, PretrainConfig) else resolve_config(**params)
-    res = train(cfg, progress=progress, keep_logger=True)
+    res, model, logger = train(cfg, progress=progress, keep_logger=True)
     t0 = time.time()  # evaluation clock: `wall_seconds` spans every sitting of a resumed run, so never subtract it
-    model, logger = res.pop('model'), res.pop('logger')
     if dist.is_initialized() and dist.get_rank() != 0: return res
     out, device = Path(cfg.out_dir), next(model.parameters()).device
     data = pretraining_data_of(cfg)             # the held-out val part: scored, never pretrained on nor in the bank
     bank_ds, val_ds, test_ds = data.bank, data.val, data.test
-    dl = lambda ds: _data.eval_loader(ds, 256, device, img_size=cfg.img_size, mean=bank_ds.mean, std=bank_ds.std, num_workers=cfg.num_workers)
     if evaluate:
-        vdl = dl(val_ds) if val_ds is not None else None
-        ours, (ft, yt) = evaluate_encoder(model.encoder, dl(bank_ds), dl(test_ds), device, k=cfg.knn_k,
-                                          linear_epochs=cfg.linear_epochs, seed=cfg.seed, val_dl=vdl)
-        torch.manual_seed(cfg.seed)
-        floor, _ = evaluate_encoder(build_method(cfg).to(device).encoder, dl(bank_ds), dl(test_ds), device, k=cfg.knn_k,
-                                    linear_epochs=cfg.linear_epochs, seed=cfg.seed, prefix='random_', val_dl=vdl)
-        res.update(ours, **floor, linear_mode='fast (cached, standardized features; not the paper protocol)',
+        kw = dict(val=val_ds, linear=cfg.linear_mode, k=cfg.knn_k, epochs=cfg.linear_epochs, seed=cfg.seed, device=device,
+                  num_workers=cfg.num_workers)
+        ours, feats = _evaluate.evaluate(model.encoder, bank_ds, test_ds, **kw)
+        torch.manual_seed(cfg.seed)             # the random-init floor: the same architecture and seed, untrained
+        floor, _ = _evaluate.evaluate(build_method(cfg).to(device).encoder, bank_ds, test_ds, prefix='random_', **kw)
+        res.update(ours, **floor, linear_mode=LINEAR_MODES[cfg.linear_mode],
                    n_bank=len(bank_ds), n_val=len(val_ds) if val_ds is not None else 0, n_test=len(test_ds))
-        if cfg.linear_mode == 'paper':          # the protocol for the CLS probes; the fast numbers stay as *_fast
-            for pre in ('', 'random_'):
-                if pre: torch.manual_seed(cfg.seed)
-                enc = build_method(cfg).to(device).encoder if pre else model.encoder
-                lin = linear_probe(enc, bank_ds, test_ds, mode='paper', epochs=cfg.linear_epochs, seed=cfg.seed, device=device)
-                res[f'{pre}linear_acc_fast'], res[f'{pre}linear_top5_fast'] = res[f'{pre}linear_acc'], res[f'{pre}linear_top5']
-                res[f'{pre}linear_acc'], res[f'{pre}linear_top5'] = lin['top1'], lin['top5']
-            res['linear_mode'] = "paper (augmented, frozen encoder: the protocol) for linear_acc and random_linear_acc; the other linear_* are fast"
-        fig4_pacmap((ft, yt, ours['linear_acc']), out / 'fig4_pacmap.png', seed=cfg.seed, classes=test_ds.classes)
+        fig4_pacmap((*feats['test']['cls'], ours['linear_acc']), out / 'fig4_pacmap.png', seed=cfg.seed, classes=test_ds.classes)
         if hasattr(model, 'mask_ratio'):        # a masked autoencoder: reconstructions of 6 test images (seeded mask)
-            few = _data.subset(test_ds, torch.linspace(0, len(test_ds) - 1, 6).long())
-            fig_reconstruction(model, next(iter(dl(few)))['img'].to(device), out / 'fig_reconstruction.png',
-                               mean=bank_ds.mean, std=bank_ds.std, seed=cfg.seed, title=out.name)
-    fig2_training(out / 'metrics.csv', out / 'fig2_training.png')
-    training_curves(out / 'metrics.csv', out / 'training_curves.png', method_spec(cfg.method).components)
+            few = _datasets.subset(test_ds, torch.linspace(0, len(test_ds) - 1, 6).long())
+            x = next(iter(_loader.eval_loader(few, 6, device, img_size=cfg.img_size, mean=bank_ds.mean, std=bank_ds.std,
+                                              num_workers=cfg.num_workers)))['img']
+            fig_reconstruction(model, x, out / 'fig_reconstruction.png', mean=bank_ds.mean, std=bank_ds.std, seed=cfg.seed, title=out.name)
+    fig2_training(out / 'metrics.csv', out / 'fig2_training.png', components=method_spec(cfg.method).components)
     res['eval_seconds'] = time.time() - t0
     if logger is not None:                      # TensorBoard (and wandb): evaluation metrics, hyperparameters, figures
         logger.summary({k: v for k, v in res.items() if k not in ('epochs', 'seed', 'epochs_done', 'world_size')})
         for p in sorted(out.glob('*.png')): logger.figure(p.stem, p)
         logger.close()
-    _write_json(out / 'results.json', res)                  # atomic, with the run's file mode
+    write_json(out / 'results.json', res)                   # atomic, with the run's file mode
     return res
 
 # %% ../nbs/14_pretrain.ipynb #62f00a6f

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json, os, tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from .checkpoints import write_json
 from .methods import METHODS
 from .paper import PAPER_TABLE1, PAPER_TABLE2, PAPER_TABLE3, PAPER_TABLE8, PAPER_TABLES, TABLE1_DATASETS, TABLE2_SETTINGS, table2_col
 
@@ -221,7 +222,7 @@ def evaluate_run(run: Run, device=None, data_dir=None, pretrain_params: dict | N
                    pretrain_dir=run.pretrain_dir, eval_params=dict(eval_params or {}),
                    **{k: ev.get(v) for k, v in RESULT_KEYS[run.step].items()}, wall_seconds=time.time() - t0)
         if 'img_size' in ev: res['img_size'] = ev['img_size']
-        tmp = run.results.with_suffix('.tmp'); tmp.write_text(json.dumps(res, indent=2)); tmp.replace(run.results)
+        write_json(run.results, res)                # atomic: a killed step leaves no half-written results.json to skip on
     return 'ran'
 
 # %% ../nbs/16_runs.ipynb #db2cfadd

@@ -1,8 +1,11 @@
-"""Heavier checks of magma.data: the DataLoader path with worker processes, end-to-end crop statistics of both paths on the
-same images, and sharding / resumption over a whole epoch. Every dataset is generated here, in a temporary directory."""
+"""Heavier checks of the data pipeline (magma.datasets, magma.augment, magma.loader): the DataLoader path with worker
+processes, end-to-end crop statistics of both paths on the same images, and sharding / resumption over a whole epoch.
+Every dataset is generated here, in a temporary directory."""
 import numpy as np, pytest, torch
 from PIL import Image
-from magma.data import get_dataset, make_loader, ViewAug, sample_crops, pil_crop_boxes
+from magma.datasets import get_dataset
+from magma.augment import ViewAug, sample_crops
+from magma.loader import make_loader, pil_crop_boxes
 from magma.methods import METHODS
 
 S = 64  # ramp images: red = x coordinate, green = y coordinate
@@ -80,8 +83,8 @@ def test_sharding_and_resumption_over_an_epoch():
     for x, y in zip(full[12:], tail):
         assert torch.equal(x['index'], y['index']) and torch.equal(x['views'][1], y['views'][1]) and torch.equal(x['label'], y['label'])
 
-def test_pil_boxes_match_torchvision_rng():
-    "pil_crop_boxes leaves the global RNG untouched and is a function of its seed."
+def test_pil_boxes_are_seeded_and_leave_global_rng():
+    "pil_crop_boxes (sample_crops from its own generator) leaves the global RNG untouched and is a function of its seed."
     torch.manual_seed(0); before = torch.rand(1)
     torch.manual_seed(0); img = Image.new('RGB', (50, 40))
     b1 = pil_crop_boxes(img, [ViewAug()] * 2, 123); after = torch.rand(1)

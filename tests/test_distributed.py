@@ -83,24 +83,61 @@ def test_plain_ddp_one_step_equals_single_process():
     for k, v in model.state_dict().items(): torch.testing.assert_close(res[k], v, rtol=1e-5, atol=1e-6, msg=k)
 
 
+def _parts(model):
+    "`magma.train.TrainParts` around `model` with plain SGD (an update that shows a gradient off by a factor), fp32."
+    from magma.train import TrainParts
+    probe = nn.Linear(TINY['embed_dim'], 3)
+    return TrainParts(model, probe, torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(probe.parameters(), lr=0.1),
+                      torch.amp.GradScaler('cpu', enabled=False), torch.autocast('cpu', enabled=False))
+
+
+def _accum_worker(rank, world, init, out):
+    "One `train_step` under DDP with accum_steps=2: each rank's B images in two micro-batches, the first under no_sync()."
+    dist.init_process_group('gloo', init_method=init, rank=rank, world_size=world)
+    from magma.train import train_step
+    torch.manual_seed(0); p = _parts(magma.methods.create('mae', **TINY))
+    p.ddp = p.net = nn.parallel.DistributedDataParallel(p.model)
+    torch.manual_seed(2); imgs = torch.randn(world * B, 3, 16, 16)
+    torch.manual_seed(100 + rank)                                          # per-rank masks
+    train_step(p, {'img': imgs[rank * B:(rank + 1) * B], 'label': torch.zeros(B, dtype=torch.long)}, lr=0.1, step=0, total_steps=1,
+               accum_steps=2)
+    if rank == 0: torch.save({k: v.clone() for k, v in p.model.state_dict().items()}, out)
+    dist.destroy_process_group()
+
+
+def test_ddp_accumulation_equals_single_process():
+    """Two processes accumulating two micro-batches each make the step of one process on the four micro-batches: for
+    MAE (no MAGMA), with the same masks (on the CPU, two draws of B/2 rows of noise are one draw of B)."""
+    res = _spawn(_accum_worker)
+    torch.manual_seed(0); model = magma.methods.create('mae', **TINY)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.manual_seed(2); imgs = torch.randn(2 * B, 3, 16, 16)
+    losses = []
+    for r in range(2):
+        torch.manual_seed(100 + r); losses.append(model({'img': imgs[r * B:(r + 1) * B]})['loss'])
+    (sum(losses) / 2).backward(); opt.step()
+    for k, v in model.state_dict().items(): torch.testing.assert_close(res[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    torch.manual_seed(0); moved = magma.methods.create('mae', **TINY).state_dict()
+    assert any(not torch.allclose(moved[k], v) for k, v in model.state_dict().items())    # the step moved the weights: the check can fail
+
+
 def _train_worker(rank, world, init, out):
-    """`train()` under a 2-process gloo group, set up as torchrun would: the global batch is split, the lr is scaled by
-    the global batch, and the MAGMA graph spans the global batch by default."""
+    """`train()` under a 2-process gloo group, set up as torchrun would, with two micro-batches per process: the global
+    batch is split, the lr is scaled by the global batch, and the MAGMA graph spans the processes by default."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     dist.init_process_group('gloo', init_method=init, rank=rank, world_size=world)
     from magma.train import train
-    res = train(profile='smoke', method='m-mae', n_per_class=4, epochs=1, batch_size=8, lr=1e-3, device='cpu',
+    res = train(profile='smoke', method='m-mae', n_per_class=4, epochs=1, batch_size=8, accum_steps=2, lr=1e-3, device='cpu',
                 out_dir=os.path.join(os.path.dirname(out), 'run'), progress=False)
-    model = res.pop('model')
-    if rank == 0: torch.save(dict(batch=res['batch'], magma_global=model.magma_global, world=res['world_size']), out)
+    if rank == 0: torch.save(dict(batch=res.summary['batch'], magma_global=res.model.magma_global, world=res.summary['world_size']), out)
     dist.destroy_process_group()
 
 
 def test_global_batch_arithmetic_under_ddp():
     res = _spawn(_train_worker)
-    # independent arithmetic: the smoke profile's global batch 8 over 2 processes, lr 1e-3 x 8 / 256
-    assert res['batch'] == dict(global_batch=8, per_process_batch=4, world_size=2, base_lr=1e-3, lr=1e-3 * 8 / 256,
-                                magma_graph=8)
+    # independent arithmetic: the global batch 8 over 2 processes in micro-batches of 2, lr 1e-3 x 8 / 256, a graph of 2 x 2
+    assert res['batch'] == dict(global_batch=8, per_process_batch=4, accum_steps=2, micro_batch=2, world_size=2, base_lr=1e-3,
+                                lr=1e-3 * 8 / 256, magma_graph=4)
     assert res['magma_global'] is True and res['world'] == 2
     from magma.configs import resolve_config
     from magma.train import batch_arithmetic

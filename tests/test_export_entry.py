@@ -7,7 +7,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from magma.data import get_dataset
+from magma.datasets import get_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 

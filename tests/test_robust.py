@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from magma.configs import resolve_config
-from magma.train import build_method, save_checkpoint, load_pretrained
+from magma.checkpoints import save_checkpoint
+from magma.train import build_method, load_pretrained
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,7 +9,7 @@ import torch, torch.nn as nn
 from timm.models.vision_transformer import Block
 from ..backbone import sincos_pos_embed
 from ..losses import mae_loss, uniformity_loss
-from ..patches import random_masking
+from ..patches import random_masking, visible_patches
 from ..base import SSLMethod, register, gather
 
 # %% auto #0
@@ -64,10 +64,10 @@ class MAE(SSLMethod):
     def __init__(self, **config):
         super().__init__(**config)
         c = self.config
-        if not 0 < c['mask_ratio'] < 1: raise ValueError(f"mask_ratio must be in (0, 1), got {c['mask_ratio']}")
         if c['decoder'] not in DECODERS: raise ValueError(f"unknown decoder preset {c['decoder']!r}; valid: {', '.join(DECODERS)}")
         d = {k: (DECODERS[c['decoder']][k] if c[k] is None else c[k]) for k in DECODERS['paper']}
         e = self.encoder
+        visible_patches(e.num_patches, c['mask_ratio'])          # fail at construction, not at the first batch
         self.decoder = MAEDecoder(e.embed_dim, e.patch_embed.grid_size, e.patch_size, c['in_chans'],
                                   d['decoder_dim'], d['decoder_depth'], d['decoder_heads'])
         self.mask_ratio, self.norm_pix = c['mask_ratio'], c['norm_pix']
