@@ -7,15 +7,16 @@ from __future__ import annotations
 import json, os, tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 from .checkpoints import write_json
 from .methods import METHODS
 from .paper import PAPER_TABLE1, PAPER_TABLE2, PAPER_TABLE3, PAPER_TABLE8, PAPER_TABLES, TABLE1_DATASETS, TABLE2_SETTINGS, table2_col
 
 # %% auto #0
 __all__ = ['DEFAULT_CELLS', 'DEFAULT_SEEDS', 'MINI_TABLE2_SETTINGS', 'RESULT_KEYS', 'SMOKE_PARAMS', 'SMOKE_EVAL',
-           'mini_data_path', 'profile_dataset', 'dataset_slug', 'Run', 'table_cells', 'default_seeds', 'table_runs',
-           'project_root', 'pretrain_parameters', 'launch', 'evaluate_parameters', 'evaluate_run', 'smoke_runs_dir',
-           'as_list', 'default_runs_dir']
+           'mini_data_path', 'profile_dataset', 'dataset_slug', 'Run', 'Cell', 'table_cells', 'default_seeds',
+           'table_runs', 'project_root', 'pretrain_parameters', 'launch', 'evaluate_parameters', 'evaluate_run',
+           'smoke_runs_dir', 'as_list', 'default_runs_dir']
 
 # %% ../nbs/16_runs.ipynb #2b0fcb1d
 def mini_data_path(data_dir=None) -> Path:
@@ -62,31 +63,41 @@ def _tag(params: dict) -> str:
 
 def _rows(paper: dict) -> list: return list(dict.fromkeys(k[0] for k in paper))   # a paper table's methods, in order
 
-def table_cells(table: str, profile: str = 'paper') -> list[tuple]:
-    "(row, col, method, paper dataset, cell params, step, paper target) for every cell of `table` under `profile`."
+class Cell(NamedTuple):
+    "One cell of a paper table: where it sits (row, col), what trains it, and what evaluates it."
+    row: str            # the paper's row (a method)
+    col: str            # the paper's column: dataset, backbone, ablation setting
+    method: str         # the registered method that pretrains it
+    dataset: str        # the paper's pretraining dataset (a profile maps it to its own)
+    params: dict        # the cell's pretraining parameters (backbone, magma_*)
+    step: str           # 'pretrain', 'transfer' or 'finetune'
+    target: str | None  # the paper's evaluation dataset (transfer, finetune)
+
+def table_cells(table: str, profile: str = 'paper') -> list[Cell]:
+    "Every `Cell` of `table` under `profile`, in the paper's order."
     if table == 'table1':                             # the paper's rows, in the paper's order
-        return [(m, d, m, d, {}, 'pretrain', None) for m in dict.fromkeys(k[0] for k in PAPER_TABLE1) for d in TABLE1_DATASETS]
+        return [Cell(m, d, m, d, {}, 'pretrain', None) for m in dict.fromkeys(k[0] for k in PAPER_TABLE1) for d in TABLE1_DATASETS]
     if table == 'table2' and profile == 'mini':       # the mini ablation, with MAE (λ = 0) as its reference row
         (m,), base = _rows(PAPER_TABLE2), METHODS[_rows(PAPER_TABLE2)[0]].baseline
-        return [(base, 'lam0', base, 'imagenet100', {}, 'pretrain', None)] + [
-                (m, table2_col(*s), m, 'imagenet100', dict(magma_weight=s[0], magma_start=s[1], magma_epochs=s[2]),
+        return [Cell(base, 'lam0', base, 'imagenet100', {}, 'pretrain', None)] + [
+                Cell(m, table2_col(*s), m, 'imagenet100', dict(magma_weight=s[0], magma_start=s[1], magma_epochs=s[2]),
                  'pretrain', None) for s in MINI_TABLE2_SETTINGS]
     if table == 'table2':
-        return [(m, table2_col(*s), m, 'imagenet100', dict(magma_weight=s[0], magma_start=s[1], magma_epochs=s[2]),
+        return [Cell(m, table2_col(*s), m, 'imagenet100', dict(magma_weight=s[0], magma_start=s[1], magma_epochs=s[2]),
                  'pretrain', None) for m in _rows(PAPER_TABLE2) for s in TABLE2_SETTINGS]
-    if table == 'table3': return [(m, b, m, 'imagenet100', dict(backbone=b), 'pretrain', None) for m in _rows(PAPER_TABLE3)
+    if table == 'table3': return [Cell(m, b, m, 'imagenet100', dict(backbone=b), 'pretrain', None) for m in _rows(PAPER_TABLE3)
                                   for b in ('vit_small', 'vit_base', 'vit_large')]
     if table in ('table6', 'table7'):
         step = 'transfer' if table == 'table6' else 'finetune'
-        return [(m, t, m, 'imagenet100', {}, step, t) for m in _rows(PAPER_TABLES[table]) for t in TABLE1_DATASETS]
-    if table == 'table8': return [(m, 'imagenet', m, 'imagenet', {}, 'pretrain', None) for m in _rows(PAPER_TABLE8)]
+        return [Cell(m, t, m, 'imagenet100', {}, step, t) for m in _rows(PAPER_TABLES[table]) for t in TABLE1_DATASETS]
+    if table == 'table8': return [Cell(m, 'imagenet', m, 'imagenet', {}, 'pretrain', None) for m in _rows(PAPER_TABLE8)]
     raise ValueError(f"unknown table {table!r}; valid: {', '.join(PAPER_TABLES)}")
 
 # cells run when `cells` is None: smoke = one cell (seconds), mini = what fits a 2-core CPU, paper = every cell
 DEFAULT_CELLS = {
     'smoke': dict(table1=['m-mae/cifar100'], table2=['m-mae/lam1-est0-edur100'], table3=['m-mae/vit_small'],
                   table6=['m-mae/imagenet100'], table7=['m-mae/imagenet100'], table8=['m-mae/imagenet']),
-    'mini': dict(table1=[f'{m}/cifar100' for m in ('mae', 'm-mae', 'u-mae', 'mu-mae')], table2=None,
+    'mini': dict(table1=[f'{m}/cifar100' for m, s in METHODS.items() if s.family == 'mae'], table2=None,   # the registry's MAE family
                  table3=['mae/vit_small', 'm-mae/vit_small'], table6=['mae/imagenet100', 'm-mae/imagenet100'],
                  table7=['mae/imagenet100', 'm-mae/imagenet100'], table8=None),
     'paper': {},
@@ -103,8 +114,8 @@ def default_seeds(profile: str, method: str, table: str = 'table1') -> tuple:
 # cells on the validation split (`choose_schedule`).
 MINI_TABLE2_SETTINGS = ((1, 2, 10), (0.1, 2, 10), (10, 2, 10), (1, 0, 10), (1, 5, 10), (1, 2, 2), (1, 2, 38), (1, 1, 2))
 
-def _keep(cell: tuple, cells) -> bool:
-    row, col = cell[0], cell[1]
+def _keep(cell: Cell, cells) -> bool:
+    row, col = cell.row, cell.col
     return cells is None or any(c in (row, col, f"{row}/{col}") for c in cells)
 
 def table_runs(table: str, profile: str = 'smoke', seeds=None, cells=None, runs_dir='runs', mini_data=None,
@@ -118,11 +129,11 @@ def table_runs(table: str, profile: str = 'smoke', seeds=None, cells=None, runs_
     pp = {k: v for k, v in (pretrain_params or {}).items() if k != 'progress'}
     todo = [c for c in table_cells(table, profile) if _keep(c, cells)]
     if cells is not None and not todo:
-        names = [f"{c[0]}/{c[1]}" for c in table_cells(table, profile)]
+        names = [f"{c.row}/{c.col}" for c in table_cells(table, profile)]
         raise ValueError(f"cells={cells!r} match no cell of {table}; valid: {', '.join(names)}")
     root = Path(runs_dir).expanduser().resolve() / profile
     pre, evals = {}, []
-    per = [tuple(seeds) if seeds is not None else default_seeds(profile, c[2], table) for c in todo]
+    per = [tuple(seeds) if seeds is not None else default_seeds(profile, c.method, table) for c in todo]
     for seed in dict.fromkeys(s for p in per for s in p):
         for (row, col, method, pds, params, step, target), cs in zip(todo, per):
             if seed not in cs: continue
