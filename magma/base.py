@@ -30,6 +30,7 @@ class MethodSpec:
     defaults: dict
     display: str
     baseline: str | None = None
+    default: bool = False      # the project's default method (`methods.default_method`): exactly one registers it
     @property
     def config(self) -> dict: return {**self.cls.config_keys(), **self.defaults}
     @property
@@ -47,15 +48,16 @@ class MethodSpec:
 
 METHODS: dict[str, MethodSpec] = {}
 
-def register(name: str, display: str | None = None, baseline: str | None = None, registry: dict | None = None, **defaults):
-    "Class decorator: register `cls` as `name` (shown as `display`, paired with `baseline`), created with `defaults`."
+def register(name: str, display: str | None = None, baseline: str | None = None, registry: dict | None = None,
+             default: bool = False, **defaults):
+    "Class decorator: register `cls` as `name` (shown as `display`, paired with `baseline`; `default`: the project's default method), created with `defaults`."
     reg = METHODS if registry is None else registry
     def deco(cls):
         if name in reg and reg[name].cls.__qualname__ != cls.__qualname__:  # re-running a cell re-registers
             raise ValueError(f"method {name!r} is already registered to {reg[name].cls.__qualname__}")
         unknown = set(defaults) - set(cls.config_keys())
         if unknown: raise ValueError(f"{name}: unknown config keys {sorted(unknown)}")
-        reg[name] = MethodSpec(name, cls, dict(defaults), display or name, baseline)
+        reg[name] = MethodSpec(name, cls, dict(defaults), display or name, baseline, default)
         return cls
     return deco
 

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import re
 from dataclasses import dataclass, field, fields
-from .methods import METHODS, method_spec
+from .methods import METHODS, method_spec, default_method
 from .datasets import IMG_SIZE
 from .ssl.mae import DECODERS
 from .patches import visible_patches
@@ -49,7 +49,7 @@ def _p(default, help: str): return field(default=default, metadata={'help': help
 
 @dataclass
 class PretrainConfig:
-    method: str = _p('m-mae', "a registered method: any name in magma.methods.METHODS, listed by --help and in the error for an unknown one")
+    method: str = _p(default_method(), "a registered method: any name in magma.methods.METHODS, listed by --help and in the error for an unknown one")
     dataset: str = _p('synthetic', "cifar10, cifar100, stl10, tinyimagenet, imagenet100, imagenet, synthetic or folder:<path>")
     data_dir: str | None = _p(None, "data root (default: data/ at the project root, or $MAGMA_DATA)")
     backbone: str = _p('vit_tiny', "vit_tiny, vit_small, vit_base or vit_large")
@@ -74,7 +74,7 @@ class PretrainConfig:
     magma_target: int = _p(-1, "the regularized block (-1 = last)")
     magma_schedule: str = _p('warmup', "warmup (official), constant, step or triangle")
     magma_global: bool | None = _p(None, "build the MAGMA graph over the global batch across processes; None: yes under DDP, as one process would")
-    uniformity_weight: float = _p(0.01, "U-MAE uniformity weight (u-mae and mu-mae; a method whose own default differs keeps it unless this is set)")
+    uniformity_weight: float = _p(0.01, "uniformity weight of the methods that have one (the U-MAE family; a method whose own default differs keeps it unless this is set)")
     temperature: float = _p(0.2, "SimCLR temperature")
     seed: int = _p(0, "random seed")
     device: str = _p('auto', "auto, cpu, cuda or cuda:N")

@@ -9,7 +9,7 @@ from .base import METHODS, SSLMethod, method_spec  # noqa: F401  (METHODS: the r
 import magma.ssl
 
 # %% auto #0
-__all__ = ['load_methods', 'create']
+__all__ = ['load_methods', 'create', 'default_method']
 
 # %% ../nbs/07_methods.ipynb #0bb10341
 def load_methods(package=magma.ssl) -> list[str]:
@@ -24,3 +24,10 @@ def create(name: str, **config) -> SSLMethod:
     "The SSL method `name` (see `METHODS`) built with `config` over its defaults."
     spec = method_spec(name)
     return spec.cls(**{**spec.defaults, **config})
+
+# %% ../nbs/07_methods.ipynb #b1d44ca5
+def default_method() -> str:
+    "The method a config uses when none is named: the one registered with `default=True` (M-MAE, the paper's subject)."
+    marked = [n for n, s in METHODS.items() if s.default]
+    if len(marked) != 1: raise RuntimeError(f"exactly one registered method must be the default (register(..., default=True)); found {marked or 'none'}")
+    return marked[0]

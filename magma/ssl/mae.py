@@ -46,7 +46,7 @@ class MAEDecoder(nn.Module):
 
 # %% ../../nbs/04_mae.ipynb #150f4f94
 @register('mae', display='MAE')
-@register('m-mae', display='M-MAE', baseline='mae', magma_weight=1.0)
+@register('m-mae', display='M-MAE', baseline='mae', default=True, magma_weight=1.0)   # the project's default method
 @register('u-mae', display='U-MAE', uniformity_weight=0.01)
 @register('mu-mae', display='MU-MAE', baseline='u-mae', magma_weight=1.0, uniformity_weight=0.01)
 class MAE(SSLMethod):
