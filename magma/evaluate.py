@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_evaluate.ipynb #0128c4db
 from __future__ import annotations
-import copy, hashlib, os
+import copy, hashlib
 from pathlib import Path
 from typing import Callable, Iterable
 import numpy as np
@@ -13,7 +13,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from .augment import ViewAug, TensorAugment
 from .datasets import TensorImages, FileImages
-from .loader import eval_loader, make_loader
+from .loader import eval_loader, make_loader, _mix
+from .checkpoints import atomic_path
 
 # %% auto #0
 __all__ = ['POOLS', 'PROBE_VIEW', 'encoder_img_size', 'check_resolution', 'image_batches', 'load_state_dict_checked',
@@ -73,7 +74,7 @@ def image_batches(data, img_size: int, *, view: ViewAug | None = None, batch_siz
     if isinstance(data, DataLoader):                      # its own order; every batch through the same TensorAugment
         m, s = _stats(data)
         aug = TensorAugment((view,) if view else 'eval', img_size, mean or m or (0.0,) * 3, std or s or (1.0,) * 3)
-        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
+        g = torch.Generator().manual_seed(_mix(seed, epoch))      # the loader's seed mixing
         return _dataloader_batches(data, aug, g, device)
     ds, kw = _as_dataset(data, mean, std), dict(img_size=img_size, mean=mean, std=std, num_workers=num_workers)
     if view is None: loader = eval_loader(ds, batch_size, device, **kw)
@@ -178,10 +179,8 @@ def extract_features(encoder, data, *, pools=POOLS, batch_size: int = 256, devic
     y = torch.cat(labels)
     out = {p: (torch.cat(f), y) for p, f in feats.items()}
     if cache is not None:                                           # written whole, then renamed: never a torn file
-        cache = Path(cache); cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-        save_file({**{f'features_{p}': f.contiguous() for p, (f, _) in out.items()}, 'labels': y.contiguous()}, str(tmp))
-        os.replace(tmp, cache)
+        with atomic_path(cache) as tmp:                            # the one atomic write (magma.checkpoints)
+            save_file({**{f'features_{p}': f.contiguous() for p, (f, _) in out.items()}, 'labels': y.contiguous()}, str(tmp))
     return out
 
 # %% ../nbs/11_evaluate.ipynb #343c15ea

@@ -60,12 +60,6 @@ def pick_device(device: str = 'auto', local_rank: int = 0) -> torch.device:
         raise ValueError(f"device={device!r} but CUDA is not available here; use device='cpu' or 'auto'")
     return torch.device(device)
 
-def _all_mean(x: float, device) -> float:
-    x = float(x)
-    if not dist.is_initialized(): return x
-    t = torch.tensor([x], dtype=torch.float64, device=device); dist.all_reduce(t)
-    return float(t) / dist.get_world_size()
-
 # %% ../nbs/10_train.ipynb #18f1994a
 _GEOMETRY = ('backbone', 'img_size', 'patch_size', 'magma_target')   # always the config's (the trainer sets λ itself)
 
@@ -333,12 +327,12 @@ def _tap_blocks(model) -> tuple:
 
 def epoch_row(stats: EpochStats, p: TrainParts, eval_dl, world: int = 1, rank: int = 0, **ids) -> dict:
     "The epoch's row: `ids` (kind, epoch, step, lr, magma_weight), the means over processes, the probe's accuracy and tap norms (rank 0), the throughput."
-    device, seconds = next(p.model.parameters()).device, time.time() - stats.t0
+    device = next(p.model.parameters()).device
     means = {k: _all_mean(v / max(stats.steps, 1), device) for k, v in stats.sums.items()}
     online = (_probe_accuracy(p.model.encoder, p.probe, eval_dl, device, p.autocast, taps=_tap_blocks(p.model)) if rank == 0
               else dict(online_acc=float('nan')))
     return dict(ids, **means, online_train_acc=_all_mean(100.0 * float(stats.hits) / max(stats.labelled, 1), device), **online,
-                images_per_sec=stats.images * world / seconds, epoch_seconds=time.time() - stats.t0)
+                images_per_sec=stats.images_per_sec(world), epoch_seconds=time.time() - stats.t0)
 
 def _log_step(log: _CSVLog, logger: RunLogger, bar, stats: EpochStats, comps: dict, world: int, **ids):
     "A step row in the CSV and TensorBoard, and the loss and images/s on the progress bar."
