@@ -107,7 +107,7 @@ PARAMS = tuple(f.name for f in fields(PretrainConfig))
 
 # %% ../nbs/09_configs.ipynb #334ba75f
 LIGHT_DECODER = DECODERS['light']   # 128-d, 2 blocks, 4 heads
-MINI_MAGMA = dict(magma_weight=1.0, magma_start=2, magma_epochs=10)   # the centre of the mini ablation (see prose)
+MINI_MAGMA = dict(magma_weight=1.0, magma_start=0, magma_epochs=10)   # chosen by the mini ablation on validation (see prose)
 PROFILES = {
     'smoke': dict(dataset='synthetic', n_per_class=16, backbone='vit_tiny', img_size=32, patch_size=4, epochs=2,
                   batch_size=32, lr=1.5e-4, warmup_epochs=1, magma_start=0, magma_epochs=100, linear_epochs=10,
