@@ -1,4 +1,4 @@
-"""The mini tables on one CUDA GPU, several runs at a time: how the committed `results/mini` runs were made on an H100.
+"""The mini tables on one CUDA GPU, several runs at a time: how the committed `results/mini` runs were made (on an H200).
 
     OUT=/tmp/out python scripts/gpu_runs.py --data /path/to/cifar10-mini --jobs 6 --budget 500
 
@@ -65,6 +65,14 @@ def bench(steps: int = 60):
                       f"data pipeline + augmentation on the GPU included)", flush=True)
 
 
+def at_schedule(run, sched: dict):
+    "`run` (a mini Table 1 run) at the MAGMA schedule `sched`, in the directory its tag relative to `MINI_MAGMA` names."
+    from magma.configs import MINI_MAGMA
+    from magma.runs import _tag, dataset_slug
+    ps = {k: v for k, v in sched.items() if MINI_MAGMA[k] != v}
+    return dataclasses.replace(run, params=ps, out_dir=str(Path(run.out_dir).parent / f"{run.method}-{dataset_slug(run.dataset)}{_tag(ps)}-s{run.seed}"))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument('--one', help=argparse.SUPPRESS)
@@ -82,32 +90,26 @@ def main():
     t0, out = time.time(), Path(os.environ.get('OUT', '/tmp/out'))
     out.mkdir(parents=True, exist_ok=True)
     if a.bench: bench()
-    from magma.runs import table_runs, pretrain_parameters, _tag
+    from magma.runs import table_runs, pretrain_parameters, MINI_TABLE2_SETTINGS
     from magma.tables import ablation_frame, choose_schedule
     from magma.datasets import pretraining_data
-    from magma.configs import MINI_MAGMA
     data = Path(a.data).resolve()
     over = json.loads(a.override)
     kw = dict(runs_dir=a.runs_dir, mini_data=data, pretrain_params=over)
     pretraining_data(f'folder:{data}', val_fraction=0.1, img_size=32)      # build the tensor cache once, before the jobs
-    ablation = table_runs('table2', 'mini', seeds=[0], **kw)
-    t1 = table_runs('table1', 'mini', **kw)
+    mu_mae = table_runs('table1', 'mini', seeds=[0], cells=['mu-mae/cifar100'], **kw)[0]
     if a.only:                                          # an explicit list of run directories, no stage 2
-        from magma.runs import MINI_TABLE2_SETTINGS
-        cands = table_runs('table2', 'mini', seeds=[0, 1, 2], **kw) + table_runs('table1', 'mini', seeds=[0, 1, 2], **kw)
-        for r in table_runs('table1', 'mini', seeds=[0], cells=['mu-mae/cifar100'], **kw):
-            for lam, est, edur in MINI_TABLE2_SETTINGS:
-                ps = {k: v for k, v in dict(magma_weight=lam, magma_start=est, magma_epochs=edur).items() if MINI_MAGMA[k] != v}
-                cands.append(dataclasses.replace(r, params=ps, out_dir=str(Path(r.out_dir).parent / f"mu-mae-cifar10-mini{_tag(ps)}-s0")))
+        cands = table_runs('table2', 'mini', seeds=[0, 1, 2], **kw) + table_runs('table1', 'mini', seeds=[0, 1, 2], **kw) + [
+                at_schedule(mu_mae, dict(magma_weight=lam, magma_start=est, magma_epochs=edur)) for lam, est, edur in MINI_TABLE2_SETTINGS]
         by = {Path(r.out_dir).name: r for r in cands}
         missing = [n for n in a.only.split(',') if n not in by]
         if missing: raise SystemExit(f"--only: unknown run(s) {missing}; known: {sorted(by)}")
-        ablation, a.extra_seeds = [], ''
-        queue0 = [by[n] for n in a.only.split(',')]
-    extra = [int(s) for s in a.extra_seeds.split(',') if s]
-    queue = ablation + [r for r in t1 if r.method in ('mae', 'u-mae') and r.out_dir not in {x.out_dir for x in ablation}] \
-        + ([r for r in table_runs('table2', 'mini', seeds=extra, **kw) if r.row == 'm-mae'] if extra else [])
-    if a.only: queue = queue0
+        ablation, queue = [], [by[n] for n in a.only.split(',')]
+    else:
+        ablation = table_runs('table2', 'mini', seeds=[0], **kw)
+        extra = [int(s) for s in a.extra_seeds.split(',') if s]
+        queue = ablation + [r for r in table_runs('table1', 'mini', **kw) if r.method in ('mae', 'u-mae') and r.out_dir not in {x.out_dir for x in ablation}] \
+            + ([r for r in table_runs('table2', 'mini', seeds=extra, **kw) if r.row == 'm-mae'] if extra else [])
     print(f"[{time.time() - t0:5.0f}s] plan: " + ', '.join(f"{Path(r.out_dir).name} {r.params}" for r in queue), flush=True)
     stage2, done, running, took = ([] if a.only else None), [], {}, []
 
@@ -125,13 +127,9 @@ def main():
         ch = choose_schedule(frame)
         print(f"[{time.time() - t0:5.0f}s] chosen on validation: {ch}", flush=True)
         (out / 'chosen.json').write_text(json.dumps(ch, indent=1))
-        sched = dict(magma_weight=ch['magma_weight'], magma_start=ch['magma_start'], magma_epochs=ch['magma_epochs'])
-        params = {k: v for k, v in sched.items() if MINI_MAGMA[k] != v}
-        rs = [r for r in table_runs('table2', 'mini', seeds=[1, 2], cells=[f"m-mae/{ch['col']}"], **kw) if r.row == 'm-mae']
-        for r in table_runs('table1', 'mini', seeds=[0], cells=['mu-mae/cifar100'], **kw):
-            r.params = dict(params); r.out_dir = str(Path(r.out_dir).parent / f"{r.method}-cifar10-mini{_tag(params)}-s{r.seed}")
-            rs.append(r)
-        return rs
+        sched = {k: ch[k] for k in ('magma_weight', 'magma_start', 'magma_epochs')}
+        return [r for r in table_runs('table2', 'mini', seeds=[1, 2], cells=[f"m-mae/{ch['col']}"], **kw) if r.row == 'm-mae'] \
+            + [at_schedule(mu_mae, sched)]
 
     abl = {r.out_dir for r in ablation}
     while queue or running:
@@ -152,7 +150,7 @@ def main():
                 stage2 = stage2_runs(); first = {r.out_dir for r in stage2}
                 queue[:] = [r for r in stage2 if r.out_dir not in running] + [r for r in queue if r.out_dir not in first]
                 print(f"[{time.time() - t0:5.0f}s] queue: {', '.join(Path(r.out_dir).name for r in queue)}", flush=True)
-            else: stage2 = []; print("an ablation run failed: no schedule chosen, stage 2 skipped", flush=True)
+            else: stage2 = []; print("not every ablation run finished (failed, or not started for the budget): no schedule chosen, stage 2 skipped", flush=True)
         est = max(took) if took else 150
         while queue and len(running) < a.jobs:
             if time.time() - t0 + est > a.budget:
