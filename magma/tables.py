@@ -64,18 +64,25 @@ def aggregate(runs, table: str, metrics: dict | None = None, paper: dict | None 
 # %% ../nbs/17_tables.ipynb #7cf85a68
 def _f(x, d=1) -> str: return '–' if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{d}f}"
 
+def _same_data(col, data) -> bool:
+    "Whether the runs behind a cell used the paper column's own dataset (a cell not yet run counts as the column's)."
+    return not data or data == str(col)
+
 def render_markdown(df: pd.DataFrame, title: str = '') -> str:
-    "The aggregated table as Markdown: paper, ours (mean ± std), 95% CI, n, Δ = ours − paper."
-    head = ['Method', 'Column', 'Metric', 'Paper', 'Ours (mean ± std)', '95% CI', 'n', 'Δ (ours − paper)', 'Data']
+    "The aggregated table as Markdown: the data we ran, paper, ours (mean ± std), 95% CI, n; Δ = ours − paper only on the paper's data."
+    ran_paper_data = any(r.n > 0 and _same_data(r.col, r.data) for r in df.itertuples())
+    head = ['Method', 'Data', 'Metric', 'Paper', 'Ours (mean ± std)', '95% CI', 'n'] + (['Δ (ours − paper)'] if ran_paper_data else [])
     lines = ([f"**{title}**", ''] if title else []) + ['| ' + ' | '.join(head) + ' |', '|' + '|'.join(['---'] * len(head)) + '|']
     for r in df.itertuples():
+        same = _same_data(r.col, r.data)
+        paper = _f(r.paper) + ('' if same or math.isnan(r.paper) else f" ({r.col})")
         if r.n == 0: ours, ci, d = 'not run', '–', '–'
         else:
             ours = _f(r.mean) + (f" ± {_f(r.std)}" if r.n > 1 else '')
             ci = f"[{_f(r.ci_low)}, {_f(r.ci_high)}]" if r.n > 1 else '–'
-            d = ('+' if r.diff > 0 else '') + _f(r.diff)
-        lines.append('| ' + ' | '.join([display_name(r.row), str(r.col), r.metric, _f(r.paper), ours, ci,
-                                          str(r.n), d, r.data or '–']) + ' |')
+            d = ('+' if r.diff > 0 else '') + _f(r.diff) if same else '–'
+        cells = [display_name(r.row), r.data or str(r.col), r.metric, paper, ours, ci, str(r.n)] + ([d] if ran_paper_data else [])
+        lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines) + '\n'
 
 def write_table(df: pd.DataFrame, runs_dir, name: str, title: str = '', extra: str = '') -> tuple[Path, Path]:
@@ -103,9 +110,9 @@ def floor_markdown(runs, metrics: dict | None = None) -> str:
     metrics = metrics or FLOOR_METRICS
     df = collect([r for r in runs if r.step == 'pretrain'], metrics)
     if df.empty: return ''
-    lines = ['| Method | Column | n | ' + ' | '.join(metrics) + ' |', '|' + '|'.join(['---'] * (len(metrics) + 3)) + '|']
+    lines = ['| Method | Data | n | ' + ' | '.join(metrics) + ' |', '|' + '|'.join(['---'] * (len(metrics) + 3)) + '|']
     for (row, col), g in df.groupby(['row', 'col'], sort=False):
-        lines.append(f"| {display_name(row)} | {col} | {g.seed.nunique()} | " +
+        lines.append(f"| {display_name(row)} | {' '.join(sorted(set(g.data))) or col} | {g.seed.nunique()} | " +
                      ' | '.join(_cell(g[g.metric == m].value.tolist()) for m in metrics) + ' |')
     return '\n'.join(lines) + '\n'
 
@@ -121,19 +128,20 @@ def magma_effect(runs, metrics: dict | None = None) -> pd.DataFrame:
                         for r in (m, base))
                 both = sorted(set(a.index) & set(b.index))
                 s = summarize([a[x] - b[x] for x in both])
-                out.append(dict(row=m, base=base, col=col, metric=k, **s, ci_low=s['mean'] - s['ci95'],
+                data = ' '.join(sorted(set(df[df.row.isin((m, base)) & (df.col == col)].data)))
+                out.append(dict(row=m, base=base, col=col, data=data, metric=k, **s, ci_low=s['mean'] - s['ci95'],
                                 ci_high=s['mean'] + s['ci95'], seeds=' '.join(map(str, both))))
-    return pd.DataFrame(out, columns=['row', 'base', 'col', 'metric', 'n', 'mean', 'std', 'ci95', 'ci_low', 'ci_high', 'seeds'])
+    return pd.DataFrame(out, columns=['row', 'base', 'col', 'data', 'metric', 'n', 'mean', 'std', 'ci95', 'ci_low', 'ci_high', 'seeds'])
 
 def effect_markdown(eff: pd.DataFrame) -> str:
     "The paired differences as Markdown ('' when no pair has a common seed)."
     eff = eff[eff.n > 0]
     if eff.empty: return ''
-    lines = ['| Pair | Column | Metric | Δ (mean ± std) | 95% CI | seeds |', '|---|---|---|---|---|---|']
+    lines = ['| Pair | Data | Metric | Δ (mean ± std) | 95% CI | seeds |', '|---|---|---|---|---|---|']
     for r in eff.itertuples():
         d = ('+' if r.mean > 0 else '') + _f(r.mean, 2) + (f" ± {_f(r.std, 2)}" if r.n > 1 else '')
         ci = f"[{_f(r.ci_low, 2)}, {_f(r.ci_high, 2)}]" if r.n > 1 else '–'
-        lines.append(f"| {display_name(r.row)} − {display_name(r.base)} | {r.col} | {r.metric} | {d} | {ci} | {r.seeds} |")
+        lines.append(f"| {display_name(r.row)} − {display_name(r.base)} | {r.data or r.col} | {r.metric} | {d} | {ci} | {r.seeds} |")
     return '\n'.join(lines) + '\n'
 
 # %% ../nbs/17_tables.ipynb #172dafec
