@@ -7,9 +7,12 @@ from __future__ import annotations
 import math
 import torch
 from torch import nn, Tensor
+from collections.abc import Mapping
+import torch.distributed as dist
 
 # %% auto #0
-__all__ = ['pairwise_sq_dists', 'rbf_affinity', 'normalized_laplacian', 'laplacian', 'magma_loss', 'MagmaLoss', 'MaxNumel']
+__all__ = ['pairwise_sq_dists', 'rbf_affinity', 'normalized_laplacian', 'laplacian', 'magma_loss', 'MagmaLoss', 'BlockTaps',
+           'MaxNumel']
 
 # %% ../nbs/00_manifold.ipynb #fbe6cf00
 def _at_least_f32(*zs: Tensor) -> tuple[Tensor, ...]:
@@ -115,14 +118,31 @@ def magma_loss(z_ref: Tensor, z_target: Tensor, *, bandwidth: str | float = "std
         return tr / B**2
 
 # %% ../nbs/00_manifold.ipynb #fbd72e86
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+class _AllGather(torch.autograd.Function):
+    "Concatenate `x` over processes; backward: each process gets the sum over processes of the gradient of its rows."
+    @staticmethod
+    def forward(ctx, x):
+        ctx.rank, ctx.n = dist.get_rank(), len(x)
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out, 0)
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous().clone(); dist.all_reduce(g)
+        return g[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
 class MagmaLoss(nn.Module):
-    "Average of `magma_loss(feats[ref], feats[tgt])` over `pairs` of (reference block, target block)."
+    "Average of `magma_loss(feats[ref], feats[tgt])` over `pairs` of (reference block, target block); `gather`: one graph over the global batch under DDP."
     def __init__(self, pairs=((10, 11),), bandwidth: str | float = "std", normalized: bool = True,
-                 scale: float = 1.0, eps: float = 1e-4, repulsive: bool = False):
+                 scale: float = 1.0, eps: float = 1e-4, repulsive: bool = False, gather: bool = False):
         super().__init__()
         self.pairs = tuple((int(r), int(t)) for r, t in pairs)
         if not self.pairs: raise ValueError("MagmaLoss needs at least one (reference, target) pair, e.g. pairs=((10, 11),)")
         self.kw = dict(bandwidth=bandwidth, normalized=normalized, scale=scale, eps=eps, repulsive=repulsive)
+        self.gather = bool(gather)
 
     @classmethod
     def from_layers(cls, layers=(10,), target: int = 11, **kw):
@@ -134,14 +154,78 @@ class MagmaLoss(nn.Module):
         "The block indices whose features `forward` needs."
         return tuple(sorted({i for p in self.pairs for i in p}))
 
+    def _terms(self, feats, rows=None) -> Tensor:
+        return torch.stack([magma_loss(feats[r], feats[t], rows=rows, **self.kw) for r, t in self.pairs]).mean()
+
     def forward(self, feats: dict[int, Tensor], rows=None) -> Tensor:
+        if not len(feats):
+            raise ValueError(f"MagmaLoss got no features; run the model's forward with taps on blocks {list(self.layers)} first (BlockTaps)")
         missing = [i for i in self.layers if i not in feats]
         if missing:
             raise ValueError(f"MagmaLoss needs features of blocks {missing}; got blocks {sorted(feats)}. Request taps for {list(self.layers)}")
-        terms = [magma_loss(feats[r], feats[t], rows=rows, **self.kw) for r, t in self.pairs]
-        return torch.stack(terms).mean()
+        if not (self.gather and _distributed()): return self._terms(feats, rows)
+        if rows is not None: raise ValueError("rows= and gather=True exclude each other: with gather, each process takes its own rows")
+        return self._global({i: feats[i] for i in self.layers})
 
-    def extra_repr(self): return f"pairs={self.pairs}, " + ", ".join(f"{k}={v!r}" for k, v in self.kw.items())
+    def _global(self, feats: dict[int, Tensor]) -> Tensor:
+        "The loss of the graph over all processes' batches; every rank returns the same value."
+        rank, world = dist.get_rank(), dist.get_world_size()
+        z = next(iter(feats.values())); B = len(z)
+        sizes = [torch.zeros((), dtype=torch.long, device=z.device) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor(B, device=z.device))
+        if any(int(s) != B for s in sizes):
+            raise ValueError(f"MagmaLoss(gather=True) needs the same batch size on every process, got {[int(s) for s in sizes]}; use drop_last=True")
+        glob = {i: _AllGather.apply(v) for i, v in feats.items()}       # differentiable
+        if self.kw['repulsive']: return self._terms(glob)               # a log of a sum: rows do not add up, so take it whole
+        share = self._terms(glob, rows=slice(rank * B, (rank + 1) * B))   # this rank's rows of the trace, as the trainer does
+        total = share.detach().clone(); dist.all_reduce(total)
+        return world * share + (total - world * share).detach()        # value: the global loss; gradient: world x this share
+
+    def extra_repr(self): return f"pairs={self.pairs}, " + ", ".join(f"{k}={v!r}" for k, v in self.kw.items()) + f", gather={self.gather}"
+
+# %% ../nbs/00_manifold.ipynb #4e2d7e6a
+class BlockTaps(Mapping):
+    "Forward hooks on `model.blocks[i]` for `i` in `blocks`: after a forward, `taps[i]` is the mean of block `i`'s patch tokens (B, D), prefix tokens (CLS, registers) excluded."
+    def __init__(self, model: nn.Module, blocks=(10, 11), num_prefix_tokens: int | None = None):
+        mods = getattr(model, 'blocks', None)
+        if not isinstance(mods, (nn.Sequential, nn.ModuleList)):
+            raise ValueError(f"model ({type(model).__name__}) has no `blocks` list of transformer blocks; BlockTaps needs a timm ViT (VisionTransformer, Eva, ...)")
+        self.blocks, n = tuple(blocks), len(mods)
+        if not self.blocks: raise ValueError("blocks is empty; name the block indices to tap, e.g. blocks=(10, 11)")
+        bad = [b for b in self.blocks if not isinstance(b, int) or isinstance(b, bool) or not -n <= b < n]
+        if bad: raise ValueError(f"blocks {bad} out of range for a {n}-block ViT: valid indices are {-n}..{n - 1} (-1 = last)")
+        k = getattr(model, 'num_prefix_tokens', None) if num_prefix_tokens is None else num_prefix_tokens
+        if not isinstance(k, int) or k < 0:
+            raise ValueError(f"model ({type(model).__name__}) has no `num_prefix_tokens`; pass num_prefix_tokens= (1 for a CLS token, 1 + registers)")
+        self.num_prefix_tokens, self._feats = k, {}
+        keys = {}                                            # block -> the requested indices it serves, e.g. 11 -> (11, -1)
+        for b in self.blocks: keys.setdefault(b % n, []).append(b)
+        self._handles = [mods[0].register_forward_pre_hook(lambda m, a: self._feats.clear())]  # a new pass starts
+        self._handles += [mods[i].register_forward_hook(self._hook(i, tuple(ks))) for i, ks in keys.items()]
+
+    def _hook(self, i, keys):
+        def hook(module, args, out):
+            if not isinstance(out, Tensor) or out.dim() != 3 or out.shape[1] <= self.num_prefix_tokens:
+                shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+                raise ValueError(f"block {i} returned {shape}; BlockTaps needs (B, prefix + patches, D) tokens, with num_prefix_tokens={self.num_prefix_tokens}")
+            z = out[:, self.num_prefix_tokens:].mean(1)
+            for k in keys: self._feats[k] = z
+        return hook
+
+    def __getitem__(self, b):
+        if b not in self._feats:
+            raise KeyError(f"no tap for block {b!r}: tapped {list(self.blocks)}, and a forward must run first" if not self._feats
+                           else f"no tap for block {b!r}: tapped {list(self.blocks)}")
+        return self._feats[b]
+    def __iter__(self): return iter(self._feats)
+    def __len__(self): return len(self._feats)
+    def remove(self) -> None:
+        "Detach the hooks (the model runs as before) and drop the stored features."
+        for h in self._handles: h.remove()
+        self._handles, self._feats = [], {}
+    def __enter__(self): return self
+    def __exit__(self, *exc): self.remove()
+    def __repr__(self): return f"BlockTaps(blocks={self.blocks}, num_prefix_tokens={self.num_prefix_tokens}, filled={sorted(self._feats)})"
 
 # %% ../nbs/00_manifold.ipynb #b6fee4be
 from torch.utils._python_dispatch import TorchDispatchMode
