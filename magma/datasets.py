@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_datasets.ipynb #46ac6f52
 from __future__ import annotations
-import os, math, pickle, hashlib, operator
+import os, math, errno, pickle, hashlib, operator
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 from functools import partial
@@ -102,15 +102,16 @@ def decode_images(files, size: int | None = None) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
 
 def _probe(path):
-    "(width, height) of an image file from its header (`verify` checks its structure), or the reason it cannot be read."
+    """(width, height) of an image file, decoded in full as an epoch decodes it (`load_rgb`'s `convert('RGB')` reads every
+    pixel, so a truncated file fails here and not mid-epoch), or the reason it cannot be read."""
     try:
-        with Image.open(path) as im: size = im.size; im.verify()
+        with Image.open(path) as im: size = im.size; im.convert('RGB')
         return size
     except Exception as e: return f"{type(e).__name__}: {_line(e)}"
 
 def scan_images(files, desc: str = 'scanning images', progress: bool | None = None) -> dict:
-    """Open every file's header in threads: `sizes` (N,2) as (width, height), -1 where unreadable, and `bad`, the
-    [path, reason] of every unreadable file. A progress bar is shown for 1,000 files or more."""
+    """Decode every file in threads, as an epoch would (`_probe`): `sizes` (N,2) as (width, height), -1 where unreadable,
+    and `bad`, the [path, reason] of every unreadable file. A progress bar is shown for 1,000 files or more."""
     from tqdm.auto import tqdm
     show = len(files) >= 1000 if progress is None else progress
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as ex:
@@ -220,8 +221,22 @@ def make_synthetic(n_per_class, num_classes=10, img_size=32, seed=0):
 # %% ../nbs/08_datasets.ipynb #1614dcf9
 _HELP = "see data/README.md"
 
+def _symlink_loop(p) -> bool:
+    "Whether following `p` never ends (a symbolic link that leads back to itself: ELOOP)."
+    try: os.stat(p); return False
+    except OSError as e: return e.errno == errno.ELOOP
+
+def _refuse_loop(p, name):
+    "Refuse a symlink loop at `p` in one line naming it (before: 'not found', or a raw ELOOP)."
+    if _symlink_loop(p):
+        try: to = f"it points to {os.readlink(p)}, and "
+        except OSError: to = ''
+        raise ValueError(f"{name}: {p} is a symlink loop ({to}following it never reaches a file or folder); remove the link or point it at an image or a folder")
+
+def _exts(): return ', '.join(IMG_EXT)
+
 def _need(path, name, fix=None):
-    path = Path(path)
+    path = Path(path); _refuse_loop(path, name)
     if not path.exists():
         raise FileNotFoundError(f"{name}: {path} not found; {fix or _HELP}")
     return path
@@ -313,24 +328,42 @@ def _read_tiny(split, root, download):
             fs = sorted(f for f in _need(base/'train'/w/'images', 'tinyimagenet', fix).iterdir() if f.suffix.lower() in IMG_EXT)
             files += fs; labels += [cidx[w]] * len(fs)
     for f in files: _need(f, 'tinyimagenet', fix)
-    if not files: raise ValueError(f"tinyimagenet: no images under {base}; {fix}")
+    if not files: raise ValueError(f"tinyimagenet: no images (files ending in {_exts()}) under {base}; {fix}")
     build = lambda: dict(images=decode_images(files, 64), labels=torch.tensor(labels), classes=classes)
     return cached(f"tinyimagenet-{'test' if split == 'test' else 'train'}", files, build, root)
 
 # %% ../nbs/08_datasets.ipynb #a7823636
+def _listing(d, name) -> tuple:
+    """(folders, image files, other files) of directory `d`, sorted names. Hidden folders (`.ipynb_checkpoints`) are not
+    listed; image files are the names ending in `IMG_EXT` (any case; a broken link too, so that the scan names it); a
+    symlink loop among the entries is refused in one line naming it."""
+    dirs, files, other = [], [], []
+    with os.scandir(d) as it: entries = sorted(it, key=lambda e: e.name)
+    for e in entries:
+        if e.is_symlink(): _refuse_loop(e.path, name)
+        if e.is_dir():
+            if not e.name.startswith('.'): dirs.append(e.name)
+        elif e.name.lower().endswith(IMG_EXT): files.append(e.name)
+        else: other.append(e.name)
+    return dirs, files, other
+
+def _others(d, other) -> str:
+    "What else a folder with no images holds, for the message that says so."
+    return f"; it holds {len(other)} other file(s), e.g. {d/other[0]}" if other else ''
+
 def _scan(d, name, classes=None, fix=None):
     "Samples (path, label) and classes of an ImageFolder split directory `d`."
     d = _need(d, name, fix)
-    found = sorted(e.name for e in os.scandir(d) if e.is_dir() and not e.name.startswith('.'))  # not .ipynb_checkpoints
+    found, files, other = _listing(d, name)
     if classes is None:
         classes = found
-        if not classes: raise ValueError(f"{name}: {d} holds no class folders and no images (expected {d}/<class>/<image>, or images directly in {d} if unlabeled); {fix or _HELP}")
+        if not classes: raise ValueError(f"{name}: {d} holds no class folders and no images (files ending in {_exts()}){_others(d, other)}; "
+                                         f"expected {d}/<class>/<image>, or images directly in {d} if unlabeled; {fix or _HELP}")
     else:
         missing = sorted(set(classes) - set(found))
         if missing: raise FileNotFoundError(f"{name}: {len(missing)} class folders missing, e.g. {d/missing[0]}; {fix or _HELP}")
-    samples = [(os.path.join(d, c, f), i) for i, c in enumerate(classes)
-               for f in sorted(os.listdir(d/c)) if f.lower().endswith(IMG_EXT)]
-    if not samples: raise ValueError(f"{name}: no images under {d}/<class>/; {fix or _HELP}")
+    samples = [(os.path.join(d, c, f), i) for i, c in enumerate(classes) for f in _listing(d/c, name)[1]]
+    if not samples: raise ValueError(f"{name}: no images (files ending in {_exts()}) under {d}/<class>/; {fix or _HELP}")
     _no_empty_class(name, d, classes, [l for _, l in samples])
     return samples, classes
 
@@ -354,32 +387,35 @@ def _read_imagenet(name, split, root, download, img_size=224):
     return FileImages(samples, classes, name, split, img_size, *STATS[name])
 
 # %% ../nbs/08_datasets.ipynb #d6bc8ebd
-def _flat(d) -> bool:
+def _flat(d, name) -> bool:
     "Whether directory `d` is an unlabeled split: image files and no class folders (hidden folders do not count)."
-    entries = list(os.scandir(d))
-    return (not any(e.is_dir() and not e.name.startswith('.') for e in entries)
-            and any(e.is_file() and e.name.lower().endswith(IMG_EXT) for e in entries))
+    dirs, files, _ = _listing(d, name)
+    return not dirs and bool(files)
 
-def _train_dir(path) -> str:
+def _train_dir(path, name) -> str:
     "The training split's folder under `path`: 'train', or '.' for a flat folder of images (no train/)."
-    return 'train' if (path/'train').is_dir() or not _flat(path) else '.'
+    return 'train' if (path/'train').is_dir() or not _flat(path, name) else '.'
+
+def _folder_fix(path) -> str:
+    return (f"an ImageFolder needs {path}/train/<class>/<image> and {path}/val/ (or test/); an unlabeled one (pretraining only), "
+            f"images directly in {path}/train/ or {path}/")
 
 def _folder_split(name, path, sub, root, skip):
     """Samples, classes and image sizes (N,2) of one split of an ImageFolder, after the up-front scan of every file. A split
     folder with images and no class folders is unlabeled: labels -1, no classes."""
-    fix = (f"an ImageFolder needs {path}/train/<class>/<image> and {path}/val/ (or test/); an unlabeled one (pretraining only), "
-           f"images directly in {path}/train/ or {path}/")
+    fix = _folder_fix(path)
     d = _need(path/sub, name, fix)
-    if _flat(d): samples, classes = [(os.path.join(d, f), -1) for f in sorted(os.listdir(d)) if f.lower().endswith(IMG_EXT)], []
+    if _flat(d, name): samples, classes = [(os.path.join(d, f), -1) for f in _listing(d, name)[1]], []
     else: samples, classes = _scan(d, name, None, fix)
     files = [p for p, _ in samples]
     key = 'flat' if sub == '.' else sub
-    info, _ = cached(f"folder-{_path_key(path)}-{key}-scan", files, lambda: scan_images(files, f"scanning {name} {key}"), root)
+    info, _ = cached(f"folder-{_path_key(path)}-{key}-scan-decoded", files, lambda: scan_images(files, f"scanning {name} {key}"), root)
     sizes, bad = info['sizes'], info['bad']
     if bad:
         if not skip: raise _unreadable(name, bad, d, "delete or replace them, or pass skip_unreadable=True to leave them out")
         print(f"{name}: leaving out {len(bad)} unreadable image(s) of {len(files)} in {d} (skip_unreadable=True)")
         keep = torch.nonzero(sizes[:, 0] >= 0).flatten()
+        if not len(keep): raise _unreadable(name, bad, d, "no image is left to read: delete or replace them")
         samples, sizes = [samples[i] for i in keep.tolist()], sizes[keep]
         _no_empty_class(name, d, classes, [l for _, l in samples])
     return samples, classes, sizes
@@ -392,11 +428,15 @@ def _common_size(sizes) -> int:
     return Counter(sizes.amax(1).tolist()).most_common(1)[0][0]
 
 def _folder(name, path, split, root, img_size=None, cache=None, skip_unreadable=False):
+    _refuse_loop(path, name)
     if not path.is_dir(): raise FileNotFoundError(f"{name}: {path} not found; give folder:<path> of a directory with train/ and val/ (or test/), or of unlabeled images")
     if img_size is not None and (isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1):
         raise ValueError(f"img_size={img_size!r}: must be an integer >= 1 (pixels)")
-    trd = _train_dir(path)
-    if split != 'train' and (trd == '.' or _flat(path/trd)):
+    dirs, files, other = _listing(path, name)
+    if not dirs and not files:
+        raise ValueError(f"{name}: {path} holds no images (files ending in {_exts()}, any case) and no folders{_others(path, other)}; {_folder_fix(path)}")
+    trd = _train_dir(path, name)
+    if split != 'train' and (trd == '.' or _flat(path/trd, name)):
         raise ValueError(f"{name} is unlabeled ({path/trd} holds images and no class folders): it has a 'train' split for pretraining "
                          f"but no {split!r} split; set eval_dataset to a labelled dataset for the kNN bank, the probes and the test")
     sub = trd if split != 'test' else ('val' if (path/'val').is_dir() else 'test')
@@ -411,7 +451,7 @@ def _folder(name, path, split, root, img_size=None, cache=None, skip_unreadable=
     files, labels = [p for p, _ in samples], [l for _, l in samples]
     def build():
         with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as ex: arrs = list(ex.map(partial(_decode, size=size), files))
-        bad = [(f, a) for f, a in zip(files, arrs) if isinstance(a, str)]      # passed the header scan, failed to decode
+        bad = [(f, a) for f, a in zip(files, arrs) if isinstance(a, str)]      # passed the scan, failed at this size (resize, crop)
         if bad and not skip_unreadable: raise _unreadable(name, bad, path/sub, "delete or replace them, or pass skip_unreadable=True to leave them out")
         if bad: print(f"{name}: leaving out {len(bad)} image(s) of {path/sub} that failed to decode (skip_unreadable=True)")
         ok = [i for i, a in enumerate(arrs) if not isinstance(a, str)]
@@ -530,6 +570,21 @@ def _relabel(ds, classes, mean, std):
         return FileImages([(p, -1) for p, _ in ds.samples], list(classes), ds.name, ds.split, ds.img_size, mean, std)
     return replace(ds, labels=torch.full_like(ds.labels, -1), classes=list(classes), mean=mean, std=std)
 
+def _dataset_key(name: str) -> str:
+    "What names a dataset on disk: a folder by its resolved path (X, X/, ./X and a symlink to X are one), any other by its name."
+    if not name.startswith('folder:'): return name
+    p = Path(name[7:]).expanduser()
+    try: return 'folder:' + str(p.resolve())
+    except (RuntimeError, OSError): return 'folder:' + os.path.abspath(p)    # a symlink loop: get_dataset names it
+
+_IMAGENETS = ('imagenet', 'imagenet100')   # ImageNet-100's images are ImageNet's: its train split is part of ImageNet's
+
+def _without(ds, held):
+    "`ds` without the images of `held`, matched by class folder and file name (ImageNet-100 may be a copy under another root)."
+    key = lambda p: (Path(p).parent.name, Path(p).name)
+    drop = {key(p) for p, _ in held.samples}
+    return subset(ds, [i for i, (p, _) in enumerate(ds.samples) if key(p) not in drop])
+
 def pretraining_data(dataset: str, *, root=None, download: bool = False, eval_dataset: str | None = None,
                      val_fraction: float = 0.0, train_fraction: float = 1.0, train_per_class: int | None = None,
                      subset_seed: int = 0, val_seed: int = 0, img_size: int | None = None, skip_unreadable: bool = False,
@@ -538,7 +593,7 @@ def pretraining_data(dataset: str, *, root=None, download: bool = False, eval_da
     _check_subset(train_fraction, train_per_class)
     if isinstance(val_fraction, bool) or not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction={val_fraction!r}: must be a number in [0, 1); 0 = no validation split")
-    ev = eval_dataset if eval_dataset not in (None, '', dataset) else None
+    ev = None if eval_dataset in (None, '') or _dataset_key(eval_dataset) == _dataset_key(dataset) else eval_dataset
     get = lambda name, split: get_dataset(name, split, root, download=download, **dataset_options(name, split, img_size, skip_unreadable, n_per_class))
     train = get(dataset, 'train')
     name = ev or dataset
@@ -550,6 +605,7 @@ def pretraining_data(dataset: str, *, root=None, download: bool = False, eval_da
         if ev is None:  # the same draw on the train split: STL-10's labelled images come first in it, in the same order
             train, held = holdout_split(train, val_fraction, val_seed) if not labelled else (bank, val)
             if not torch.equal(held.labels, val.labels): raise RuntimeError(f"{dataset}: the validation images of 'train' and 'train_labeled' differ")
+    if val is not None and ev is not None and {dataset, ev} <= set(_IMAGENETS): train = _without(train, val)  # never pretrain on val
     train = train_subset(train, train_fraction, train_per_class, subset_seed)
     if ev is not None:
         train = _relabel(train, bank.classes, train.mean, train.std)
