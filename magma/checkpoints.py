@@ -4,7 +4,7 @@
 
 # %% ../nbs/07b_checkpoints.ipynb #ac07d03c
 from __future__ import annotations
-import json, os
+import errno, json, os, re
 from contextlib import contextmanager
 from pathlib import Path
 import torch, torch.nn as nn
@@ -12,32 +12,85 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 # %% auto #0
-__all__ = ['MAX_HEADER', 'atomic_path', 'write_json', 'CheckpointError', 'save_checkpoint', 'load_checkpoint', 'load_weights',
-           'model_weights']
+__all__ = ['MAX_HEADER', 'atomic_path', 'write_json', 'stray_temp_files', 'remove_stray_temps', 'CheckpointError',
+           'save_checkpoint', 'load_checkpoint', 'load_tensors', 'check_weights', 'load_weights', 'model_weights']
 
 # %% ../nbs/07b_checkpoints.ipynb #f7f66d90
+def _line(e) -> str: return (str(e).splitlines() or [''])[0][:300]
+
 def _file_mode() -> int:
     "0o666 less the process umask: the mode `open()` gives every other file a run writes (0o644 under the usual umask)."
     m = os.umask(0); os.umask(m)
     return 0o666 & ~m
 
+_FIX = {errno.ENOSPC: "the disk is full: free space there or write to another folder",
+        errno.EDQUOT: "the disk quota is used up: free space there or write to another folder",
+        errno.EACCES: "its folder is not writable: choose another folder or fix its permissions",
+        errno.EPERM: "its folder is not writable: choose another folder or fix its permissions",
+        errno.EROFS: "it is on a read-only file system: choose another folder",
+        errno.ENOTDIR: "a part of the path is a file, not a folder: choose another path",
+        errno.EEXIST: "a part of the path is a file, not a folder: choose another path",
+        errno.EISDIR: "it is a folder: choose a file name",
+        errno.ENOENT: "its folder does not exist (or was removed while writing): choose another path"}
+
+def _write_error(path, e: BaseException) -> OSError | None:
+    """`e`, an OSError or safetensors' I/O error ('... (os error 28)') while writing `path`, as one line that names
+    `path` and the fix: an OSError of the same errno, so of the same subclass (PermissionError, ...); else None."""
+    if isinstance(e, OSError): code, why = e.errno, e.strerror or _line(e)
+    else:
+        m = re.search(r'\(os error (\d+)\)', str(e)) if type(e).__name__ == 'SafetensorError' else None
+        code, why = (int(m[1]), os.strerror(int(m[1]))) if m else (None, '')
+    if code is None: return None
+    return OSError(code, f"cannot write {path}: {why}; {_FIX.get(code, 'check the path and the disk')}")
+
+def _discard(p: Path):
+    "Remove the file or link `p` if there is one; failing to (a read-only folder) is ignored, never hiding the error that brought us here."
+    try:
+        if os.path.lexists(p): os.unlink(p)
+    except OSError: pass
+
 @contextmanager
 def atomic_path(path):
     """A temporary path next to `path` to write to; when the block ends without an error it is flushed to disk, given the
-    run's file mode and renamed over `path`, otherwise removed. `path` is always the old file or the whole new one."""
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    run's file mode and renamed over `path`, otherwise removed. `path` is always the old file or the whole new one. An
+    OSError (or safetensors' I/O error) while writing comes back as one line naming `path` and the fix, an OSError still."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _discard(tmp)                             # a stale one (or a link planted there): never written through
         yield tmp
         with open(tmp, 'rb+') as f: os.fsync(f.fileno())
         os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
-    finally: tmp.unlink(missing_ok=True)
+    except Exception as e:
+        _discard(tmp)
+        err = _write_error(path, e)
+        if err is None: raise
+        raise err from None
+    except BaseException: _discard(tmp); raise
 
 def write_json(path, obj) -> Path:
     "`obj` as indented JSON at `path`, atomically (tensor and numpy scalars as floats)."
     with atomic_path(path) as tmp: tmp.write_text(json.dumps(obj, indent=2, default=float))
     return Path(path)
+
+# %% ../nbs/07b_checkpoints.ipynb #2b1a5ace
+_STRAY = re.compile(r'\..+\.tmp\d+|\.tmp[A-Za-z0-9]{6}')   # atomic_path's `.<name>.tmp<pid>`; safetensors' `.tmpXXXXXX`
+
+def stray_temp_files(folder) -> list[Path]:
+    "The temporary files killed writes left in `folder` (not below it), sorted: `.<name>.tmp<pid>` and safetensors' `.tmpXXXXXX`."
+    folder = Path(folder)
+    if not folder.is_dir(): return []
+    return sorted(Path(e.path) for e in os.scandir(folder) if _STRAY.fullmatch(e.name) and not e.is_dir(follow_symlinks=False))
+
+def remove_stray_temps(folder) -> list[Path]:
+    "Remove `stray_temp_files(folder)` (a link itself, never what it points to); the paths removed."
+    gone = []
+    for p in stray_temp_files(folder):
+        try: os.unlink(p); gone.append(p)
+        except FileNotFoundError: pass
+    return gone
 
 # %% ../nbs/07b_checkpoints.ipynb #3897ff6d
 class CheckpointError(ValueError):
@@ -81,8 +134,6 @@ def save_checkpoint(path, state: dict) -> Path:
     return Path(path)
 
 # %% ../nbs/07b_checkpoints.ipynb #8e08e6d0
-def _line(e) -> str: return (str(e).splitlines() or [''])[0][:300]
-
 def _check_header(path: Path):
     "Refuse, before safetensors parses anything, a file that is not safetensors or whose header is over `MAX_HEADER`."
     size = path.stat().st_size
@@ -90,11 +141,11 @@ def _check_header(path: Path):
     n = int.from_bytes(head[:8], 'little') if len(head) == 9 else -1
     if n < 2 or head[8:9] != b'{' or n > size - 8:
         kind = 'a pickle (torch.save)' if head[:1] == b'\x80' or head[:2] == b'PK' else 'another format'
-        raise CheckpointError(f"{path} is not a safetensors file (it looks like {kind}); magma reads only safetensors checkpoints "
-                              f"written by its trainer, and never unpickles")
+        raise CheckpointError(f"{path} is not a safetensors file (it looks like {kind}); magma reads only safetensors files "
+                              f"(its trainer's, an export's, a feature cache), and never unpickles")
     if n > MAX_HEADER:
         raise CheckpointError(f"{path}: its safetensors header is {n / 2**20:.1f} MiB, over the {MAX_HEADER // 2**20} MiB cap "
-                              f"(magma.checkpoints.MAX_HEADER); not a magma checkpoint")
+                              f"(magma.checkpoints.MAX_HEADER); not a file magma wrote")
 
 def _unflatten(obj, get, depth: int = 0):
     "The state the skeleton `obj` describes, each tensor it names read with `get(name)`."
@@ -136,11 +187,36 @@ def load_checkpoint(path, device='cpu', keys=None) -> dict:
     except CheckpointError: raise
     except Exception as e: raise CheckpointError(f"{path}: unreadable safetensors file ({type(e).__name__}: {_line(e)})") from None
 
+def load_tensors(path, device='cpu') -> tuple[dict, dict]:
+    """(tensors, metadata) of a plain safetensors file, such as an export's `model.safetensors` or a feature cache, with
+    `load_checkpoint`'s checks: the header first (safetensors only, at most `MAX_HEADER`), every failure one line naming the file."""
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"no safetensors file at {path}")
+    _check_header(path)
+    try:
+        with safe_open(str(path), framework='pt', device=str(device)) as f: return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as e: raise CheckpointError(f"{path}: unreadable safetensors file ({type(e).__name__}: {_line(e)})") from None
+
 # %% ../nbs/07b_checkpoints.ipynb #9475b0cc
 def _require(st: dict, keys, path):
     "Refuse a checkpoint state without one of `keys`."
     missing = [k for k in keys if k not in st]
     if missing: raise CheckpointError(f"{path}: not a complete magma checkpoint (no {', '.join(map(repr, missing))})")
+
+def check_weights(sd: dict, path, what: str = 'model', own: dict | None = None):
+    """Refuse weights a model cannot use, in one line naming the file and the tensor: a NaN or inf in a floating tensor,
+    and, given the model's own state dict `own`, a tensor that is not floating where the model's is (an int64 weight),
+    or floating where the model's is not (BatchNorm's int64 `num_batches_tracked`). Other integer tensors are not weights."""
+    for k, v in sd.items():
+        if not torch.is_tensor(v): continue
+        o = own.get(k) if own is not None else None
+        if torch.is_tensor(o) and v.is_floating_point() != o.is_floating_point():
+            raise CheckpointError(f"{path}: its {what} weight {k!r} is {v.dtype} in the file but {o.dtype} in the model; "
+                                  f"not weights magma wrote (a corrupted or crafted file): use another checkpoint")
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            n = int((~torch.isfinite(v)).sum())
+            raise CheckpointError(f"{path}: its {what} weight {k!r} has {n} non-finite value(s) (NaN or inf) of {v.numel()}; "
+                                  f"the run diverged or the file is corrupted: use another checkpoint")
 
 def load_weights(module: nn.Module, sd, path, what: str = 'model'):
     "`module.load_state_dict(sd)`, strictly, with one line naming the file and the first mismatch when `sd` does not fit."
@@ -153,6 +229,7 @@ def load_weights(module: nn.Module, sd, path, what: str = 'model'):
         shp = f" (e.g. {odd[0]}: {tuple(getattr(sd[odd[0]], 'shape', ()))} in the file, {tuple(own[odd[0]].shape)} here)" if odd else ''
         raise CheckpointError(f"{path}: its {what} weights do not fit the architecture of its config: {len(missing)} missing{ex(missing)}, "
                               f"{len(extra)} unexpected{ex(extra)}, {len(odd)} of another shape{shp}")
+    check_weights(sd, path, what, own)
     module.load_state_dict(sd)
 
 def model_weights(path, prefix: str = 'encoder.', device='cpu') -> dict:
@@ -164,4 +241,5 @@ def model_weights(path, prefix: str = 'encoder.', device='cpu') -> dict:
     _require(st, ('model',), path)
     sd = {k[len(prefix):]: v for k, v in st['model'].items() if k.startswith(prefix)}
     if not sd: raise CheckpointError(f"{path}: no weights of its model start with {prefix!r} (e.g. {next(iter(st['model']), '')!r})")
+    check_weights(sd, path)
     return sd
