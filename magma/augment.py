@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch, torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['ViewAug', 'as_views', 'sample_crops', 'resized_crop', 'gray', 'adjust_hue', 'color_jitter', 'blur_kernel_size',
-           'gaussian_blur', 'solarize', 'TensorAugment']
+__all__ = ['DRAW_COLS', 'ViewAug', 'as_views', 'sample_crops', 'resized_crop', 'gray', 'adjust_hue', 'color_jitter',
+           'blur_kernel_size', 'gaussian_blur', 'solarize', 'to_device', 'TensorAugment']
 
 # %% ../nbs/08a_augment.ipynb #252f691e
 @dataclass(frozen=True)
@@ -112,44 +112,69 @@ def gaussian_blur(x, sigma, k):
 def solarize(x, threshold=0.5): return torch.where(x >= threshold, 1 - x, x)
 
 # %% ../nbs/08a_augment.ipynb #88f08ac4
+DRAW_COLS = 16   # per image: crop box (4), flip, jitter order (4), jitter factors (4), gray, blur sigma, solarize
+
+def to_device(t: torch.Tensor, dev) -> torch.Tensor:
+    "A CPU tensor on `dev`: itself on the CPU; on an accelerator one pinned, non-blocking copy, so the host does not wait."
+    dev = torch.device(dev)
+    if dev.type == 'cpu': return t
+    return t.pin_memory().to(dev, non_blocking=True)
+
 class TensorAugment:
     "Batched augmentation of `views` (one ViewAug or dict per view, as a method declares them; 'eval': none) to `img_size`, normalized."
     def __init__(self, views, img_size, mean=(0.5,)*3, std=(0.25,)*3, crop=True):
         self.views, self.img_size, self.crop = as_views(views), img_size, crop
         self.mean, self.std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
-        self.k = blur_kernel_size(img_size)
+        self.k, self._stats = blur_kernel_size(img_size), {}
 
-    def normalize(self, x): return (x - self.mean.to(x.device)) / self.std.to(x.device)
+    def stats(self, dev) -> tuple[torch.Tensor, torch.Tensor]:
+        "The normalization's mean and std on `dev`, copied there once per device (not on every batch)."
+        dev = torch.device(dev)
+        if dev not in self._stats: self._stats[dev] = (to_device(self.mean, dev), to_device(self.std, dev))
+        return self._stats[dev]
+
+    def normalize(self, x):
+        mean, std = self.stats(x.device)
+        return (x - mean) / std
 
     def resize(self, x):
         "Eval geometry: a (square) batch is resized to `img_size` if it is not that size already."
         if x.shape[-2:] == (self.img_size, self.img_size): return x
         return F.interpolate(x, size=(self.img_size,) * 2, mode='bicubic', antialias=True, align_corners=False).clamp(0, 1)
 
-    def view(self, x, v: ViewAug, g=None, crop=True):
-        "One augmented view of float `x` in [0,1]."
-        B, dev = len(x), x.device
+    def draws(self, B: int, H: int, W: int, v: ViewAug, g=None) -> tuple[torch.Tensor, int, int]:
+        """Every random number of one view of `B` images of H x W, drawn on the CPU in a fixed order (crop boxes, flip,
+        jitter on / order / factors, gray, blur on / sigma, solarize), packed into one float32 tensor: `B` rows of
+        `DRAW_COLS` columns, then the indices of the jittered images, then those of the blurred ones; and the two counts."""
         rand = lambda *s: torch.rand(B, *s, generator=g)
-        boxes = sample_crops(B, x.shape[-2], x.shape[-1], v.scale, v.ratio, g)
-        x = resized_crop(x, boxes, self.img_size).clamp(0, 1) if crop else self.resize(x)
-        flip = (rand() < v.flip_p).to(dev)
-        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)  # a new tensor: safe to modify in place below
+        c = torch.zeros(B, DRAW_COLS)
+        c[:, 0:4] = sample_crops(B, H, W, v.scale, v.ratio, g).float()      # exact: image sides are far below 2**24
+        c[:, 4] = (rand() < v.flip_p).float()
+        ij = ib = torch.zeros(0, dtype=torch.long)
         if v.jitter_p:
             on, order = rand() < v.jitter_p, rand(4).argsort(1)
             lo = torch.tensor([max(0, 1 - v.jitter[0]), max(0, 1 - v.jitter[1]), max(0, 1 - v.jitter[2]), -v.jitter[3]])
             hi = torch.tensor([1 + v.jitter[0], 1 + v.jitter[1], 1 + v.jitter[2], v.jitter[3]])
-            f, i = lo + rand(4) * (hi - lo), on.nonzero()[:, 0]
-            if len(i): x.index_copy_(0, i.to(dev), color_jitter(x[i.to(dev)], f[i].to(dev), order[i].to(dev)))
-        if v.gray_p:
-            m = (rand() < v.gray_p).to(dev).view(-1, 1, 1, 1)
-            x = torch.where(m, gray(x).expand_as(x), x)
+            c[:, 5:9], c[:, 9:13], ij = order.float(), lo + rand(4) * (hi - lo), on.nonzero()[:, 0]
+        if v.gray_p: c[:, 13] = (rand() < v.gray_p).float()
         if v.blur_p:
-            on, sig = rand() < v.blur_p, v.blur_sigma[0] + rand() * (v.blur_sigma[1] - v.blur_sigma[0])
-            i = on.nonzero()[:, 0]
-            if len(i): x.index_copy_(0, i.to(dev), gaussian_blur(x[i.to(dev)], sig[i].to(dev, x.dtype), self.k))
-        if v.solarize_p:
-            m = (rand() < v.solarize_p).to(dev).view(-1, 1, 1, 1)
-            x = torch.where(m, solarize(x), x)
+            on, c[:, 14] = rand() < v.blur_p, v.blur_sigma[0] + rand() * (v.blur_sigma[1] - v.blur_sigma[0])
+            ib = on.nonzero()[:, 0]
+        if v.solarize_p: c[:, 15] = (rand() < v.solarize_p).float()
+        return torch.cat([c.flatten(), ij.float(), ib.float()]), len(ij), len(ib)
+
+    def view(self, x, v: ViewAug, g=None, crop=True):
+        "One augmented view of float `x` in [0,1]: the draws copied to x's device in one non-blocking copy, then applied."
+        B, dev = len(x), x.device
+        packed, nj, nb = self.draws(B, x.shape[-2], x.shape[-1], v, g)
+        p = to_device(packed, dev)
+        c, ij, ib = p[:B * DRAW_COLS].view(B, DRAW_COLS), p[B * DRAW_COLS:B * DRAW_COLS + nj].long(), p[B * DRAW_COLS + nj:].long()
+        x = resized_crop(x, c[:, 0:4], self.img_size).clamp(0, 1) if crop else self.resize(x)
+        x = torch.where(c[:, 4].view(-1, 1, 1, 1) > 0.5, x.flip(-1), x)  # a new tensor: safe to modify in place below
+        if nj: x.index_copy_(0, ij, color_jitter(x[ij], c[ij, 9:13], c[ij, 5:9].long()))
+        if v.gray_p: x = torch.where(c[:, 13].view(-1, 1, 1, 1) > 0.5, gray(x).expand_as(x), x)
+        if nb: x.index_copy_(0, ib, gaussian_blur(x[ib], c[ib, 14].to(x.dtype), self.k))
+        if v.solarize_p: x = torch.where(c[:, 15].view(-1, 1, 1, 1) > 0.5, solarize(x), x)
         return self.normalize(x)
 
     def __call__(self, x, generator=None):

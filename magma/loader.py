@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import numpy as np, torch
 import torchvision.transforms as T, torchvision.transforms.v2.functional as TF
-from .augment import ViewAug, TensorAugment, sample_crops
+from .augment import ViewAug, TensorAugment, sample_crops, to_device
 
 # %% auto #0
 __all__ = ['pil_crop_boxes', 'Loader', 'make_loader', 'eval_loader']
@@ -44,7 +44,7 @@ class Loader:
         self.aug = TensorAugment(views, img_size or ds.img_size, mean or ds.mean, std or ds.std)
         self.files = ds.images is None
         self.num_workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
-        self.epoch, self.start_batch, self.aug_threads = 0, 0, aug_threads
+        self.epoch, self.start_batch, self.aug_threads, self._resident = 0, 0, aug_threads, None
 
     def set_epoch(self, epoch, start_batch=0): self.epoch, self.start_batch = epoch, start_batch
 
@@ -68,14 +68,28 @@ class Loader:
         g = torch.Generator().manual_seed(_mix(self.seed, self.epoch, self.rank, b))
         nt = torch.get_num_threads()
         if self.device.type == 'cpu' and self.aug_threads: torch.set_num_threads(self.aug_threads)
-        try: out = self.aug(x.to(self.device, non_blocking=True), g)
+        try: out = self.aug(to_device(x, self.device), g)
         finally: torch.set_num_threads(nt)
         d = {'views': list(out)} if isinstance(out, tuple) else {'img': out}
-        return dict(d, label=y.to(self.device), index=i)
+        return dict(d, label=to_device(y, self.device), index=i)
+
+    def resident(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A tensor dataset's (images, labels) where batches are gathered from: on an accelerator, copied to it once when
+        the uint8 images take at most a quarter of its free memory (else kept in pinned host memory); on the CPU, as they are."""
+        if self._resident is None:
+            x, y = self.ds.images, self.ds.labels
+            if self.device.type == 'cuda':
+                free = torch.cuda.mem_get_info(self.device)[0]
+                x, y = (x.to(self.device), y.to(self.device)) if x.nbytes <= free // 4 else (x.pin_memory(), y.pin_memory())
+            self._resident = x, y
+        return self._resident
 
     def __iter__(self):
         if not self.files:
-            for b, i in self._batches(): yield self._out(b, i, self.ds.images[i], self.ds.labels[i])
+            x, y = self.resident()
+            for b, i in self._batches():
+                j = to_device(i, x.device)
+                yield self._out(b, i, x[j], y[j])
             return
         batches = list(self._batches())
         seeds = torch.randint(2**62, (len(self.indices()),), generator=torch.Generator().manual_seed(_mix(self.seed, self.epoch, self.rank, 1)))
