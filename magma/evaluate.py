@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from .augment import ViewAug, TensorAugment
 from .datasets import TensorImages, FileImages
 from .loader import eval_loader, make_loader, _mix
-from .checkpoints import atomic_path
+from .checkpoints import CheckpointError, atomic_path, check_weights, load_tensors
 
 # %% auto #0
 __all__ = ['POOLS', 'PROBE_VIEW', 'encoder_img_size', 'check_resolution', 'image_batches', 'load_state_dict_checked',
@@ -96,6 +96,7 @@ def load_state_dict_checked(model: nn.Module, state_dict: dict, what: str = "che
     if missing or unexpected:
         raise ValueError(f"{what} does not fit this architecture: missing keys {missing[:3]}{'...' if len(missing) > 3 else ''}, "
                          f"unexpected keys {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}; check the backbone name, depth and embed_dim")
+    check_weights(state_dict, what, 'model', own)                  # no NaN/inf, no int64 where the model's weight is floating
     model.load_state_dict(state_dict, strict=True)
     return model
 
@@ -108,12 +109,11 @@ def load_encoder(checkpoint, like: nn.Module | None = None, loader: Callable | N
     path = Path(checkpoint)
     if not path.exists(): raise FileNotFoundError(f"checkpoint {path} does not exist")
     if like is not None:
-        from safetensors.torch import load_file
         f = path / 'model.safetensors' if path.is_dir() else path
-        sd = load_file(str(f))
+        sd, _ = load_tensors(f)                                   # the one loader: safetensors only, header capped, one line
         if any(k.startswith('encoder.') for k in sd):
             sd = {k[len('encoder.'):]: v for k, v in sd.items() if k.startswith('encoder.')}
-        return load_state_dict_checked(copy.deepcopy(_encoder_of(like)), sd, what=f"checkpoint {f.name}")
+        return load_state_dict_checked(copy.deepcopy(_encoder_of(like)), sd, what=f"checkpoint {f}")
     if loader is None:
         from magma.train import load_pretrained as loader
     model, _ = loader(path)
@@ -154,15 +154,24 @@ def _data_key(data, img_size: int, mean=None, std=None) -> str:
     else: h.update(ds.images.contiguous().numpy()); h.update(ds.labels.contiguous().numpy())
     return h.hexdigest()[:10]
 
+def _read_cache(path) -> dict:
+    "The tensors of a feature cache (the one loader), refused in one line naming it unless they are features (N, D) and labels (N,)."
+    d, _ = load_tensors(path)
+    y, fs = d.get('labels'), {k: v for k, v in d.items() if k.startswith('features_')}
+    ok = torch.is_tensor(y) and y.dim() == 1 and not y.is_floating_point() and all(
+        v.dim() == 2 and v.is_floating_point() and len(v) == len(y) for v in fs.values())
+    if not ok: raise CheckpointError(f"{path}: not a feature cache magma wrote (features_<pool> (N, D) and labels (N,)); delete it to recompute")
+    return d
+
 @torch.no_grad()
 def extract_features(encoder, data, *, pools=POOLS, batch_size: int = 256, device=None, mean=None, std=None,
                      num_workers: int | None = None, cache=None) -> dict:
     """{pool: (features (N, D) float32 on the CPU, labels (N,) int64)} of every image of `data`, in order, resized by the
     policy above: one pass through the encoder (eval mode, no gradients) for all `pools`."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
     for p in pools: pool_tokens(torch.zeros(1, 2, 1), p)           # validate early
     if cache is not None and Path(cache).exists():
-        d = load_file(str(cache))
+        d = _read_cache(cache)
         if all(f'features_{p}' in d for p in pools): return {p: (d[f'features_{p}'], d['labels']) for p in pools}
     enc = load_encoder(encoder)
     device = torch.device(device) if device is not None else _device_of(enc)
