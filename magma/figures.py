@@ -4,6 +4,7 @@
 
 # %% ../nbs/12_figures.ipynb #d5602c3f
 from __future__ import annotations
+import textwrap
 from pathlib import Path
 import numpy as np
 import torch, torch.nn as nn, torch.nn.functional as F
@@ -12,22 +13,24 @@ import matplotlib
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from .manifold import magma_loss
+from .checkpoints import atomic_path
 from .patches import patchify, unpatchify, random_masking
 from .evaluate import davies_bouldin, pick_classes, check_resolution
 
 # %% auto #0
-__all__ = ['read_metrics', 'magma_label', 'fig2_training', 'layer_magma_matrix', 'fig3_layer_magma', 'pacmap_embed',
-           'fig4_pacmap', 'key_features', 'key_pca', 'fig5_key_pca', 'cls_attention', 'fig6_attention', 'mae_predict',
-           'reconstruction_panels', 'mae_reconstruction', 'fig_reconstruction']
+__all__ = ['RECONSTRUCTION_CAPTION', 'read_metrics', 'magma_label', 'fig2_training', 'layer_magma_matrix', 'fig3_layer_magma',
+           'pacmap_embed', 'fig4_pacmap', 'key_features', 'key_pca', 'fig5_key_pca', 'cls_attention', 'fig6_attention',
+           'mae_predict', 'reconstruction_panels', 'mae_reconstruction', 'fig_reconstruction']
 
 # %% ../nbs/12_figures.ipynb #197df2c3
 def _as_dict(x) -> dict:
     return dict(x) if isinstance(x, dict) else {'': x}
 
 def _save(fig: Figure, path) -> Figure:
+    "Save `fig` at `path` (PNG unless its suffix names another format) atomically: a file planted there, a symlink included, is replaced, never written through."
     if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120, bbox_inches='tight')
+        path = Path(path)
+        with atomic_path(path) as tmp: fig.savefig(tmp, format=path.suffix[1:].lower() or 'png', dpi=120, bbox_inches='tight')
     return fig
 
 def _show_images(x: Tensor, mean=None, std=None) -> np.ndarray:
@@ -39,15 +42,22 @@ def _show_images(x: Tensor, mean=None, std=None) -> np.ndarray:
 
 # %% ../nbs/12_figures.ipynb #2f90078d
 def read_metrics(csv) -> tuple:
-    "(per-epoch means of the step rows, the epoch rows) of a trainer metrics CSV."
+    """(one row per epoch, the epoch rows) of a trainer metrics CSV. An epoch's values are its `epoch` row's (the trainer's
+    means over every step of the epoch); a value that row lacks, and an epoch without one, get the mean of its logged
+    `step` rows. An empty log (0 bytes, or a header and no rows) is refused in one line naming the file."""
     import pandas as pd
-    df = pd.read_csv(csv)
+    try: df = pd.read_csv(csv)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{csv}: the metrics log is empty (0 bytes), there is nothing to plot; a run writes it at its first "
+                         f"logged step (an interrupted write can leave it empty: resume the run, or delete the file)") from None
     for c in ('kind', 'epoch'):
         if c not in df: raise ValueError(f"{csv}: not a magma metrics CSV (no {c!r} column); expected the trainer's <run_dir>/metrics.csv")
+    if not len(df): raise ValueError(f"{csv}: the metrics log holds a header and no rows, there is nothing to plot; "
+                                     f"a run writes a row at each logged step and at the end of each epoch")
     steps, epochs = df[df.kind == 'step'], df[df.kind == 'epoch']
-    num = [c for c in df.columns if c != 'kind' and pd.api.types.is_numeric_dtype(df[c])]
-    per_epoch = (steps if len(steps) else epochs)[num].groupby('epoch', as_index=False).mean()
-    return per_epoch, epochs
+    num = [c for c in df.columns if c not in ('kind', 'epoch') and pd.api.types.is_numeric_dtype(df[c])]
+    per_epoch = epochs.groupby('epoch')[num].last().combine_first(steps.groupby('epoch')[num].mean())
+    return per_epoch[num].reset_index(), epochs
 
 def magma_label(epochs, lam) -> str:
     "Legend text of the epochs where λ > 0: its value (or its range) and the epoch window, e.g. `λ=1, epochs 10–39`."
@@ -271,23 +281,38 @@ def reconstruction_panels(images: Tensor, pred: Tensor, mask: Tensor, patch_size
                           mean=None, std=None) -> dict:
     """Panels from normalized `images` (B, C, H, W), MAE's `pred` and `mask`: `original`, `masked` (masked patches grey),
     `reconstruction` (every patch predicted), `pasted` (visible patches pasted back), each (B, H, W, C) in [0, 1] for
-    imshow, and `mask` (B, H, W), 1 on masked pixels."""
+    imshow, and `mask` (B, H, W), 1 on masked pixels. With `norm_pix`, `reconstruction` and `pasted` give each hidden patch
+    its own true mean and variance; `masked_visible_stats`, `reconstruction_visible_stats` and `pasted_visible_stats` use
+    nothing about the hidden patches: every patch gets the mean over the image's visible patches of their means and
+    variances (and, without `mean`/`std`, the display range of the visible pixels)."""
     p, C, (H, W), dev = patch_size, images.shape[1], images.shape[-2:], images.device
     pred, m = pred.float(), mask.float()
-    if norm_pix:                                   # predictions are per-patch normalized: undo with each patch's own statistics
-        t = patchify(images.float(), p)
-        pred = pred * (t.var(-1, keepdim=True) + 1e-6) ** 0.5 + t.mean(-1, keepdim=True)
-    rec = unpatchify(pred, p, (H, W), C)
+    t, vis = patchify(images.float(), p), (m < 0.5)[..., None]                   # vis (B, L, 1): True on visible patches
+    if norm_pix:                                   # predictions are per-patch normalized (the norm-pix target)
+        mu, var = t.mean(-1, keepdim=True), t.var(-1, keepdim=True)                # every patch's own statistics
+        n_vis = vis.sum(1, keepdim=True).clamp_min(1)
+        mu_v = torch.where(vis, mu, 0).sum(1, keepdim=True) / n_vis              # (B, 1, 1): from the visible patches only
+        var_v = torch.where(vis, var, 0).sum(1, keepdim=True) / n_vis
+        pred, pred_v = pred * (var + 1e-6) ** 0.5 + mu, pred * (var_v + 1e-6) ** 0.5 + mu_v
+    else: pred_v = pred                            # pixels: nothing to undo
     mpix = unpatchify(m[..., None].expand(-1, -1, p * p * C), p, (H, W), C)      # (B, C, H, W), 1 = masked
-    if mean is not None: un = lambda x: x * torch.tensor(std, device=dev).view(1, -1, 1, 1) + torch.tensor(mean, device=dev).view(1, -1, 1, 1)
-    else:                                          # no statistics: each image's own range, shared by its four panels
+    if mean is not None:
+        un = lambda x: x * torch.tensor(std, device=dev).view(1, -1, 1, 1) + torch.tensor(mean, device=dev).view(1, -1, 1, 1)
+        un_v = un
+    else:                                          # no statistics: each image's own range, shared by its panels
         lo, hi = images.amin((1, 2, 3), keepdim=True), images.amax((1, 2, 3), keepdim=True)
         un = lambda x: (x - lo) / (hi - lo + 1e-8)
-    show = lambda x: un(x.float()).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
-    orig, rec = show(images), show(rec)
+        hidden = mpix > 0.5                        # the second set: the range of the visible pixels
+        lo_v = torch.where(hidden, torch.inf, images).amin((1, 2, 3), keepdim=True)
+        hi_v = torch.where(hidden, -torch.inf, images).amax((1, 2, 3), keepdim=True)
+        un_v = lambda x: (x - lo_v) / (hi_v - lo_v + 1e-8)
+    show = lambda x, u: u(x.float()).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
     mk = mpix.permute(0, 2, 3, 1).cpu().numpy() > 0.5
+    orig, rec = show(images, un), show(unpatchify(pred, p, (H, W), C), un)
+    orig_v, rec_v = np.where(mk, 0.5, show(images, un_v)), show(unpatchify(pred_v, p, (H, W), C), un_v)   # hidden pixels never read
     return dict(original=orig, masked=np.where(mk, 0.5, orig), reconstruction=rec, pasted=np.where(mk, rec, orig),
-                mask=mk[..., 0].astype(np.float32))
+                masked_visible_stats=orig_v, reconstruction_visible_stats=rec_v, pasted_visible_stats=np.where(mk, rec_v, orig_v),
+                mask=mk[..., 0].astype(np.float32), norm_pix=bool(norm_pix))
 
 # %% ../nbs/12_figures.ipynb #6e2a9d47
 def mae_reconstruction(model: nn.Module, images: Tensor, mean=None, std=None, seed: int = 0) -> dict:
@@ -295,18 +320,31 @@ def mae_reconstruction(model: nn.Module, images: Tensor, mean=None, std=None, se
     pred, mask = mae_predict(model, images, seed)
     return reconstruction_panels(images, pred, mask, model.encoder.patch_size, getattr(model, 'norm_pix', False), mean, std)
 
+RECONSTRUCTION_CAPTION = ("(a) hidden patches at their own true mean and variance (the norm-pix target: uses the hidden pixels); "
+                          "(b) at the mean and variance of the visible patches: nothing about the hidden patches is used")
+
 def fig_reconstruction(model: nn.Module, images: Tensor, path=None, mean=None, std=None, seed: int = 0,
                        max_images: int = 6, title: str | None = None) -> Figure:
-    "MAE reconstructions, as FB MAE's demo: one row per image; original, masked, reconstruction, reconstruction + visible."
+    """MAE reconstructions, as FB MAE's demo: original, masked, reconstruction, reconstruction + visible. For a norm-pix
+    model two rows per image, labelled and captioned: (a) de-normalized with each hidden patch's own statistics, (b) with
+    the visible patches' only (`reconstruction_panels`); a model that predicts pixels has one row, which uses neither."""
     r = mae_reconstruction(model, images[:max_images], mean, std, seed)
-    B = len(r['original'])
+    B, two = len(r['original']), r['norm_pix']
     cols = [('original', 'original'), ('masked', f"masked ({r['mask'].mean():.0%})"), ('reconstruction', 'reconstruction'),
             ('pasted', 'reconstruction + visible')]
-    fig = Figure(figsize=(1.8 * len(cols), 1.8 * B + (0.3 if title else 0))); axs = np.array(fig.subplots(B, len(cols), squeeze=False))
+    rows = [('', "(a) true hidden\nmean, variance"), ('_visible_stats', "(b) visible-patch\nmean, variance")] if two else [('', '')]
+    caption = RECONSTRUCTION_CAPTION if two else "the model predicts pixels (norm_pix=False): nothing about the hidden patches is used"
+    n = B * len(rows)
+    fig = Figure(figsize=(1.8 * len(cols), 1.8 * n + 0.6)); axs = np.array(fig.subplots(n, len(cols), squeeze=False))
     for b in range(B):
-        for c, (k, _) in enumerate(cols): axs[b, c].imshow(r[k][b], interpolation='nearest')
+        for j, (suffix, label) in enumerate(rows):
+            ax = axs[b * len(rows) + j]
+            for c, (k, _) in enumerate(cols):
+                if c == 0 and suffix: ax[c].set_frame_on(False)       # the original shows the hidden pixels: not in row (b)
+                else: ax[c].imshow(r[k + suffix][b], interpolation='nearest')
+            ax[0].set_ylabel(label, fontsize=7)
     for c, (_, t) in enumerate(cols): axs[0, c].set_title(t, fontsize=8)
     for ax in axs.flat: ax.set_xticks([]); ax.set_yticks([])
-    if title: fig.suptitle(title, fontsize=9)
+    fig.suptitle('\n'.join(([title] if title else []) + textwrap.wrap(caption, 12 * len(cols) + 10)), fontsize=7)
     fig.tight_layout()
     return _save(fig, path)
