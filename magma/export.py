@@ -4,11 +4,11 @@
 
 # %% ../nbs/13_export.ipynb #7ac7563d
 from __future__ import annotations
-import argparse, json, warnings
+import argparse, json, math, os, warnings
 from pathlib import Path
 import torch.nn as nn
 from .evaluate import load_encoder, load_state_dict_checked
-from .checkpoints import atomic_path, write_json
+from .checkpoints import CheckpointError, atomic_path, check_weights, load_tensors, write_json, _line
 from .train import load_pretrained
 
 # %% auto #0
@@ -43,38 +43,89 @@ def timm_config(encoder: nn.Module, mean=None, std=None) -> dict:
                 interpolation='bicubic', crop_pct=1.0, crop_mode='center', license='apache-2.0')
     return dict(architecture=arch, num_classes=0, num_features=D, global_pool='token', model_args=args, pretrained_cfg=pcfg)
 
+_MODEL_ARGS = {'img_size', 'patch_size', 'in_chans', 'embed_dim', 'depth', 'num_heads', 'mlp_ratio', 'qkv_bias', 'class_token',
+               'no_embed_class', 'global_pool', 'num_classes', 'fc_norm', 'pre_norm'}     # the keys timm_config writes
+
+_RUN_FILES = ('checkpoint.safetensors', 'results.json', 'metrics.csv')      # with a config.json that is not an export's: a run
+
+def _export_config(p: Path) -> bool:
+    "Whether `p` is an export's config.json (timm's format, as `timm_config` writes it), which a new export may replace."
+    try: cfg = json.loads(p.read_text()) if p.stat().st_size < 2**20 else None
+    except (OSError, ValueError): return False
+    return isinstance(cfg, dict) and {'architecture', 'model_args', 'pretrained_cfg'} <= set(cfg)
+
+def _check_target(folder: Path):
+    "Refuse an export folder that is a file, or that holds a run or a config.json the export would replace: one line naming it."
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"export folder {folder} is a file; give a folder to write model.safetensors and config.json to")
+    held = [n for n in _RUN_FILES if os.path.lexists(folder / n)]
+    if os.path.lexists(folder / 'config.json') and not _export_config(folder / 'config.json'): held.append('config.json')
+    if held:
+        raise FileExistsError(f"export folder {folder} holds a run ({', '.join(held)}; its config.json would be replaced); "
+                              f"export to a new folder, e.g. {folder / 'timm'}")
+
+def _check_stats(mean, std, n: int | None = None, src: str = 'mean=/std= (--mean/--std)'):
+    "Refuse a mean or std that is not `n` (one per channel) finite numbers, a std not > 0: one line naming it and `src`."
+    for name, v in (('mean', mean), ('std', std)):
+        if v is None: continue
+        try: vals = [float(x) for x in v]
+        except (TypeError, ValueError): vals = None
+        if vals is None or (n is not None and len(vals) != n) or not all(map(math.isfinite, vals)) or (name == 'std' and min(vals, default=1) <= 0):
+            want = f"{n if n is not None else 'one per channel,'} finite number(s)" + (', each > 0' if name == 'std' else '')
+            flag = f"{name}= (--{name})" if src.startswith('mean=') else f"the {name} of {src}"
+            raise ValueError(f"{flag} must be {want}; got {v!r}" + ('' if src.startswith('mean=') else f"; pass --{name} (or {name}=)"))
+
 def export_timm(encoder, folder, mean=None, std=None, dataset=None, data_dir=None) -> Path:
     """Write `folder/model.safetensors` (the encoder's state dict under timm's names) and `folder/config.json` for an
     encoder, a run directory or its checkpoint; never modifies the source. `mean`/`std` default to the pretraining
-    dataset's: `dataset` (a dataset or its name), else the run's own (`config.dataset`) for a run or checkpoint."""
+    dataset's: `dataset` (a dataset or its name, with `data_dir`), else the run's own when it is one of the named
+    datasets with published statistics (`magma.datasets.STATS`). No file a checkpoint names is ever read or written."""
     from safetensors.torch import save_file
+    from magma.datasets import STATS
+    folder = Path(folder); _check_target(folder); _check_stats(mean, std)
     if isinstance(encoder, nn.Module): enc, cfg = load_encoder(encoder), None
     else:
         if not Path(encoder).exists(): raise FileNotFoundError(f"checkpoint {encoder} does not exist; give a run directory or its checkpoint.safetensors")
         model, cfg = load_pretrained(encoder); enc = model.encoder
-    if dataset is None and cfg is not None: dataset, data_dir = cfg.dataset, data_dir or cfg.data_dir
+    if dataset is None and cfg is not None and (mean is None or std is None):
+        if cfg.dataset not in STATS:                  # its statistics would come from files (and a cache) the checkpoint names
+            raise ValueError(f"{encoder}: its run was pretrained on {cfg.dataset!r}, whose statistics are computed from files; an "
+                             f"export never reads the files a checkpoint names: pass --dataset (dataset=, with --data_dir) or --mean and --std")
+        dataset = cfg.dataset                          # a name: constants, no file read
     if (mean is None or std is None) and dataset is not None:
         m, s = dataset_stats(dataset, data_dir)
+        _check_stats(m if mean is None else None, s if std is None else None, src=f"dataset {getattr(dataset, 'name', dataset)!r}")
         mean, std = m if mean is None else mean, s if std is None else std
+    _check_stats(mean, std, enc.patch_embed.proj.in_channels)
     if mean is None or std is None:
         warnings.warn("export_timm: no dataset given, so pretrained_cfg gets mean 0 and std 1 (no normalization); "
                       "pass dataset=, or mean= and std=, so that timm's data config normalizes as in pretraining")
     cfg = timm_config(enc, mean, std)
-    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().cpu().contiguous() for k, v in enc.state_dict().items() if not k.startswith('head.')}
+    check_weights(sd, 'export_timm', 'encoder')           # an in-memory encoder too: no NaN or inf exported
     with atomic_path(folder / 'model.safetensors') as tmp: save_file(sd, str(tmp), metadata={'format': 'pt'})
     write_json(folder / 'config.json', cfg)
     return folder
 
 def load_timm(folder) -> nn.Module:
-    "A plain timm `VisionTransformer` built from `config.json`'s `model_args`, weights loaded with strict=True."
-    from safetensors.torch import load_file
+    """A plain timm `VisionTransformer` built from `config.json`'s `model_args`, weights loaded with strict=True through
+    magma's one loader. The config names a registered timm architecture and only the `model_args` `timm_config` writes:
+    nothing in it (an `hf-hub:`/`local-dir:` name, a `checkpoint_path`) decides which file is read."""
     import timm
-    folder = Path(folder)
-    if not (folder / 'config.json').exists(): raise FileNotFoundError(f"{folder}/config.json not found: not an export_timm folder")
-    cfg = json.loads((folder / 'config.json').read_text())
-    model = timm.create_model(cfg['architecture'], pretrained=False, **cfg['model_args'])
-    return load_state_dict_checked(model, load_file(str(folder / 'model.safetensors')), what=f"{folder}/model.safetensors").eval()
+    folder = Path(folder); cj = folder / 'config.json'
+    if not cj.is_file(): raise FileNotFoundError(f"{folder}/config.json not found: not an export_timm folder")
+    try: cfg = json.loads(cj.read_text()) if cj.stat().st_size < 2**20 else None
+    except (ValueError, UnicodeDecodeError) as e: raise CheckpointError(f"{cj}: not JSON ({_line(e)}); not an export_timm folder") from None
+    arch, args = (cfg.get('architecture'), cfg.get('model_args')) if isinstance(cfg, dict) else (None, None)
+    if not isinstance(arch, str) or ':' in arch or not timm.is_model(arch) or not isinstance(args, dict):
+        raise CheckpointError(f"{cj}: not an export_timm config (a registered timm 'architecture', without a source prefix such as "
+                              f"'local-dir:', and 'model_args', in under 1 MiB); export again with magma.export")
+    extra = sorted(set(args) - _MODEL_ARGS)
+    if extra: raise CheckpointError(f"{cj}: model_args {extra[0]!r} is not one export_timm writes ({', '.join(sorted(_MODEL_ARGS))})")
+    try: model = timm.create_model(arch, pretrained=False, **args)
+    except Exception as e: raise CheckpointError(f"{cj}: its model_args do not build {arch} ({type(e).__name__}: {_line(e)})") from None
+    sd, _ = load_tensors(folder / 'model.safetensors')
+    return load_state_dict_checked(model, sd, what=f"{folder}/model.safetensors").eval()
 
 # %% ../nbs/13_export.ipynb #0c9d4a7e
 def parser() -> argparse.ArgumentParser:
@@ -82,8 +133,8 @@ def parser() -> argparse.ArgumentParser:
                                 "model.safetensors (timm's state-dict names) and config.json (model_args, pretrained_cfg).")
     p.add_argument('run_dir', help="a run directory or its checkpoint.safetensors")
     p.add_argument('out_dir', help="the folder to write model.safetensors and config.json to")
-    p.add_argument('--dataset', help="dataset whose mean/std go into pretrained_cfg (default: the run's own)")
-    p.add_argument('--data_dir', help="data root for --dataset folder:... statistics (default: the run's)")
+    p.add_argument('--dataset', help="dataset whose mean/std go into pretrained_cfg (default: the run's own, if it has published statistics)")
+    p.add_argument('--data_dir', help="data root for --dataset folder:... statistics (default: data/ or $MAGMA_DATA; never the run's)")
     p.add_argument('--mean', type=float, nargs='+', help="explicit per-channel mean (overrides the dataset's)")
     p.add_argument('--std', type=float, nargs='+', help="explicit per-channel std (overrides the dataset's)")
     return p
@@ -91,6 +142,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> Path:
     "`python -m magma.export RUN_DIR OUT_DIR`: export, then print what was written and how to load it."
     a = parser().parse_args(argv)
+    _check_stats(a.mean, a.std)                                 # before the checkpoint is read
     out = export_timm(a.run_dir, a.out_dir, mean=a.mean, std=a.std, dataset=a.dataset, data_dir=a.data_dir)
     pc = json.loads((out / 'config.json').read_text())['pretrained_cfg']
     print(f"wrote {out / 'model.safetensors'} and {out / 'config.json'} (mean {pc['mean']}, std {pc['std']})")
