@@ -11,7 +11,7 @@ from .manifold import MagmaLoss
 from .backbone import create_backbone
 
 # %% auto #0
-__all__ = ['METHODS', 'gather', 'MethodSpec', 'register', 'method_spec', 'SSLMethod']
+__all__ = ['METHODS', 'KEY_RANGES', 'gather', 'MethodSpec', 'check_key', 'register', 'method_spec', 'SSLMethod']
 
 # %% ../nbs/03_base.ipynb #b8780886
 def gather(x: torch.Tensor) -> torch.Tensor:
@@ -44,9 +44,28 @@ class MethodSpec:
     @property
     def config_help(self) -> dict: return dict(self.cls.config_help)
     @property
+    def config_ranges(self) -> dict: return self.cls.config_ranges()
+    @property
     def backbone_flavour(self) -> str: return self.config['backbone_flavour']
 
 METHODS: dict[str, MethodSpec] = {}
+
+def _count(v) -> bool: return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+def _num(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool)
+# the valid range of a method's own key, by name: (valid?, the range in words). One table for every method (a key
+# means the same in each, e.g. `proj_hidden_dim`); a method whose key needs another range sets `config_ranges`.
+KEY_RANGES: dict[str, tuple] = {
+    **{k: (_count, 'an integer >= 1') for k in ('proj_hidden_dim', 'proj_output_dim', 'pred_hidden_dim')},
+    **{k: (lambda v: v is None or _count(v), 'an integer >= 1, or None for the preset') for k in ('decoder_dim', 'decoder_depth', 'decoder_heads')},
+    **{k: (lambda v: _num(v) and 0 <= v <= 1, 'a number in [0, 1]') for k in ('base_tau', 'final_tau')},
+    **{k: (lambda v: _num(v) and v >= 0, 'a number >= 0') for k in ('sim_weight', 'var_weight', 'cov_weight', 'uniformity_weight', 'magma_weight')},
+    'temperature': (lambda v: _num(v) and v > 0, 'a number > 0'),
+}
+
+def check_key(name: str, value, ranges: dict | None = None, where: str = '') -> None:
+    "One-line `ValueError` naming `name`, `value` and the valid range if `value` is outside `name`'s range (`ranges`, then `KEY_RANGES`); no range: accepted."
+    ok, words = (ranges or {}).get(name) or KEY_RANGES.get(name) or (None, None)
+    if ok is not None and not ok(value): raise ValueError(f"{name}={value!r}: must be {words}{where}")
 
 def register(name: str, display: str | None = None, baseline: str | None = None, registry: dict | None = None,
              default: bool = False, **defaults):
@@ -73,6 +92,7 @@ class SSLMethod(nn.Module):
     components: tuple = ()     # the loss terms forward returns besides 'loss' and 'magma'
     family: str = ''           # the paper table of its hyperparameters: 'mae' (Table 4) or 'joint-embedding' (Table 5)
     config_help: dict = {}     # {key: (type, help)} of the keys this class adds
+    ranges: dict = {}          # {key: (valid?, range in words)} for a key whose range is not `KEY_RANGES`'s
     defaults: dict = dict(backbone='vit_tiny', backbone_flavour='mae', img_size=224, patch_size=16, in_chans=3, embed_dim=None, depth=None,
                           num_heads=None, mlp_ratio=None, drop_path_rate=0.0, magma_layers=(-2,), magma_target=-1,
                           magma_weight=0.0, magma_bandwidth='std', magma_normalized=True, track_magma=True,
@@ -85,6 +105,13 @@ class SSLMethod(nn.Module):
         for k in reversed(cls.__mro__): out.update(getattr(k, 'defaults', {}))
         return out
 
+    @classmethod
+    def config_ranges(cls) -> dict:
+        "The ranges this class and its bases declare (`ranges`); `KEY_RANGES` covers the rest."
+        out = {}
+        for k in reversed(cls.__mro__): out.update(getattr(k, 'ranges', {}))
+        return out
+
     def __init__(self, **config):
         super().__init__()
         keys = self.config_keys()
@@ -92,6 +119,7 @@ class SSLMethod(nn.Module):
         if unknown:
             raise ValueError(f"unknown config key(s) {unknown} for {type(self).__name__}; valid keys: {', '.join(sorted(keys))}")
         self.config = c = {**keys, **config}
+        for k, v in config.items(): check_key(k, v, self.config_ranges(), f" ({type(self).__name__})")
         size = {k: c[k] for k in ('embed_dim', 'depth', 'num_heads', 'mlp_ratio') if c[k] is not None}
         self.encoder = create_backbone(c['backbone'], c['backbone_flavour'], img_size=c['img_size'], patch_size=c['patch_size'],
                                        in_chans=c['in_chans'], drop_path_rate=c['drop_path_rate'], **size)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, fields
 from .methods import METHODS, method_spec, default_method
+from .base import check_key
 from .datasets import IMG_SIZE
 from .ssl.mae import DECODERS
 from .patches import visible_patches
@@ -160,12 +161,12 @@ _RANGES = dict(  # name: (valid?, the valid range in words)
     decoder_heads=(lambda v: v >= 1, 'an integer >= 1'), magma_weight=(lambda v: v >= 0, 'a number >= 0'),
     magma_start=(lambda v: v >= 0, 'an integer >= 0 (epoch)'), magma_epochs=(lambda v: v >= 0, 'an integer >= 0 (epochs)'),
     uniformity_weight=(lambda v: v >= 0, 'a number >= 0'), temperature=(lambda v: v > 0, 'a number > 0'),
-    seed=(lambda v: v >= 0, 'an integer >= 0'), n_per_class=(lambda v: v >= 1, 'an integer >= 1, or None for the default (500 train, 100 test)'),
+    seed=(lambda v: 0 <= v < 2**32, 'an integer in [0, 2**32) (numpy, sklearn and pacmap take 32-bit seeds)'), n_per_class=(lambda v: v >= 1, 'an integer >= 1, or None for the default (500 train, 100 test)'),
     val_fraction=(lambda v: 0 <= v < 1, 'a number in [0, 1); 0 = no validation split'), online_lr=(lambda v: v > 0, 'a number > 0'),
     log_every=(lambda v: v >= 1, 'an integer >= 1 (steps)'), num_workers=(lambda v: v >= 0, 'an integer >= 0'),
     knn_k=(lambda v: v >= 1, 'an integer >= 1'), linear_epochs=(lambda v: v >= 1, 'an integer >= 1'),
     train_fraction=(lambda v: 0 < v <= 1, 'a number in (0, 1]; 1 = every image'), train_per_class=(lambda v: v >= 1, 'an integer >= 1, or None for no per-class subset'),
-    subset_seed=(lambda v: v >= 0, 'an integer >= 0'), accum_steps=(lambda v: v >= 1, 'an integer >= 1 (1 = no accumulation)'))
+    subset_seed=(lambda v: 0 <= v < 2**32, 'an integer in [0, 2**32)'), accum_steps=(lambda v: v >= 1, 'an integer >= 1 (1 = no accumulation)'))
 
 def _coerce(name: str, v, kind: str, optional: bool):
     "`v` as `kind` (int, float, bool, str or tuple of ints); exact numeric or boolean strings (papermill `-r`, YAML) are converted."
@@ -177,6 +178,7 @@ def _coerce(name: str, v, kind: str, optional: bool):
     if kind == 'bool':
         if isinstance(v, bool): return v
         if isinstance(v, str) and v.strip().lower() in _TRUE + _FALSE: return v.strip().lower() in _TRUE
+        if isinstance(v, numbers.Integral) and v in (0, 1): return bool(v)      # papermill -p resume 1 (the CLI's --resume 1)
         raise bad('true or false')
     if kind == 'int':
         if isinstance(v, bool): raise bad('an integer')
@@ -195,7 +197,7 @@ def _coerce(name: str, v, kind: str, optional: bool):
         if x is None or not math.isfinite(x): raise bad('a finite number')
         return x
     if kind == 'tuple':  # magma_layers: 10, '6, 10', [6, 10]
-        items = str(v).replace(',', ' ').split() if isinstance(v, (numbers.Integral, str)) else v
+        items = str(v).strip().strip('[]()').replace(',', ' ').split() if isinstance(v, (numbers.Integral, str)) else v
         try: out = tuple(_coerce(name, x, 'int', False) for x in items)
         except (ValueError, TypeError): raise bad('one or more block indices, e.g. 10 or [6, 10]') from None
         if not out: raise bad('one or more block indices, e.g. 10 or [6, 10]')
@@ -207,6 +209,7 @@ def _coerce(name: str, v, kind: str, optional: bool):
             except ValueError: raise bad('a dict or its JSON text, e.g. {"proj_hidden_dim": 512}') from None
         if not isinstance(v, dict): raise bad('a dict, e.g. {"proj_hidden_dim": 512}')
         return dict(v)
+    if isinstance(v, numbers.Real) and not isinstance(v, bool): return str(v)   # papermill -p out_dir 5 (the CLI's '5')
     if not isinstance(v, str): raise bad('a string')
     return v
 
@@ -241,6 +244,7 @@ def check_config(cfg: PretrainConfig, here: bool = True) -> PretrainConfig:
         need('method_args', k in own and k not in PARAMS, f"{k!r} is not a key of method {cfg.method!r} without a field of its own; "
              f"its keys: {', '.join(sorted(set(own) - set(PARAMS))) or 'none'}")
         cfg.method_args[k] = _coerce(k, v, own[k][0].__name__ if own[k][0] in (int, float, bool, str) else 'str', False)
+        check_key(k, cfg.method_args[k], method_spec(cfg.method).config_ranges, f" (a key of method {cfg.method!r})")
     if 'decoder_heads' in own:
         need('decoder_heads', cfg.decoder_dim % cfg.decoder_heads == 0, f"does not divide decoder_dim={cfg.decoder_dim}; pick a divisor of it")
     if 'mask_ratio' in own: visible_patches((cfg.img_size // cfg.patch_size) ** 2, cfg.mask_ratio)   # the one mask_ratio check
@@ -250,7 +254,11 @@ def check_config(cfg: PretrainConfig, here: bool = True) -> PretrainConfig:
     if here:
         import torch
         cuda = torch.cuda.is_available()
-        need('device', cuda or not cfg.device.startswith('cuda'), "but CUDA is not available on this machine; use device='cpu' or 'auto'")
+        n, mps = torch.cuda.device_count() if cuda else 0, bool(getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available())
+        here_now = ', '.join(['auto', 'cpu'] + (['cuda'] + [f'cuda:{i}' for i in range(n)] if n else []) + (['mps'] if mps else []))
+        need('device', cuda or not cfg.device.startswith('cuda'), f"but CUDA is not available on this machine; available: {here_now}")
+        need('device', not cfg.device.startswith('cuda:') or int(cfg.device[5:]) < n, f"but this machine has {n} CUDA device(s); available: {here_now}")
+        need('device', cfg.device != 'mps' or mps, f"but this torch cannot use MPS here; available: {here_now}")
         need('precision', cfg.precision != 'fp16' or (cuda and (cfg.device == 'auto' or cfg.device.startswith('cuda'))),
              f"needs CUDA (GradScaler) but device={cfg.device!r} runs on the CPU here; use precision='bf16' or 'fp32'")
     return cfg

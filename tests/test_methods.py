@@ -64,3 +64,13 @@ def test_gather_with_gradient_two_processes():
         assert n == 8 and abs(loss - ref.item()) < 1e-5
         # all_gather's backward sums the ranks' gradients: 2 ranks x the same global loss
         assert torch.allclose(grad, 2 * full1.grad[rank * 4:(rank + 1) * 4], atol=1e-5)
+
+
+@pytest.mark.parametrize("method,key,value", [("simclr", "proj_hidden_dim", 0), ("simclr", "proj_hidden_dim", -5),
+                                              ("m-vicreg", "proj_output_dim", 0), ("byol", "final_tau", 1.5)])
+def test_method_keys_range_checked(method, key, value):
+    "Issue 22, item 11: a method's own key out of range fails where the method is built, one line naming it (was: accepted, or a raw torch error)."
+    from magma.methods import create
+    with pytest.raises(ValueError) as e:
+        create(method, img_size=16, patch_size=4, **{key: value})
+    assert f"{key}={value!r}: must be" in str(e.value) and "\n" not in str(e.value)
