@@ -4,21 +4,98 @@
    then every notebook processed into `_proc/` (show_doc signatures and docstrings rendered, doc links added, hidden
    cells and `#|` directives removed). Its parts are called directly because the `nbdev_proc_nbs` command first tries
    to *download and install* Quarto with sudo when no `quarto` is on PATH.
-2. `_proc/` (a Quarto website project: `nbs/_quarto.yml`) rendered to HTML. The renderer is Quarto when a `quarto`
+2. The results pages filled in: the table and figures notebooks (`nbs/tables/`), committed without outputs, are executed
+   in the staged copy with papermill (`profile mini`, `launch_runs False`, `runs_dir` a copy of the repository's
+   `results/`), so they train nothing and show the committed mini tables and the figures drawn from the committed
+   `metrics.csv` and `results.json` files. The executed copies are cached in `_proc/.executed/`, keyed by the notebook,
+   `results/`, `magma/` and this script; `nbs/` is never written.
+3. `_proc/` (a Quarto website project: `nbs/_quarto.yml`) rendered to HTML. The renderer is Quarto when a `quarto`
    binary is on PATH (or in .venv/bin), else smalldocs (pure Python, from PyPI, in the dev extras), which reads the same
    `_quarto.yml`. The `quarto-cli` package on PyPI cannot be the default: it is an sdist whose build downloads the Quarto
    binary from GitHub, so it does not install from the package index alone.
-3. The site made self-contained: nbdev's doc links to the published site (`doc_host` + `doc_baseurl`, e.g.
+4. The site made self-contained: nbdev's doc links to the published site (`doc_host` + `doc_baseurl`, e.g.
    `https://magma-ssl.github.io/magma/manifold.html#...`) become relative links, and when Debian's `libjs-katex` is
    installed KaTeX is copied into `site_libs/katex/` so that the equations render offline (else the CDN is used).
+   Search works from disk too (smalldocs): a browser refuses `fetch('search.json')` on a `file://` page, so the index is
+   also written as `search.js` and the search script loads that when the page is opened from disk (`make docs-serve`
+   serves the site on http://127.0.0.1:8000 for Quarto's search, which fetches).
 
 README.md is never written here: nbdev_readme is not called, and settings.ini's readme_nb names no notebook.
 """
-import argparse, json, os, re, shutil, subprocess, sys, tempfile, time
+import argparse, hashlib, json, os, re, shutil, subprocess, sys, tempfile, time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 KATEX_CDN = re.compile(r'https://cdn\.jsdelivr\.net/npm/katex@[0-9.]+/dist/')
 DEBIAN_KATEX = Path('/usr/share/javascript/katex')
+# the results pages, executed on the committed results/ with these papermill parameters (runs_dir added per build)
+RESULT_NBS = ('table1', 'table2', 'table3', 'table6', 'table7', 'table8', 'figures')
+RESULT_PARAMS = dict(profile='mini', launch_runs=False)
+RESULT_NOTE = ("*This page was executed when the docs were built (`scripts/build_docs.py`) with `profile mini` and "
+               "`launch_runs False`: it trained nothing and shows what the repository's committed `results/mini/` holds "
+               "({what}).*")
+RESULT_WHAT = dict(figures="each run's `metrics.csv` and `results.json`: Fig. 2 and the Fig. 4 numbers; the PaCMAP panels "
+                           "and Figs. 3, 5 and 6 need the runs' checkpoints, which are not committed",
+                   table="`results/mini/{name}-mini.md`, re-rendered from the runs' `results.json`; a cell \"not run\" has "
+                         "no committed run")
+
+
+def _digest(paths) -> str:
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        h.update(p.as_posix().encode()); h.update(b'\0'); h.update(p.read_bytes()); h.update(b'\0')
+    return h.hexdigest()[:16]
+
+
+def _execute_results(stage: Path, root: Path, cache: Path, n_workers: int = 2):
+    """Execute the table and figures notebooks of `stage/tables/` in place on a copy of `root/results` (papermill,
+    `RESULT_PARAMS`), the copy's path written as `results` in their outputs; papermill's injected-parameters cell becomes
+    a note saying how the page was made. Cached in `cache` by content. Returns the names executed (not from the cache)."""
+    try: import papermill as pm
+    except ImportError: sys.exit("docs: the results pages are executed with papermill, which is not installed: `make setup` "
+                                 "(or pip install papermill ipykernel); `--no-results` builds the site without them")
+    results = root / 'results'
+    if not results.is_dir(): sys.exit(f'docs: {results} is missing: the results pages are rendered from the committed results/')
+    common = _digest([p for p in results.rglob('*') if p.is_file()] + sorted((root / 'magma').glob('*.py')) + [Path(__file__).resolve()])
+    cache.mkdir(parents=True, exist_ok=True)
+    todo, ran = [], []
+    for name in RESULT_NBS:
+        nb = stage / 'tables' / f'{name}.ipynb'
+        if not nb.exists(): sys.exit(f'docs: {nb.relative_to(stage)} not in the processed notebooks (RESULT_NBS in {Path(__file__).name})')
+        key = cache / f"{name}-{hashlib.sha256(nb.read_bytes() + common.encode()).hexdigest()[:16]}.ipynb"
+        if key.exists(): shutil.copy(key, nb)
+        else: todo.append((name, nb, key))
+    if not todo: return ran
+    with tempfile.TemporaryDirectory(prefix='magma-docs-results-') as tmp:
+        runs = Path(tmp) / 'results'
+        shutil.copytree(results, runs)
+        def one(item):
+            name, nb, key = item
+            try:
+                pm.execute_notebook(str(nb), str(nb), parameters=dict(RESULT_PARAMS, runs_dir=str(runs)), cwd=str(nb.parent),
+                                    kernel_name='python3', progress_bar=False)
+            except pm.PapermillExecutionError as e:
+                sys.exit(f'docs: executing {nb.relative_to(stage)} on results/ failed in cell {e.exec_count}: {e.ename}: {e.evalue}')
+            d = json.loads(nb.read_text(encoding='utf-8'))
+            what = RESULT_WHAT['figures'] if name == 'figures' else RESULT_WHAT['table'].format(name=name)
+            cells = []
+            for c in d['cells']:
+                if 'injected-parameters' in c.get('metadata', {}).get('tags', []):
+                    c = dict(cell_type='markdown', id=c.get('id', 'injected'), metadata={}, source=RESULT_NOTE.format(what=what))
+                elif c['cell_type'] == 'code':
+                    for o in c.get('outputs', []):
+                        if 'text' in o: o['text'] = ''.join(o['text']).replace(str(runs), 'results')
+                        for m in ('text/plain', 'text/markdown', 'text/html'):
+                            if m in o.get('data', {}): o['data'][m] = ''.join(o['data'][m]).replace(str(runs), 'results')
+                cells.append(c)
+            d['cells'] = cells
+            text = json.dumps(d, indent=1, ensure_ascii=False)
+            nb.write_text(text, encoding='utf-8')
+            for old in cache.glob(f'{name}-*.ipynb'): old.unlink()
+            key.write_text(text, encoding='utf-8')
+            return name
+        with ThreadPoolExecutor(max(1, n_workers)) as ex: ran = list(ex.map(one, todo))
+    return ran
 
 
 def _front_cell(nb: dict):
@@ -32,7 +109,7 @@ def _stage(cache: Path, stage: Path, keep_output_file: bool = True):
     the file names are the pages' names for any renderer (smalldocs does not read `output-file`). Two notebooks that
     claim one page (11_evaluate.ipynb and evaluate.ipynb both want evaluate.html) are told apart: the module notebook,
     which nbdev's doc links point to, keeps the name and the other becomes `<name>-notebook.html`."""
-    shutil.copytree(cache, stage, ignore=shutil.ignore_patterns('_docs', '_site'))
+    shutil.copytree(cache, stage, ignore=shutil.ignore_patterns('_docs', '_site', '.executed'))
     nbs = sorted(stage.rglob('*.ipynb'), key=lambda p: (p.parent.as_posix(), not re.match(r'\d+_', p.name), p.name))
     taken, renames = set(), {}
     for nb in nbs:
@@ -102,6 +179,24 @@ def _postprocess(site: Path, doc_url: str, katex: bool):
     return n_links, n_fallback
 
 
+SEARCH_FETCH = 'const r = await fetch(offset + "search.json");\n      index = await r.json();'
+SEARCH_DISK = ('if (location.protocol === "file:") {  // magma: a file:// page may not fetch; search.js holds the same index\n'
+               '        index = await new Promise((ok) => { const s = document.createElement("script");\n'
+               '          s.src = offset + "search.js"; s.onload = () => ok(window.MAGMA_SEARCH || []); s.onerror = () => ok([]);\n'
+               '          document.head.appendChild(s); });\n'
+               '      } else { ' + SEARCH_FETCH.replace('\n      ', ' ') + ' }')
+
+
+def _search_from_disk(site: Path) -> bool:
+    """smalldocs' search fetches `search.json`, which a browser refuses on a `file://` page: write the index as
+    `search.js` too, and make the script load it from there when the page was opened from disk."""
+    idx, js = site / 'search.json', sorted(site.glob('site_libs/**/smalldocs.js'))
+    if not idx.exists() or not js or SEARCH_FETCH not in js[0].read_text(encoding='utf-8'): return False
+    (site / 'search.js').write_text('window.MAGMA_SEARCH = ' + idx.read_text(encoding='utf-8') + ';\n', encoding='utf-8')
+    js[0].write_text(js[0].read_text(encoding='utf-8').replace(SEARCH_FETCH, SEARCH_DISK), encoding='utf-8')
+    return True
+
+
 def _vendor_katex(site: Path):
     if not (DEBIAN_KATEX / 'katex.min.js').exists(): return False
     dst = site / 'site_libs' / 'katex'
@@ -117,6 +212,7 @@ def main(argv=None):
     ap.add_argument('--renderer', choices=['auto', 'quarto', 'smalldocs'], default=os.environ.get('MAGMA_DOCS_RENDERER', 'auto'))
     ap.add_argument('--n_workers', type=int, default=2)
     ap.add_argument('--force', action='store_true', help='re-process every notebook (ignore the _proc cache)')
+    ap.add_argument('--no-results', action='store_true', help='do not execute the table and figures notebooks (empty results pages)')
     a = ap.parse_args(argv)
     t0 = time.time()
     from nbdev.config import get_config
@@ -137,7 +233,12 @@ def main(argv=None):
     t1 = time.time()
     with tempfile.TemporaryDirectory(prefix='magma-docs-') as tmp:
         src = Path(tmp) / 'site'
-        renames = _stage(cache, src, keep_output_file=renderer == 'quarto')
+        _stage(cache, src, keep_output_file=renderer == 'quarto')
+        if not a.no_results:
+            t2 = time.time()
+            ran = _execute_results(src, root, cache / '.executed', a.n_workers)
+            print(f'docs: results pages {", ".join(RESULT_NBS)} ' + (f'executed on results/ ({", ".join(ran)}) in {time.time() - t2:.1f}s'
+                  if ran else 'from the cache (_proc/.executed)'), flush=True)
         if renderer == 'quarto':
             if not quarto: sys.exit('docs: --renderer quarto but no quarto binary on PATH')
             subprocess.run([quarto, 'render', '--no-cache'], cwd=src, check=True)
@@ -146,12 +247,13 @@ def main(argv=None):
         out = src / doc_path.name
         if not (out / 'index.html').exists(): sys.exit(f'docs: {renderer} wrote no {out}/index.html')
         katex = _vendor_katex(out)
+        disk_search = _search_from_disk(out)
         n_links, n_fallback = _postprocess(out, cfg.doc_host + cfg.doc_baseurl, katex)
         shutil.rmtree(doc_path, ignore_errors=True)
         shutil.move(str(out), str(doc_path))
     n = sum(1 for _ in doc_path.rglob('*.html'))
     print(f'docs: {renderer} rendered {n} pages into {doc_path.relative_to(root)}/ in {time.time() - t1:.1f}s '
-          f'({n_links} doc links made relative, {n_fallback} of them to the section of their class or page; KaTeX {"vendored from libjs-katex" if katex else "from the CDN"}); '
+          f'({n_links} doc links made relative, {n_fallback} of them to the section of their class or page; KaTeX {"vendored from libjs-katex" if katex else "from the CDN"}; search {"works from disk" if disk_search else "needs `make docs-serve`"}); '
           f'total {time.time() - t0:.1f}s; open {doc_path / "index.html"}')
 
 

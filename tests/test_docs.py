@@ -4,7 +4,11 @@
   the docs, so a cell mixing imports with test code breaks `make docs` (`NameError ... ViT backbones and taps`).
 * The browser tests render the home page and the `00_manifold` page (`manifold.html`) with Chromium (Debian's
   `chromium` package), check the MAGMA equation, the `magma_loss` signature and every local link of the site, and save
-  screenshots in `_docs/screenshots/`. They skip when `_docs/` or Chromium is absent (plain `make test` on a fresh
+  screenshots in `_docs/screenshots/`.
+* The results pages: every cell of the committed mini tables (`results/mini/table*-mini.md`) is a cell of an HTML table
+  on its page (`tables/table1.html`, ...), Table 2's page shows its table in the browser and the figures page shows
+  figures that loaded (`naturalWidth > 0`), with screenshots `table2.png` and `figures.png`.
+* Search works on the site opened from disk (`file://`), where a browser refuses the `fetch` of `search.json`. They skip when `_docs/` or Chromium is absent (plain `make test` on a fresh
   clone); with `MAGMA_REQUIRE_DOCS=1` (`make docs-check`, run by `.ci/run`) a missing site or browser is a failure.
 """
 import ast, os, re, shutil, subprocess, tempfile, warnings
@@ -113,6 +117,17 @@ def _browse(page: Path, screenshot: Path | None = None) -> str:
     return dom.stdout
 
 
+def _probe(page: Path, script: str, screenshot: Path | None = None) -> str:
+    """The DOM of `page` after `script` ran in it (on load): a copy of the page beside it, so that its relative links
+    are the page's own, removed afterwards. What the script finds goes in the DOM (e.g. a `data-` attribute)."""
+    probe = page.with_name(f'_probe-{page.name}')
+    html = page.read_text(encoding='utf-8')
+    probe.write_text(html.replace('</body>', f"<script>window.addEventListener('load', () => {{ {script} }});</script></body>", 1),
+                     encoding='utf-8')
+    try: return _browse(probe, screenshot)
+    finally: probe.unlink(missing_ok=True)
+
+
 def _text(html):
     "Visible text of a DOM, whitespace collapsed (tags dropped, entities decoded)."
     import html as h
@@ -185,3 +200,92 @@ def test_no_broken_local_links(site):
     n = sum(1 for p, h in static for _ in _local_targets(p, h))
     assert n > 500, n                                   # sidebars, tables of contents and doc links: many links
     assert not bad, f'{len(bad)} broken local links:\n' + '\n'.join(sorted(set(bad))[:50])
+
+
+# ---------------------------------------------------------------- the results pages and search
+
+class _Cells(HTMLParser):
+    "The text of every cell (<td>, <th>) inside an HTML <table>, whitespace collapsed."
+    def __init__(self):
+        super().__init__(); self.cells, self._cell, self._tables = [], None, 0
+    def handle_starttag(self, tag, attrs):
+        if tag == 'table': self._tables += 1
+        if tag in ('td', 'th') and self._tables: self._cell = []
+    def handle_endtag(self, tag):
+        if tag == 'table': self._tables -= 1
+        if tag in ('td', 'th') and self._cell is not None:
+            self.cells.append(re.sub(r'\s+', ' ', ''.join(self._cell)).strip()); self._cell = None
+    def handle_data(self, data):
+        if self._cell is not None: self._cell.append(data)
+
+
+def _table_cells(html):
+    p = _Cells(); p.feed(html); return p.cells
+
+
+def _md_cells(md: str):
+    "Every cell of the Markdown tables of `md` (separator rows left out); `**` bold marks dropped."
+    rows = [l.strip() for l in md.splitlines() if l.strip().startswith('|') and not re.fullmatch(r'\|[-:| ]+\|', l.strip())]
+    return [c.strip().replace('**', '') for r in rows for c in r.strip('|').split('|')]
+
+
+COMMITTED = sorted((ROOT / 'results' / 'mini').glob('table*-mini.md'))
+
+
+def test_results_pages_hold_the_committed_tables():
+    "Every cell of every committed mini table is a cell of an HTML table on its page (the static HTML of `make docs`)."
+    _need((DOCS / 'index.html').exists(), '_docs/ not built (run `make docs`)')
+    assert COMMITTED, 'no results/mini/table*-mini.md'
+    for md in COMMITTED:
+        page = DOCS / 'tables' / f"{md.name.split('-')[0]}.html"
+        assert page.exists(), f'no page {page.relative_to(DOCS)} for {md.relative_to(ROOT)}'
+        have = set(_table_cells(page.read_text(encoding='utf-8')))
+        want = _md_cells(md.read_text(encoding='utf-8'))
+        assert len(want) > 50, (md, want)
+        missing = [c for c in dict.fromkeys(want) if c not in have]
+        assert not missing, f'{page.relative_to(DOCS)} lacks {len(missing)} cells of {md.relative_to(ROOT)}: {missing[:10]}'
+
+
+@pytest.fixture(scope='module')
+def browser():
+    _need((DOCS / 'index.html').exists(), '_docs/ not built (run `make docs`)')
+    _need(_chromium() is not None, 'no chromium binary (apt-get install -y chromium)')
+
+
+def test_table_page_in_the_browser(browser):
+    page = DOCS / 'tables' / 'table2.html'
+    assert page.exists(), sorted(p.name for p in (DOCS / 'tables').glob('*.html'))
+    dom = _browse(page, SHOTS / 'table2.png')
+    cells = _table_cells(dom)
+    assert '45.65' in cells, cells[:40]                  # the chosen schedule's validation score (results/mini/table2-mini.md)
+    assert 'λ=1, e_st=0, e_dur=10' in cells and 'not run' not in cells, cells[:40]
+    assert 'launch_runs False' in _text(dom)             # the note saying how the page was made
+    assert '/tmp/' not in dom and 'magma-docs-results' not in dom   # the build's scratch copy is written as results/
+    _png_ok(SHOTS / 'table2.png')
+
+
+def test_figures_page_in_the_browser(browser):
+    page = DOCS / 'tables' / 'figures.html'
+    assert page.exists(), sorted(p.name for p in (DOCS / 'tables').glob('*.html'))
+    dom = _probe(page, "document.body.dataset.imgs = JSON.stringify([...document.querySelectorAll('.cell-output img')]"
+                       ".map((i) => [i.complete, i.naturalWidth, i.naturalHeight]));", SHOTS / 'figures.png')
+    import html as h, json
+    m = re.search(r'data-imgs="([^"]*)"', dom)
+    assert m, 'the probe found no figures'
+    imgs = json.loads(h.unescape(m.group(1)))
+    assert imgs and all(ok and w > 0 and hgt > 0 for ok, w, hgt in imgs), imgs   # every figure loaded
+    assert any(w >= 1000 for _, w, _ in imgs), imgs      # Fig. 2: four panels side by side
+    cells = _table_cells(dom)
+    assert {'MAE', 'M-MAE', 'U-MAE', 'MU-MAE'} <= set(cells), cells   # the Fig. 4 numbers, one row per method
+    _png_ok(SHOTS / 'figures.png')
+
+
+def test_search_works_from_disk(browser):
+    "Typing in the search box of `index.html` opened as a file:// page lists the magma_loss section of the manifold page."
+    if not (DOCS / 'search.js').exists():
+        pytest.skip('this renderer\'s search fetches search.json: use `make docs-serve` (http://127.0.0.1:8000)')
+    dom = _probe(DOCS / 'index.html', "const i = document.querySelector('.smalldocs-search input'); "
+                                      "i.value = 'magma_loss'; i.dispatchEvent(new Event('input'));")
+    hits = re.findall(r'<a class="search-result" href="([^"]*)"', dom)
+    assert hits, 'search found nothing from disk: ' + ('"No results"' if 'search-none' in dom else 'no results box')
+    assert any(x.split('#')[0].endswith('manifold.html') for x in hits), hits
