@@ -15,8 +15,8 @@ from .paper import PAPER_TABLE1, PAPER_TABLE2, PAPER_TABLE3, PAPER_TABLE8, PAPER
 # %% auto #0
 __all__ = ['DEFAULT_CELLS', 'DEFAULT_SEEDS', 'MINI_TABLE2_SETTINGS', 'RESULT_KEYS', 'SMOKE_PARAMS', 'SMOKE_EVAL',
            'mini_data_path', 'profile_dataset', 'dataset_slug', 'Run', 'Cell', 'table_cells', 'default_seeds',
-           'table_runs', 'project_root', 'pretrain_parameters', 'launch', 'evaluate_parameters', 'evaluate_run',
-           'smoke_runs_dir', 'as_list', 'default_runs_dir']
+           'table_runs', 'project_root', 'pretrain_parameters', 'finished', 'launch', 'evaluate_parameters',
+           'evaluate_run', 'smoke_runs_dir', 'as_list', 'default_runs_dir']
 
 # %% ../nbs/16_runs.ipynb #2b0fcb1d
 def mini_data_path(data_dir=None) -> Path:
@@ -167,19 +167,46 @@ def _papermill():
     import papermill as pm
     return pm.execute_notebook
 
+def finished(run: Run) -> bool:
+    """Whether `run` has finished: its `results.json` is a regular file (not a symlink), parses as a JSON object and
+    is this run's (method, seed, profile, dataset and the cell's parameters in its `config`; an evaluation step's
+    method, seed, step and target). No file: False. A file that is not this run's is refused, naming it: a planted or
+    stray `results.json` must not make a run be skipped."""
+    import stat
+    f = run.results
+    try: st = f.lstat()
+    except FileNotFoundError: return False
+    def bad(why): return ValueError(f"{f}: {why}, so it is not {run.cell}'s results; remove it (or the folder) and launch again")
+    if not stat.S_ISREG(st.st_mode): raise bad('not a regular file (a symlink or other)')
+    try: res = json.loads(f.read_text())
+    except (ValueError, UnicodeDecodeError): raise bad('not valid JSON') from None
+    if not isinstance(res, dict): raise bad('not a JSON object')
+    if run.step == 'pretrain':
+        c = res.get('config')
+        if not isinstance(c, dict): raise bad('it holds no run config')
+        want = dict(method=run.method, seed=run.seed, profile=run.profile, **run.params)
+        got = {k: c.get(k) for k in want}
+        want, got = json.loads(json.dumps(want)), json.loads(json.dumps(got))      # tuples as lists, as config.json holds them
+        if got != want or dataset_slug(str(c.get('dataset', ''))) != dataset_slug(run.dataset):
+            raise bad(f"its config differs (dataset {c.get('dataset')!r}, {got} instead of {want})")
+    else:
+        want = dict(method=run.method, seed=run.seed, step=run.step, target=run.target)
+        if {k: res.get(k) for k in want} != want: raise bad(f"it is {({k: res.get(k) for k in want})}, not {want}")
+    return True
+
 def launch(run: Run, device=None, data_dir=None, pretrain_params: dict | None = None, notebook=None,
            log_output: bool = False, execute=None) -> str:
-    "Run the pretraining notebook for `run` unless its `results.json` exists: 'skipped' or 'ran'."
+    "Run the pretraining notebook for `run` unless it has `finished`: 'skipped' or 'ran'."
     if run.step != 'pretrain': raise ValueError(f"launch runs pretraining; {run.cell} is a {run.step} step (use evaluate_run)")
-    if run.results.exists(): return 'skipped'
+    if finished(run): return 'skipped'
     Path(run.out_dir).mkdir(parents=True, exist_ok=True)
     execute = execute or _papermill()
     nb = Path(notebook) if notebook else project_root() / 'nbs' / 'pretrain.ipynb'
     with _locked(run.out_dir):                  # two notebooks (or array tasks) on one run: the second waits, then skips
-        if run.results.exists(): return 'skipped'
+        if finished(run): return 'skipped'
         execute(str(nb), str(Path(run.out_dir) / 'pretrain.ipynb'), parameters=pretrain_parameters(run, device, data_dir, pretrain_params),
                 progress_bar=False, log_output=log_output, cwd=str(project_root()))
-    if not run.results.exists(): raise RuntimeError(f"{nb} finished without writing {run.results}")
+    if not finished(run): raise RuntimeError(f"{nb} finished without writing {run.results}")
     return 'ran'
 
 class _locked:
@@ -212,14 +239,14 @@ def evaluate_run(run: Run, device=None, data_dir=None, pretrain_params: dict | N
                  notebook=None, log_output: bool = False, execute=None) -> str:
     "Run `nbs/evaluate.ipynb` for a transfer or fine-tuning step unless its `results.json` exists: 'skipped' or 'ran'."
     if run.step not in RESULT_KEYS: raise ValueError(f"evaluate_run handles transfer and finetune steps, not {run.step!r}")
-    if run.results.exists(): return 'skipped'
+    if finished(run): return 'skipped'
     if not (Path(run.pretrain_dir) / 'checkpoint.safetensors').exists():
         raise FileNotFoundError(f"{run.cell}: no checkpoint in {run.pretrain_dir}; launch its pretraining run first")
     Path(run.out_dir).mkdir(parents=True, exist_ok=True)
     execute = execute or _papermill()
     nb = Path(notebook) if notebook else project_root() / 'nbs' / 'evaluate.ipynb'
     with _locked(run.out_dir):
-        if run.results.exists(): return 'skipped'
+        if finished(run): return 'skipped'
         import time
         t0, params = time.time(), evaluate_parameters(run, device, data_dir, pretrain_params, eval_params)
         execute(str(nb), str(Path(run.out_dir) / 'evaluate.ipynb'), parameters=params, progress_bar=False,
@@ -241,15 +268,32 @@ SMOKE_PARAMS = dict(n_per_class=4, epochs=1, batch_size=8, linear_epochs=2, prog
 SMOKE_EVAL = dict(transfer=dict(epochs=2, batch_size=8), finetune=dict(epochs=1, batch_size=8, warmup_epochs=0))
 
 def smoke_runs_dir() -> Path:
-    """The default smoke runs directory: `$MAGMA_SMOKE_RUNS`, else a temp directory keyed by a hash of the magma sources and
-    `nbs/pretrain.ipynb`, so the table notebooks of one test session share their smoke runs (one M-MAE run serves
-    Tables 1, 2, 6, 7, 8 and the figures) and a code change starts afresh."""
+    """The default smoke runs directory: `$MAGMA_SMOKE_RUNS`, else a folder keyed by a hash of the magma sources and
+    `nbs/pretrain.ipynb` inside this user's **private** temp folder (`_private_tmp`), so the table notebooks of one test
+    session share their smoke runs (one M-MAE run serves Tables 1, 2, 6, 7, 8 and the figures), a code change starts
+    afresh, and no other user can plant a run (or a `results.json`) there."""
     if os.environ.get('MAGMA_SMOKE_RUNS'): return Path(os.environ['MAGMA_SMOKE_RUNS'])
     import hashlib
     root, h = project_root(), hashlib.sha1()
     for f in sorted((root / 'magma').rglob('*.py')) + [root / 'nbs' / 'pretrain.ipynb']:
         if f.exists(): h.update(str(f.relative_to(root)).encode()); h.update(f.read_bytes())
-    return Path(tempfile.gettempdir()) / f"magma-smoke-{os.getuid()}-{h.hexdigest()[:12]}"
+    return _private_tmp() / h.hexdigest()[:12]
+
+def _private_tmp() -> Path:
+    """`<tmp>/magma-smoke-<uid>`, created mode 0700, used only if it is a real directory (not a symlink) that this
+    user owns and nobody else can enter; otherwise (someone made it first, or loosened it) a fresh `tempfile.mkdtemp`
+    folder, which is private by construction, remembered in `$MAGMA_SMOKE_RUNS` for this process."""
+    import stat
+    d = Path(tempfile.gettempdir()) / f"magma-smoke-{os.getuid()}"
+    try: d.mkdir(mode=0o700)
+    except FileExistsError: pass
+    except OSError: d = None
+    if d is not None:
+        st = d.lstat()
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077: return d
+    d = Path(tempfile.mkdtemp(prefix='magma-smoke-'))
+    os.environ['MAGMA_SMOKE_RUNS'] = str(d)
+    return d
 
 def as_list(x, cast=str) -> list | None:
     "A papermill parameter given as a list, a tuple, None, or a string '0,1,2' / '[0, 1, 2]'."
