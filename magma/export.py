@@ -61,7 +61,7 @@ def _check_target(folder: Path):
     held = [n for n in _RUN_FILES if os.path.lexists(folder / n)]
     if os.path.lexists(folder / 'config.json') and not _export_config(folder / 'config.json'): held.append('config.json')
     if held:
-        raise FileExistsError(f"export folder {folder} holds a run ({', '.join(held)}; its config.json would be replaced); "
+        raise FileExistsError(f"export folder {folder} holds a run ({', '.join(held)}), which an export must not overwrite; "
                               f"export to a new folder, e.g. {folder / 'timm'}")
 
 def _check_stats(mean, std, n: int | None = None, src: str = 'mean=/std= (--mean/--std)'):
@@ -71,7 +71,7 @@ def _check_stats(mean, std, n: int | None = None, src: str = 'mean=/std= (--mean
         try: vals = [float(x) for x in v]
         except (TypeError, ValueError): vals = None
         if vals is None or (n is not None and len(vals) != n) or not all(map(math.isfinite, vals)) or (name == 'std' and min(vals, default=1) <= 0):
-            want = f"{n if n is not None else 'one per channel,'} finite number(s)" + (', each > 0' if name == 'std' else '')
+            want = (f"{n} " if n is not None else '') + "finite numbers, one per channel" + (', each > 0' if name == 'std' else '')
             flag = f"{name}= (--{name})" if src.startswith('mean=') else f"the {name} of {src}"
             raise ValueError(f"{flag} must be {want}; got {v!r}" + ('' if src.startswith('mean=') else f"; pass --{name} (or {name}=)"))
 
