@@ -14,7 +14,7 @@ from .patches import visible_patches
 
 # %% auto #0
 __all__ = ['PAPER_TABLE4', 'PAPER_TABLE5', 'PAPER_COMMON', 'PAPER_MAE', 'PAPER_JE', 'PAPER_BY_FAMILY', 'PARAMS', 'LIGHT_DECODER',
-           'MINI_MAGMA', 'PROFILES', 'paper_table', 'PretrainConfig', 'resolve_config', 'check_config',
+           'MINI_MAGMA', 'PROFILES', 'LOGGERS', 'paper_table', 'PretrainConfig', 'resolve_config', 'check_config',
            'method_uses_magma']
 
 # %% ../nbs/09_configs.ipynb #4a290063
@@ -149,6 +149,7 @@ def resolve_config(profile: str = 'smoke', **params) -> PretrainConfig:
 
 # %% ../nbs/09_configs.ipynb #0e6ae7d5
 _TRUE, _FALSE = ('1', 'true', 'yes', 'y', 'on'), ('0', 'false', 'no', 'n', 'off')
+LOGGERS = ('tensorboard', 'wandb')   # magma.loggers.BACKENDS (a later module; its test checks they agree)
 _DEPTH = dict(vit_tiny=12, vit_small=12, vit_base=12, vit_large=24)
 _CHOICES = dict(method=tuple(METHODS), backbone_flavour=(None, 'mae', 'timm'), backbone=tuple(_DEPTH), magma_schedule=('warmup', 'constant', 'step', 'triangle'),
                 precision=('fp32', 'bf16', 'fp16'), linear_mode=('fast', 'paper'), profile=('smoke', 'mini', 'paper'))
@@ -234,6 +235,8 @@ def check_config(cfg: PretrainConfig, here: bool = True) -> PretrainConfig:
     need('dataset', cfg.dataset in IMG_SIZE or (cfg.dataset.startswith('folder:') and len(cfg.dataset) > 7),
          f"must be one of {', '.join(IMG_SIZE)} or folder:<path>")
     need('device', re.fullmatch(r'auto|cpu|mps|cuda(:\d+)?', cfg.device), "must be auto, cpu, mps, cuda or cuda:N")
+    bad = [n.strip() for n in cfg.loggers.split(',') if n.strip() not in LOGGERS + ('none', '')]
+    need('loggers', not bad, f"unknown logger(s) {', '.join(map(repr, bad))}; valid: {', '.join(LOGGERS)}, several comma-separated ({','.join(LOGGERS)}), or none")
     need('out_dir', cfg.out_dir.strip() != '', "must name a run directory")
     need('patch_size', cfg.img_size % cfg.patch_size == 0, f"does not divide img_size={cfg.img_size}; pick a divisor of {cfg.img_size}")
     depth = _DEPTH[cfg.backbone]

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 # %% auto #0
-__all__ = ['BACKENDS', 'parse_backends', 'as_scalar', 'hparams', 'image_array', 'RunLogger']
+__all__ = ['BACKENDS', 'WANDB_ID_FILE', 'parse_backends', 'as_scalar', 'hparams', 'image_array', 'wandb_run_id', 'RunLogger']
 
 # %% ../nbs/09a_loggers.ipynb #35ab8b0d
 BACKENDS = ('tensorboard', 'wandb')
@@ -19,9 +19,10 @@ def parse_backends(backends) -> tuple[str, ...]:
     names = backends.split(',') if isinstance(backends, str) else list(backends)
     names = tuple(dict.fromkeys(n.strip() for n in names if n.strip() and n.strip() != 'none'))
     bad = [n for n in names if n not in BACKENDS]
-    if bad: raise ValueError(f"backends: unknown logger(s) {bad}; use any of {', '.join(BACKENDS)} (comma-separated), or 'none'")
+    if bad: raise ValueError(f"loggers={backends!r}: unknown logger(s) {', '.join(map(repr, bad))}; valid: {', '.join(BACKENDS)}, "
+                             f"several comma-separated ({','.join(BACKENDS)}), or none")
     if 'wandb' in names and importlib.util.find_spec('wandb') is None:
-        raise ModuleNotFoundError("backends includes 'wandb' but wandb is not installed: pip install wandb (or log to 'tensorboard' only)")
+        raise ModuleNotFoundError(f"loggers={backends!r} includes wandb but wandb is not installed: pip install wandb (or log to tensorboard only)")
     return names
 
 def as_scalar(v) -> float | None:
@@ -50,6 +51,26 @@ def image_array(img) -> np.ndarray:
     return a
 
 # %% ../nbs/09a_loggers.ipynb #eca16c51
+WANDB_ID_FILE = 'wandb_run_id'     # the run directory's wandb run id, so that a resumed run continues the same wandb run
+
+def wandb_run_id(out_dir) -> str | None:
+    "The wandb run id stored in `out_dir` (a regular file holding wandb's id characters), or None."
+    import re
+    f = Path(out_dir) / WANDB_ID_FILE
+    if f.is_symlink() or not f.is_file() or f.stat().st_size > 128: return None
+    rid = f.read_text(errors='replace').strip()
+    return rid if re.fullmatch(r'[A-Za-z0-9_-]{1,64}', rid) else None
+
+def _write_text(path: Path, text: str) -> None:
+    "Write `text` to `path` atomically (a temp file in the same folder, then rename), replacing a symlink rather than following it."
+    import os, tempfile
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.')
+    try:
+        with os.fdopen(fd, 'w') as f: f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True); raise
+
 class RunLogger:
     "A run's scalars, figures and final metrics to TensorBoard (`out_dir/tb`) and, if asked for, wandb."
     def __init__(self, out_dir, config: dict | None = None, backends='tensorboard', purge_step: int | None = None,
@@ -61,8 +82,11 @@ class RunLogger:
                 raise ValueError(f"wandb_mode={wandb_mode!r}: use 'online', 'offline', 'disabled' or None (wandb's default, WANDB_MODE)")
             import wandb
             self.out.mkdir(parents=True, exist_ok=True)
+            rid = wandb_run_id(self.out) if purge_step else None         # a resumed run (it starts past step 0) continues its wandb run
             self.wandb = wandb.init(project=wandb_project or 'magma', name=run_name or self.out.name, dir=str(self.out),
-                                    config=self.config, mode=wandb_mode, reinit='create_new', settings=wandb.Settings(console='off'))
+                                    config=self.config, mode=wandb_mode, reinit='create_new', settings=wandb.Settings(console='off'),
+                                    id=rid, resume='allow' if rid else None)
+            _write_text(self.out / WANDB_ID_FILE, self.wandb.id)
         if 'tensorboard' in self.backends:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(self.out / 'tb'), purge_step=purge_step)
