@@ -8,10 +8,12 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: setup test test-slow demo lab export check bench sweep docs docs-check
 
-$(STAMP): setup.py settings.ini
+# settings.ini declares ranges (what `pip install magma-ssl` accepts); constraints.txt pins the versions tested here.
+# The project's own environment gets every extra: dev (tests, docs), notebooks (jupyterlab, papermill), figures.
+$(STAMP): setup.py settings.ini constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt torch torchvision
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,notebooks,figures]'
 	! $(BIN)/python -m pip show -q magma 2>/dev/null || $(BIN)/python -m pip uninstall -y -q magma  # the old distribution name
 	$(BIN)/python -m ipykernel install --user --name magma --display-name "Python (magma)" >/dev/null
 	touch $(STAMP)

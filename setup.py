@@ -1,9 +1,10 @@
 """Packaging for magma, driven by `settings.ini` (the nbdev 2 convention)."""
 from configparser import ConfigParser
+from pathlib import Path
 import setuptools, shlex
 
 config = ConfigParser(delimiters=['='])
-config.read('settings.ini', encoding='utf-8')
+config.read(Path(__file__).resolve().parent / 'settings.ini', encoding='utf-8')
 cfg = config['DEFAULT']
 
 cfg_keys = 'version description keywords author author_email'.split()
@@ -15,12 +16,17 @@ licenses = {'apache2': ('Apache Software License 2.0', 'OSI Approved :: Apache S
 statuses = ['1 - Planning', '2 - Pre-Alpha', '3 - Alpha', '4 - Beta', '5 - Production/Stable', '6 - Mature', '7 - Inactive']
 py_versions = '3.10 3.11 3.12'.split()
 
+def extras_of(cfg) -> dict:
+    "The extras from settings.ini: every `<name>_requirements` key (dev, notebooks, figures) is the extra `<name>`."
+    return {k[:-len('_requirements')]: shlex.split(v) for k, v in cfg.items()
+            if k.endswith('_requirements') and v.strip()}
+
 requirements = shlex.split(cfg.get('requirements', ''))
-dev_requirements = shlex.split(cfg.get('dev_requirements', ''))
 min_python = cfg['min_python']
 lic = licenses.get(cfg['license'].lower(), (cfg['license'], None))
 
-setuptools.setup(
+if __name__ == '__main__':  # pip (setuptools' build backend) runs this file as __main__; tests import extras_of
+  setuptools.setup(
     name=cfg['lib_name'],
     license=lic[0],
     classifiers=['Development Status :: ' + statuses[int(cfg['status'])],
@@ -32,9 +38,9 @@ setuptools.setup(
     packages=setuptools.find_packages(include=['magma', 'magma.*']),
     include_package_data=True,
     install_requires=requirements,
-    extras_require={'dev': dev_requirements},
+    extras_require=extras_of(cfg),
     python_requires='>=' + cfg['min_python'],
-    long_description=open('README.md', encoding='utf-8').read(),
+    long_description=(Path(__file__).resolve().parent / 'README.md').read_text(encoding='utf-8'),
     long_description_content_type='text/markdown',
     zip_safe=False,
     entry_points={'console_scripts': cfg.get('console_scripts', '').split(),

@@ -1,0 +1,116 @@
+"""Dependencies (issue 23 item 7): `pip install magma-ssl` declares ranges and no notebook or figure tooling; the extras
+`notebooks` and `figures` hold those; `make setup` installs the tested pins from constraints.txt with every extra; and
+the library imports without the extras (their imports are lazy). Offline and fast: settings.ini and setup.py are read,
+not built."""
+import importlib.util, re, subprocess, sys
+from configparser import ConfigParser
+from pathlib import Path
+import pytest
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = {'notebooks': {'jupyterlab', 'papermill', 'ipykernel', 'ipywidgets'}, 'figures': {'pacmap', 'seaborn'}}
+NEVER_IN_BASE = set().union(*HEAVY.values()) | {'numba', 'llvmlite', 'notebook', 'jupyter'}
+
+
+def settings():
+    cp = ConfigParser(delimiters=['=']); cp.read(ROOT / 'settings.ini', encoding='utf-8')
+    return cp['DEFAULT']
+
+
+def reqs(key) -> dict:
+    "settings.ini's `key` as {normalized name: Requirement}."
+    rs = [Requirement(s) for s in settings().get(key, '').split()]
+    return {re.sub(r'[-_.]+', '-', r.name).lower(): r for r in rs}
+
+
+def setup_module_extras() -> dict:
+    "setup.py's extras_require, from its own `extras_of` (setup.py imported under another name: setup() does not run)."
+    spec = importlib.util.spec_from_file_location('magma_setup_py', ROOT / 'setup.py')
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    return mod.extras_of(mod.cfg)
+
+
+def constraints() -> dict:
+    pins = {}
+    for line in (ROOT / 'constraints.txt').read_text(encoding='utf-8').splitlines():
+        line = line.split('#')[0].strip()
+        if line:
+            r = Requirement(line)
+            (spec,) = r.specifier
+            assert spec.operator == '==', f'constraints.txt: {line!r} is not an exact pin'
+            pins[re.sub(r'[-_.]+', '-', r.name).lower()] = Version(spec.version)
+    return pins
+
+
+def test_base_requirements_hold_no_notebook_or_figure_tooling():
+    base = reqs('requirements')
+    assert {'torch', 'torchvision', 'timm', 'safetensors'} <= set(base)
+    assert not NEVER_IN_BASE & set(base), f'in the base requirements: {sorted(NEVER_IN_BASE & set(base))}'
+
+
+def test_base_requirements_are_ranges_with_a_tested_floor():
+    base = reqs('requirements')
+    pinned = [str(r) for r in base.values() if any(s.operator in ('==', '===') for s in r.specifier)]
+    assert not pinned, f'exact pins in settings.ini requirements (they belong in constraints.txt): {pinned}'
+    for name in ('torch', 'torchvision', 'timm', 'safetensors'):
+        assert any(s.operator == '>=' for s in base[name].specifier), f'{name} has no lower bound: {base[name]}'
+    assert Version('2.11') in base['torch'].specifier and Version('2.10') not in base['torch'].specifier
+
+
+def test_extras_in_settings_and_in_setup_py():
+    for extra, names in HEAVY.items():
+        assert names <= set(reqs(f'{extra}_requirements')), f'settings.ini {extra}_requirements lacks {names}'
+    extras = setup_module_extras()
+    assert {'dev', 'notebooks', 'figures'} <= set(extras)
+    for extra, names in HEAVY.items():
+        got = {re.sub(r'[-_.]+', '-', Requirement(s).name).lower() for s in extras[extra]}
+        assert names <= got, f"setup.py extras_require[{extra!r}] = {extras[extra]}"
+    assert 'nbdev==2.4.14' in extras['dev']
+
+
+def test_constraints_pin_the_local_torch_and_satisfy_every_range():
+    pins = constraints()
+    assert pins['torch'] == Version('2.14.1') and pins['torchvision'] == Version('0.29.1')  # the releases on disk here
+    declared = {**reqs('requirements')}
+    for extra in ('dev', *HEAVY): declared.update(reqs(f'{extra}_requirements'))
+    for name, r in declared.items():
+        if name in pins: assert r.specifier.contains(pins[name], prereleases=True), f'constraints.txt {name}=={pins[name]} is outside settings.ini {r}'
+    missing = set(reqs('requirements')) - set(pins)
+    assert not missing, f'base requirements without a tested pin in constraints.txt: {sorted(missing)}'
+
+
+def test_make_setup_installs_the_pins_with_every_extra():
+    mk = (ROOT / 'Makefile').read_text(encoding='utf-8')
+    recipe = mk[mk.index('$(STAMP):'):mk.index('touch $(STAMP)')]
+    assert 'constraints.txt' in recipe.splitlines()[0], 'the install stamp does not depend on constraints.txt'
+    installs = [l for l in recipe.splitlines() if 'pip install' in l]
+    assert installs and all('-c constraints.txt' in l for l in installs), installs
+    assert any("'.[dev,notebooks,figures]'" in l for l in installs), installs
+
+
+BLOCK = """
+import importlib.abc, sys
+BLOCKED = {blocked!r}
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split('.')[0] in BLOCKED: raise ModuleNotFoundError(f"No module named {{name!r}} (blocked)", name=name)
+sys.meta_path.insert(0, Block())
+import pkgutil, magma
+mods = sorted(m.name for m in pkgutil.iter_modules(magma.__path__) if not m.name.startswith('_'))
+for m in mods: __import__('magma.' + m)
+bad = sorted(n for n in sys.modules if n.split('.')[0] in BLOCKED)
+assert not bad, bad
+print(len(mods), 'modules')
+"""
+
+
+def test_the_library_imports_without_the_extras():
+    "Every magma module imports with jupyterlab, papermill, ipykernel, ipywidgets, seaborn, pacmap and numba unimportable."
+    blocked = sorted({'jupyterlab', 'papermill', 'ipykernel', 'ipywidgets', 'seaborn', 'pacmap', 'numba', 'llvmlite',
+                      'IPython', 'nbformat', 'jupyter_client'})
+    p = subprocess.run([sys.executable, '-c', BLOCK.format(blocked=blocked)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert int(p.stdout.split()[0]) >= 10
