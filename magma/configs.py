@@ -4,7 +4,8 @@
 
 # %% ../nbs/09_configs.ipynb #923088c5
 from __future__ import annotations
-import re
+import os, re, tempfile
+from pathlib import Path
 from dataclasses import dataclass, field, fields
 from .methods import METHODS, method_spec, default_method
 from .base import check_key
@@ -15,7 +16,7 @@ from .patches import visible_patches
 # %% auto #0
 __all__ = ['PAPER_TABLE4', 'PAPER_TABLE5', 'PAPER_COMMON', 'PAPER_MAE', 'PAPER_JE', 'PAPER_BY_FAMILY', 'PARAMS', 'LIGHT_DECODER',
            'MINI_MAGMA', 'PROFILES', 'LOGGERS', 'paper_table', 'PretrainConfig', 'resolve_config', 'check_config',
-           'method_uses_magma']
+           'method_uses_magma', 'dataset_slug', 'private_dir', 'default_out_dir']
 
 # %% ../nbs/09_configs.ipynb #4a290063
 _COLS = ('backbone', 'patch_size', 'epochs', 'batch_size', 'lr', 'magma_start')
@@ -81,7 +82,7 @@ class PretrainConfig:
     device: str = _p('auto', "auto, cpu, cuda or cuda:N")
     precision: str = _p('fp32', "fp32, bf16 (autocast) or fp16 (autocast + GradScaler, CUDA)")
     compile: bool = _p(False, "wrap the model in torch.compile")
-    out_dir: str = _p('runs/default', "run directory: checkpoints, logs, plots, results.json")
+    out_dir: str | None = _p(None, "run directory: checkpoints, logs, plots, results.json; None: a fresh runs/<method>-<dataset>-s<seed>, with -2, -3 ... when taken, in a private temp folder for smoke; with resume, the last one taken")
     resume: bool = _p(False, "continue from out_dir's last checkpoint (an error if it has none)")
     overwrite: bool = _p(False, "replace the run already in out_dir (its checkpoint, logs and results); without it, or resume, such a run is refused")
     profile: str = _p('smoke', "smoke, mini or paper: fills in every parameter left as None")
@@ -145,7 +146,9 @@ def resolve_config(profile: str = 'smoke', **params) -> PretrainConfig:
         base = _paper_profile(dataset, method)
     elif profile in PROFILES: base = dict(PROFILES[profile])
     else: raise ValueError(f"unknown profile {profile!r}; valid: smoke, mini, paper")
-    return check_config(PretrainConfig(**{**base, **given, 'profile': profile}))
+    cfg = check_config(PretrainConfig(**{**base, **given, 'profile': profile}))
+    if cfg.out_dir is None: cfg.out_dir = default_out_dir(cfg)
+    return cfg
 
 # %% ../nbs/09_configs.ipynb #0e6ae7d5
 _TRUE, _FALSE = ('1', 'true', 'yes', 'y', 'on'), ('0', 'false', 'no', 'n', 'off')
@@ -237,7 +240,7 @@ def check_config(cfg: PretrainConfig, here: bool = True) -> PretrainConfig:
     need('device', re.fullmatch(r'auto|cpu|mps|cuda(:\d+)?', cfg.device), "must be auto, cpu, mps, cuda or cuda:N")
     bad = [n.strip() for n in cfg.loggers.split(',') if n.strip() not in LOGGERS + ('none', '')]
     need('loggers', not bad, f"unknown logger(s) {', '.join(map(repr, bad))}; valid: {', '.join(LOGGERS)}, several comma-separated ({','.join(LOGGERS)}), or none")
-    need('out_dir', cfg.out_dir.strip() != '', "must name a run directory")
+    need('out_dir', cfg.out_dir is None or cfg.out_dir.strip() != '', "must name a run directory, or be None for a fresh one")
     need('patch_size', cfg.img_size % cfg.patch_size == 0, f"does not divide img_size={cfg.img_size}; pick a divisor of {cfg.img_size}")
     depth = _DEPTH[cfg.backbone]
     for name, blocks in (('magma_layers', cfg.magma_layers), ('magma_target', (cfg.magma_target,))):
@@ -269,3 +272,37 @@ def check_config(cfg: PretrainConfig, here: bool = True) -> PretrainConfig:
 def method_uses_magma(method: str) -> bool:
     "Whether `method` carries MAGMA (λ ≠ 0 in its registered defaults): the registry decides."
     return method_spec(method).uses_magma
+
+# %% ../nbs/09_configs.ipynb #3d9c9de4
+def dataset_slug(dataset: str) -> str:
+    "A short directory-safe name: `folder:/a/b/cifar10-mini` → `cifar10-mini`."
+    return Path(dataset[7:]).name if dataset.startswith('folder:') else dataset.replace('/', '_').replace(':', '_')
+
+def private_dir(name: str) -> Path:
+    """`<tmp>/<name>`, created mode 0700 and used only if it is a real directory (not a symlink) that this user owns and
+    nobody else can enter; otherwise (another user made it first, or it was loosened) a fresh `tempfile.mkdtemp` folder."""
+    import stat
+    d = Path(tempfile.gettempdir()) / name
+    try: d.mkdir(mode=0o700)
+    except FileExistsError: pass
+    except OSError: return Path(tempfile.mkdtemp(prefix=f'{name}-'))
+    st = d.lstat()
+    if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077: return d
+    return Path(tempfile.mkdtemp(prefix=f'{name}-'))
+
+def default_out_dir(cfg: PretrainConfig, root=None) -> str:
+    """The run directory of a run given no `out_dir`, decided here for the CLI, the papermill notebook and `run`:
+    `<root>/<method>-<dataset>-s<seed>`, or the first of `-2`, `-3` ... not taken (a folder or file of that name exists);
+    with `resume`, the last one taken. `root`: `runs/` (smoke: a private temp folder of this user, as smoke runs are
+    disposable)."""
+    if root is None: root = private_dir(f"magma-runs-{os.getuid()}") if cfg.profile == 'smoke' else Path('runs')
+    base = f"{cfg.method}-{dataset_slug(cfg.dataset)}-s{cfg.seed}"
+    taken = lambda p: p.exists() or p.is_symlink()
+    names = (Path(root) / (base if i == 1 else f"{base}-{i}") for i in range(1, 1_000_000))
+    if not cfg.resume: return str(next(p for p in names if not taken(p)))
+    last = Path(root) / base
+    for p in names:
+        if not taken(p): break
+        last = p
+    return str(last)
+

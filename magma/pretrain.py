@@ -4,31 +4,32 @@
 
 # %% ../nbs/14_pretrain.ipynb #df4c79c5
 from __future__ import annotations
-import argparse, json, time, typing
-from dataclasses import fields
+import argparse, functools, json, os, re, sys, time, typing
+from dataclasses import asdict, fields
 from pathlib import Path
-import torch
-import torch.distributed as dist
-from .configs import PretrainConfig, PARAMS, PROFILES, PAPER_COMMON, PAPER_TABLE4, resolve_config, _CHOICES
+from .configs import PretrainConfig, PARAMS, resolve_config, _CHOICES
 from .methods import METHODS
-from .train import train, build_method, pretraining_data_of
-from .checkpoints import write_json
-import magma.datasets as _datasets
-import magma.loader as _loader
-import magma.evaluate as _evaluate
-from .figures import fig2_training, fig4_pacmap, fig_reconstruction
-from .base import method_spec
 
 # %% auto #0
-__all__ = ['LINEAR_MODES', 'run', 'profile_defaults', 'parser', 'main', 'notebook_parameters']
+__all__ = ['LINEAR_MODES', 'OUT_DIR_RULE', 'PAPER_HELP_DATASET', 'CONFIG_MAX_BYTES', 'SNAPSHOT_KEYS', 'RUN_KEYS', 'REFUSALS',
+           'run', 'resolved_defaults', 'profile_defaults', 'parser', 'notebook_config', 'cli_message', 'main',
+           'notebook_parameters']
 
 # %% ../nbs/14_pretrain.ipynb #9eea4b7a
 LINEAR_MODES = {'fast': 'fast (cached, standardized features; not the paper protocol)',
                 'paper': "paper (augmented, frozen encoder: the protocol) for linear_acc and random_linear_acc; the other linear_* are fast"}
 
 def run(cfg: PretrainConfig | None = None, *, progress: bool = True, evaluate: bool = True, **params) -> dict:
-    "Pretrain, evaluate, plot and write `results.json` in `cfg.out_dir`; returns the results dict."
+    "Pretrain, evaluate, plot and write `results.json` in `cfg.out_dir` (None: `configs.default_out_dir`); returns the results dict."
+    import torch, torch.distributed as dist     # imported here, not at the top: `--help` and `--print-config` need none of it
+    from magma.train import train, build_method, pretraining_data_of
+    from magma.checkpoints import write_json
+    from magma.figures import fig2_training, fig4_pacmap, fig_reconstruction
+    from magma.configs import default_out_dir
+    from magma.base import method_spec
+    import magma.datasets as _datasets, magma.loader as _loader, magma.evaluate as _evaluate
     cfg = cfg if isinstance(cfg, PretrainConfig) else resolve_config(**params)
+    if cfg.out_dir is None: cfg.out_dir = default_out_dir(cfg)
     res, model, logger = train(cfg, progress=progress, keep_logger=True)
     t0 = time.time()  # evaluation clock: `wall_seconds` spans every sitting of a resumed run, so never subtract it
     if dist.is_initialized() and dist.get_rank() != 0: return res
@@ -60,28 +61,59 @@ def run(cfg: PretrainConfig | None = None, *, progress: bool = True, evaluate: b
 
 # %% ../nbs/14_pretrain.ipynb #62f00a6f
 def _bool(s: str) -> bool:
-    if s.lower() in ('1', 'true', 'yes', 'y'): return True
-    if s.lower() in ('0', 'false', 'no', 'n'): return False
+    if s.lower() in ('1', 'true', 'yes', 'y', 'on'): return True
+    if s.lower() in ('0', 'false', 'no', 'n', 'off'): return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
 
-def profile_defaults(name: str) -> str:
-    "What `name` resolves to when not given: the dataclass default and, where a profile sets it, the profile's value."
-    d = {f.name: f.default for f in fields(PretrainConfig)}[name]
-    shown = [f"{p} {PROFILES[p][name]}" for p in PROFILES if name in PROFILES[p] and PROFILES[p][name] != d]
-    if name in PAPER_COMMON or any(name in t for t in PAPER_TABLE4.values()): shown.append('paper: Tables 4 and 5')
-    return f"default {d}" + (', ' + ', '.join(shown) if shown else '')
+OUT_DIR_RULE = 'a fresh runs/<method>-<dataset>-s<seed>, -2, -3 ... when taken; smoke: in a private temp folder'
+PAPER_HELP_DATASET = 'cifar100'                 # the dataset whose paper values `--profile paper --help` shows by default
 
-def parser() -> argparse.ArgumentParser:
-    "The CLI, built from `PretrainConfig` (types, help, choices, the profiles' values) and from every registered method's own keys."
-    p = argparse.ArgumentParser(prog='python -m magma.pretrain', allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description="Pretrain a ViT with MAGMA (the parameters of nbs/pretrain.ipynb). A flag not given takes "
-                                            "the profile's value, shown in each help line; --config replays a run's config.json or a YAML file.")
-    p.add_argument('--config', default=None, help="a run's config.json (or a YAML/JSON file of parameters) to start from; flags given here win")
+def resolved_defaults(profile: str = 'smoke', method: str | None = None, dataset: str | None = None) -> dict:
+    "Every field's value when not given, under `profile` (`method`, `dataset`): what `--help` shows (a copy of `_resolved_defaults`)."
+    return dict(_resolved_defaults(profile, method, dataset))
+
+@functools.lru_cache(maxsize=64)
+def _resolved_defaults(profile: str, method: str | None, dataset: str | None) -> dict:
+    """Every field's value when not given, under `profile` (and `method`, `dataset`; paper: cifar100 unless `dataset`),
+    as `resolve_config` gives it: what `--help` shows (cached). A bad `profile`/`method`/`dataset` falls back to the defaults
+    (argparse then names the bad flag)."""
+    if profile == 'paper' and dataset is None: dataset = PAPER_HELP_DATASET
+    for p, m, d in ((profile, method, dataset), (profile, None, dataset), ('smoke', None, None)):
+        try: return asdict(resolve_config(p, method=m, dataset=d, out_dir='-'), dict_factory=dict) | {'out_dir': None}
+        except ValueError: continue
+    return {f.name: f.default for f in fields(PretrainConfig)}
+
+def _shown(v) -> str:
+    if isinstance(v, (tuple, list)): return ' '.join(map(str, v))
+    return json.dumps(v) if isinstance(v, dict) else str(v)
+
+def profile_defaults(name: str) -> str:
+    "What `name` resolves to under each profile, in numbers (paper: on cifar100 with the default method), for the notebook's comments."
+    vals = {p: _shown(resolved_defaults(p)[name]) for p in ('smoke', 'mini', 'paper')}
+    if name == 'out_dir': return f"default: {OUT_DIR_RULE}"
+    if len(set(vals.values())) == 1: return f"default {vals['smoke']}"
+    return 'defaults: ' + ', '.join(f"{p} {v}" + (f" on {PAPER_HELP_DATASET}" if p == 'paper' and name != 'dataset' else '') for p, v in vals.items())
+
+def parser(profile: str = 'smoke', method: str | None = None, dataset: str | None = None) -> argparse.ArgumentParser:
+    """The CLI, built from `PretrainConfig` (types, help, choices) and from every registered method's own keys. Each
+    flag's help ends with ONE default: the value it resolves to under `profile` (`--profile paper --help` shows the
+    paper's numbers, for `dataset` or cifar100)."""
+    d = resolved_defaults(profile, method, dataset)
+    at = f"--profile {profile}" + (f" --method {d['method']}" if profile == 'paper' or method else '') + (f" --dataset {d['dataset']}" if profile == 'paper' or dataset else '')
+    p = argparse.ArgumentParser(prog='python -m magma.pretrain', allow_abbrev=False,
+                                description=f"Pretrain a ViT with MAGMA (the parameters of nbs/pretrain.ipynb). A flag not given takes its "
+                                            f"profile's value: each help line shows it for {at} (--profile mini --help or --profile paper "
+                                            f"--dataset stl10 --help shows theirs). --config replays a run's config.json or a YAML file; "
+                                            f"--print-config prints the resolved config and exits.")
+    p.add_argument('--config', default=None, help="a run's config.json (or a YAML/JSON file of parameters) to start from; flags given here win; "
+                                                  "its out_dir is not reused: the replay goes into a new directory unless --out_dir is given")
+    p.add_argument('--print-config', action='store_true', help="print the resolved config (JSON) and exit without running")
     hints = typing.get_type_hints(PretrainConfig)
     for f in fields(PretrainConfig):
         t = hints[f.name]; args = typing.get_args(t)
         base = next((a for a in args if a is not type(None)), t) if args else t
-        kw = dict(help=f"{f.metadata.get('help', '')} [{profile_defaults(f.name)}]".replace('%', '%%'), default=None)
+        shown = 'None, a fresh directory' if f.name == 'out_dir' else _shown(d[f.name])
+        kw = dict(help=f"{f.metadata.get('help', '')} [default: {shown}]".replace('%', '%%'), default=None)
         if f.name == 'magma_layers': kw.update(type=int, nargs='+')
         elif base is bool: kw.update(type=_bool, nargs='?', const=True, metavar='true|false')   # --resume alone means true
         elif base in (int, float, str): kw['type'] = base
@@ -89,25 +121,83 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument(f'--{f.name}', **kw)
     own = {}                                    # every registered method's keys that have no field of their own
     for name, spec in METHODS.items():
-        for k, (typ, hlp) in spec.config_help.items():
-            if k not in PARAMS: own.setdefault(k, (typ, hlp, []))[2].append(name)
+        for k, (typ, hlp, *_) in spec.config_help.items():
+            if k not in PARAMS: own.setdefault(k, (typ, hlp, {}))[2][name] = spec.config.get(k)
     for k, (typ, hlp, names) in own.items():
-        p.add_argument(f'--{k}', type=_bool if typ is bool else typ, default=None, help=f"{hlp} (only {', '.join(sorted(names))})")
+        vals = {n: v for n, v in names.items() if d['method'] == n} or names    # the chosen method's, or each method's
+        dflt = _shown(next(iter(vals.values()))) if len(set(map(str, vals.values()))) == 1 else ', '.join(f"{n} {v}" for n, v in sorted(vals.items()))
+        p.add_argument(f'--{k}', type=_bool if typ is bool else typ, default=None, help=f"{hlp} (only {', '.join(sorted(names))}) [default: {dflt}]")
     return p
 
+#| export
+CONFIG_MAX_BYTES = 1 << 20          # a parameter file is a few KB; a bigger one is not one
+SNAPSHOT_KEYS = ('versions',)       # in a run's config.json, not parameters: ignored by --config and the notebook
+RUN_KEYS = ('out_dir', 'resume', 'overwrite')   # where a replayed run went and how: never reused
+
 def _load_params(path) -> dict:
-    "Parameters from a run's `config.json` or a YAML/JSON file; run-specific entries (versions, out_dir, resume) are left out."
+    """Parameters from a run's `config.json` or a YAML/JSON file; snapshot-only (versions) and run-specific entries (out_dir,
+    resume, overwrite) are left out. Refused in one line naming the file: more than `CONFIG_MAX_BYTES`, YAML aliases
+    (a 491-byte file of nested aliases expanded to a 322 MB message), invalid YAML, not a mapping."""
     import yaml
-    d = yaml.safe_load(Path(path).read_text())
-    if not isinstance(d, dict): raise ValueError(f"--config {path}: expected a mapping of parameters, got {type(d).__name__}")
-    return {k: v for k, v in d.items() if k not in ('versions', 'out_dir', 'resume', 'overwrite')}
+    def bad(why): return ValueError(f"--config {path}: {why}")
+    class NoAliases(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                ev = self.peek_event()
+                raise bad(f"YAML aliases are not accepted (*{ev.anchor} at line {ev.start_mark.line + 1}); write the values out")
+            return super().compose_node(parent, index)
+    try:
+        with open(path, 'rb') as f: raw = f.read(CONFIG_MAX_BYTES + 1)
+    except OSError as e: raise bad(f"cannot be read ({e.strerror}); give a run's config.json or a YAML/JSON file") from None
+    if len(raw) > CONFIG_MAX_BYTES: raise bad(f"larger than {CONFIG_MAX_BYTES} bytes; a parameter file is a few KB")
+    try: d = yaml.load(raw.decode('utf-8'), Loader=NoAliases)
+    except UnicodeDecodeError: raise bad("not UTF-8 text; give a run's config.json or a YAML/JSON file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, 'problem_mark', None)
+        raise bad(f"not valid YAML/JSON: {getattr(e, 'problem', None) or type(e).__name__}" + (f" at line {mark.line + 1}" if mark else '')) from None
+    if not isinstance(d, dict): raise bad(f"expected a mapping of parameters, got {type(d).__name__}")
+    return {k: v for k, v in d.items() if k not in SNAPSHOT_KEYS + RUN_KEYS}
+
+def notebook_config(params: dict) -> PretrainConfig:
+    """The config of `nbs/pretrain.ipynb` from its parameters (papermill's `-p` values go through the same coercion as
+    the CLI's). A run's `config.json` given with `-f` is a replay: its snapshot-only keys (versions) are ignored and,
+    as its out_dir holds that run, the replay goes into a new directory (`configs.default_out_dir`)."""
+    p = dict(params)
+    snapshot = any(p.pop(k, None) is not None for k in SNAPSHOT_KEYS)
+    if snapshot and p.get('out_dir') is not None and (Path(str(p['out_dir'])) / 'config.json').is_file():
+        for k in RUN_KEYS: p.pop(k, None)
+    return resolve_config(**p)
+
+_FLAG_NAMES = None
+def cli_message(e: BaseException) -> str:
+    "An error's message in the CLI's words: `name=value` as `--name value`, `resume=True` as `--resume`; one line."
+    global _FLAG_NAMES
+    if _FLAG_NAMES is None:
+        _FLAG_NAMES = sorted(set(PARAMS) | {k for s in METHODS.values() for k in s.config_help}, key=len, reverse=True)
+    msg = ' '.join(str(e).split())
+    return re.sub(r"(?<![\w-])(" + '|'.join(_FLAG_NAMES) + r")=(True(?![\w.]))?", lambda m: f"--{m[1]}" + ('' if m[2] else ' '), msg)
+
+REFUSALS = (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ModuleNotFoundError)
 
 def main(argv=None):
-    a = {k: v for k, v in vars(parser().parse_args(argv)).items()}
-    cfg_file = a.pop('config')
-    a = {**(_load_params(cfg_file) if cfg_file else {}), **{k: v for k, v in a.items() if v is not None}}
-    profile = a.pop('profile', None) or 'smoke'
-    res = run(profile=profile, **a)
+    "`python -m magma.pretrain`: parse, resolve, then `--print-config` or `run`; a refusal is one line naming the flag (MAGMA_TRACEBACK=1 shows the traceback)."
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    for k in ('--profile', '--method', '--dataset'): pre.add_argument(k)
+    k = pre.parse_known_args(argv)[0]
+    p = parser(k.profile or 'smoke', k.method, k.dataset)
+    a = vars(p.parse_args(argv))
+    cfg_file, show = a.pop('config'), a.pop('print_config')
+    try:
+        a = {**(_load_params(cfg_file) if cfg_file else {}), **{k: v for k, v in a.items() if v is not None}}
+        profile = a.pop('profile', None) or 'smoke'
+        cfg = resolve_config(profile, **a)
+        if show: print(json.dumps(asdict(cfg), indent=1)); return
+        res = run(cfg)
+    except REFUSALS as e:
+        if os.environ.get('MAGMA_TRACEBACK'): raise
+        p.exit(2, f"{p.prog}: error: {cli_message(e)}\n")
+    import torch.distributed as dist
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(json.dumps({k: res.get(k) for k in ('method', 'dataset', 'knn_acc', 'linear_acc', 'online_acc', 'images_per_sec')}))
         print(f"results: {Path(res['config']['out_dir']) / 'results.json'}")
@@ -116,14 +206,15 @@ def main(argv=None):
 # %% ../nbs/14_pretrain.ipynb #724ca204
 def notebook_parameters() -> str:
     """The parameters cell of `nbs/pretrain.ipynb`, generated from `PretrainConfig`: one line per field, `None` meaning
-    the profile's value (papermill's help shows the comment, which lists the defaults; no parentheses, which papermill's
-    parser refuses), plus `progress`."""
+    the profile's value (papermill's help shows the comment, which lists each profile's value in numbers), plus
+    `progress`. A comment holds no `=` (papermill skips a line with two) and no parentheses (its parser refuses them)."""
     hints, lines = typing.get_type_hints(PretrainConfig), []
     for f in fields(PretrainConfig):
         args = [a for a in typing.get_args(hints[f.name]) if a is not type(None)] or [hints[f.name]]
         t = {tuple: 'list', dict: 'dict'}.get(args[0], args[0].__name__)
         default = {'method': repr(f.default), 'profile': repr(f.default)}.get(f.name, 'None')
-        note = f"{f.metadata.get('help', '')}; {profile_defaults(f.name)}".replace('(', '- ').replace(')', '').replace('λ', 'lambda')
+        note = f"{f.metadata.get('help', '')}; {profile_defaults(f.name)}"
+        note = note.replace('(', '- ').replace(')', '').replace('λ', 'lambda').replace(' = ', ': ').replace('=', ' ')
         lines.append(f"{f.name}: {t} = {default}  # {note}")
     return '\n'.join(lines + ["progress: bool = True  # show the tqdm progress bar"])
 

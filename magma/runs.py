@@ -4,7 +4,7 @@
 
 # %% ../nbs/16_runs.ipynb #a0d07930
 from __future__ import annotations
-import json, os, tempfile
+import json, os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -280,19 +280,10 @@ def smoke_runs_dir() -> Path:
     return _private_tmp() / h.hexdigest()[:12]
 
 def _private_tmp() -> Path:
-    """`<tmp>/magma-smoke-<uid>`, created mode 0700, used only if it is a real directory (not a symlink) that this
-    user owns and nobody else can enter; otherwise (someone made it first, or loosened it) a fresh `tempfile.mkdtemp`
-    folder, which is private by construction, remembered in `$MAGMA_SMOKE_RUNS` for this process."""
-    import stat
-    d = Path(tempfile.gettempdir()) / f"magma-smoke-{os.getuid()}"
-    try: d.mkdir(mode=0o700)
-    except FileExistsError: pass
-    except OSError: d = None
-    if d is not None:
-        st = d.lstat()
-        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077: return d
-    d = Path(tempfile.mkdtemp(prefix='magma-smoke-'))
-    os.environ['MAGMA_SMOKE_RUNS'] = str(d)
+    "This user's private `<tmp>/magma-smoke-<uid>` (`configs.private_dir`: 0700, owned, not a symlink; else a fresh `mkdtemp`), remembered in `$MAGMA_SMOKE_RUNS` when it is a fresh one."
+    from magma.configs import private_dir
+    d = private_dir(f"magma-smoke-{os.getuid()}")
+    if d.name != f"magma-smoke-{os.getuid()}": os.environ['MAGMA_SMOKE_RUNS'] = str(d)
     return d
 
 def as_list(x, cast=str) -> list | None:
