@@ -2,7 +2,7 @@
 `notebooks` and `figures` hold those; `make setup` installs the tested pins from constraints.txt with every extra; and
 the library imports without the extras (their imports are lazy). Offline and fast: settings.ini and setup.py are read,
 not built."""
-import importlib.util, re, subprocess, sys
+import importlib.util, os, re, subprocess, sys
 from configparser import ConfigParser
 from pathlib import Path
 import pytest
@@ -114,3 +114,43 @@ def test_the_library_imports_without_the_extras():
                        timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert int(p.stdout.split()[0]) >= 10
+
+
+FRESH_VENV = """
+import importlib.util, re, sys
+text = open(sys.argv[1], encoding='utf-8').read()
+start = text.index('## MAGMA in your own training loop'); end = text.find('\\n## ', start + 10)
+code = re.search(r'```python\\n(.*?)```', text[start:end], re.S).group(1)
+ns = {}
+exec(compile(code, 'README.md:example', 'exec'), ns)
+assert ns['loss'].ndim == 0 and ns['loss'].requires_grad
+present = sorted(m for m in ('jupyterlab', 'papermill', 'pacmap', 'seaborn', 'numba', 'llvmlite', 'IPython') if importlib.util.find_spec(m))
+assert not present, present
+print('ok', float(ns['loss']))
+"""
+
+
+@pytest.mark.skipif(os.environ.get('MAGMA_FRESH_VENV') != '1',
+                    reason='opt-in (MAGMA_FRESH_VENV=1): installs magma-ssl, torch included (about 6 GB, minutes), into a fresh venv')
+def test_fresh_venv_install_has_no_extras_and_runs_the_readme_example():
+    """`pip install magma-ssl` (a fresh clone of this repository's HEAD, its committed files) into a fresh venv brings
+    none of jupyterlab, papermill, pacmap, seaborn, numba (the extras), and the README's tap-helper example runs there.
+    Opt-in and never part of `make test`: it installs torch with its CUDA libraries (6.0 GB on 2026-12-04). pip resolves
+    from the indexes it is configured with (`MAGMA_FRESH_VENV_PIP` adds arguments, e.g. `--no-index --find-links DIR`
+    for an offline wheel folder); on a machine whose indexes are local and whose pip cache holds torch nothing is
+    downloaded. The venv and the clone live in a temporary folder that is removed afterwards, pass or fail."""
+    import shlex, tempfile
+    with tempfile.TemporaryDirectory(prefix='magma-fresh-venv-') as tmp:
+        tmp = Path(tmp); clone, venv = tmp / 'clone', tmp / 'venv'
+        subprocess.run(['git', 'clone', '-q', str(ROOT), str(clone)], check=True, timeout=300)
+        subprocess.run([sys.executable, '-m', 'venv', str(venv)], check=True, timeout=300)
+        py = venv / 'bin' / 'python'
+        extra = shlex.split(os.environ.get('MAGMA_FRESH_VENV_PIP', ''))
+        p = subprocess.run([str(py), '-m', 'pip', 'install', '-q', *extra, str(clone)], capture_output=True, text=True, timeout=3600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        names = subprocess.run([str(py), '-m', 'pip', 'list', '--format=freeze'], capture_output=True, text=True, check=True).stdout
+        installed = {re.sub(r'[-_.]+', '-', l.split('==')[0]).lower() for l in names.splitlines() if l.strip()}
+        assert 'magma-ssl' in installed and 'torch' in installed, sorted(installed)
+        assert not NEVER_IN_BASE & installed, f'installed without extras: {sorted(NEVER_IN_BASE & installed)}'
+        p = subprocess.run([str(py), '-c', FRESH_VENV, str(clone / 'README.md')], cwd=tmp, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0 and p.stdout.startswith('ok'), p.stderr[-3000:]
