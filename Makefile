@@ -28,14 +28,27 @@ test-slow: $(STAMP)  ## also run the cells flagged #| slow
 	$(BIN)/nbdev_test --n_workers 2 --flags slow
 	$(BIN)/pytest -q tests
 
-# The demo: M-MAE on the offline synthetic dataset (3,000 images of 10 shape/texture classes), 15 epochs on CPU.
-DEMO_ARGS ?= -p method m-mae -p profile smoke -p dataset synthetic -p n_per_class 300 -p epochs 15 \
-	-p batch_size 128 -p lr 1e-3 -p warmup_epochs 2 -p progress False
-demo: $(STAMP)  ## pretrain + evaluate M-MAE on the synthetic dataset through papermill (about 5 minutes on 2 cores)
+# The demo: M-MAE on the offline synthetic dataset (3,000 generated images of 10 shape/texture classes, 10% held out as
+# validation), 3 epochs of ViT-T/4 on CPU, then kNN and linear probes against the random-init floor.
+# How it was chosen (validation split only: 300 held-out training images, CLS token, pretrained vs floor; floor kNN 39.0,
+# linear 45.7): the old demo (15 epochs, batch 128, lr 1e-3) gave kNN 37.0 / linear 46.3 (kNN below the floor), MAE at
+# the same settings 24.0 / 29.3; batch 64, lr 2e-3: 1 epoch 41.7 / 45.7 (linear only equal), 3 epochs 40.3 / 50.7,
+# 8 epochs 25.0 / 33.0; 2 epochs of 5,000 images 37.6 / 48.0 (floor 38.2 / 47.0); MAE for 3 epochs 17.7 / 26.0.
+# On this data a ViT-T/4 masked autoencoder dips below a random network after ~300 steps and needs far more than a
+# 10-minute CPU budget to climb back (the mini profile: 40 epochs of CIFAR-10); 3 epochs (126 steps) was the only
+# setting above the floor on both. Details and the measured times: README, "make demo"; results in results/demo/.
+DEMO_ARGS ?= -p method m-mae -p profile smoke -p dataset synthetic -p n_per_class 300 -p val_fraction 0.1 -p epochs 3 \
+	-p batch_size 64 -p lr 2e-3 -p warmup_epochs 0.5 -p progress False
+DEMO_HEADLINE := import json, sys; r = json.load(open(sys.argv[1])); name = dict(knn_acc="kNN", linear_acc="linear"); \
+	rows = [(s, m, r[p + m], r[p + "random_" + m]) for s, p in (("test", ""), ("validation", "val_")) for m in name if p + m in r]; \
+	[print("%10s %6s CLS: pretrained %5.1f%%, random-init floor %5.1f%%, margin %+5.1f (%s the floor)" % (s, name[m], a, b, a - b, ("NOT above", "above")[a > b])) for s, m, a, b in rows]
+demo: $(STAMP)  ## pretrain + evaluate M-MAE on the synthetic dataset through papermill (about 2 minutes on 2 cores)
 	mkdir -p runs/demo
-	$(BIN)/papermill nbs/pretrain.ipynb runs/demo/m-mae.ipynb $(DEMO_ARGS) -p out_dir $(CURDIR)/runs/demo/m-mae \
-		--cwd nbs --log-output --no-progress-bar 2>&1 | grep -E "^(kNN|linear|DBI|method|results|plots)" || true
+	$(BIN)/papermill nbs/pretrain.ipynb runs/demo/m-mae.ipynb $(DEMO_ARGS) -p out_dir $(CURDIR)/runs/demo/m-mae -p overwrite True \
+		--cwd nbs --log-output --no-progress-bar 2>&1 | grep -E "^(kNN|linear|DBI|validation|method|results|plots)" || true
 	@test -f runs/demo/m-mae/results.json || { echo "demo failed: see runs/demo/m-mae.ipynb"; exit 1; }
+	@echo "headline (CLS token), pretrained against the same ViT at random initialisation:"
+	@$(BIN)/python -c '$(DEMO_HEADLINE)' runs/demo/m-mae/results.json
 	@echo "output notebook: $(CURDIR)/runs/demo/m-mae.ipynb"
 	@echo "run directory:   $(CURDIR)/runs/demo/m-mae (results.json, metrics.csv, fig2_training.png, fig4_pacmap.png, fig_reconstruction.png, tb/)"
 
