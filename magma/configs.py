@@ -83,7 +83,7 @@ class PretrainConfig:
     precision: str = _p('fp32', "fp32, bf16 (autocast) or fp16 (autocast + GradScaler, CUDA)")
     compile: bool = _p(False, "wrap the model in torch.compile")
     out_dir: str | None = _p(None, "run directory: checkpoints, logs, plots, results.json; None: a fresh runs/<method>-<dataset>-s<seed>, with -2, -3 ... when taken, in a private temp folder for smoke; with resume, the last one taken")
-    resume: bool = _p(False, "continue from out_dir's last checkpoint (an error if it has none)")
+    resume: bool | str = _p(False, "continue from out_dir's last checkpoint: true (an error if it has none), auto (continue a checkpoint of the same config, else start: what a requeued sweep job runs), or false")
     overwrite: bool = _p(False, "replace the run already in out_dir (its checkpoint, logs and results); without it, or resume, such a run is refused")
     profile: str = _p('smoke', "smoke, mini or paper: fills in every parameter left as None")
     n_per_class: int | None = _p(None, "synthetic dataset: images per class (train split)")
@@ -179,11 +179,12 @@ def _coerce(name: str, v, kind: str, optional: bool):
     if v is None:
         if optional: return None
         raise bad(f"given (a {kind})")
+    if name == 'resume' and isinstance(v, str) and v.strip().lower() == 'auto': return 'auto'   # --resume auto
     if kind == 'bool':
         if isinstance(v, bool): return v
         if isinstance(v, str) and v.strip().lower() in _TRUE + _FALSE: return v.strip().lower() in _TRUE
         if isinstance(v, numbers.Integral) and v in (0, 1): return bool(v)      # papermill -p resume 1 (the CLI's --resume 1)
-        raise bad('true or false')
+        raise bad('true, false or auto' if name == 'resume' else 'true or false')
     if kind == 'int':
         if isinstance(v, bool): raise bad('an integer')
         if isinstance(v, numbers.Integral): return int(v)

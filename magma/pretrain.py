@@ -65,6 +65,12 @@ def _bool(s: str) -> bool:
     if s.lower() in ('0', 'false', 'no', 'n', 'off'): return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
 
+def _resume(s: str):
+    "--resume true|false|auto (auto: continue a checkpoint of the same config, else start)."
+    if s.lower() == 'auto': return 'auto'
+    try: return _bool(s)
+    except argparse.ArgumentTypeError: raise argparse.ArgumentTypeError(f"expected true, false or auto, got {s!r}") from None
+
 OUT_DIR_RULE = 'a fresh runs/<method>-<dataset>-s<seed>, -2, -3 ... when taken; smoke: in a private temp folder'
 PAPER_HELP_DATASET = 'cifar100'                 # the dataset whose paper values `--profile paper --help` shows by default
 
@@ -115,7 +121,8 @@ def parser(profile: str = 'smoke', method: str | None = None, dataset: str | Non
         shown = 'None, a fresh directory' if f.name == 'out_dir' else _shown(d[f.name])
         kw = dict(help=f"{f.metadata.get('help', '')} [default: {shown}]".replace('%', '%%'), default=None)
         if f.name == 'magma_layers': kw.update(type=int, nargs='+')
-        elif base is bool: kw.update(type=_bool, nargs='?', const=True, metavar='true|false')   # --resume alone means true
+        elif f.name == 'resume': kw.update(type=_resume, nargs='?', const=True, metavar='true|false|auto')   # --resume alone means true
+        elif base is bool: kw.update(type=_bool, nargs='?', const=True, metavar='true|false')
         elif base in (int, float, str): kw['type'] = base
         if f.name in _CHOICES: kw['choices'] = [c for c in _CHOICES[f.name] if c is not None]
         p.add_argument(f'--{f.name}', **kw)
@@ -193,7 +200,11 @@ def main(argv=None):
         profile = a.pop('profile', None) or 'smoke'
         cfg = resolve_config(profile, **a)
         if show: print(json.dumps(asdict(cfg), indent=1)); return
-        res = run(cfg)
+        from magma.train import Preempted                         # the trainer (and torch) only for a run
+        try: res = run(cfg)
+        except Preempted as e:                                    # a scheduler's SIGTERM: the last epoch is checkpointed
+            print(f"{p.prog}: {cli_message(e)}", file=sys.stderr, flush=True)
+            _end_distributed(); raise SystemExit(128 + e.signum) from None   # 143 for SIGTERM, what the signal would give
     except REFUSALS as e:
         if os.environ.get('MAGMA_TRACEBACK'): raise
         p.exit(2, f"{p.prog}: error: {cli_message(e)}\n")
@@ -201,6 +212,10 @@ def main(argv=None):
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(json.dumps({k: res.get(k) for k in ('method', 'dataset', 'knn_acc', 'linear_acc', 'online_acc', 'images_per_sec')}))
         print(f"results: {Path(res['config']['out_dir']) / 'results.json'}")
+    _end_distributed()
+
+def _end_distributed():
+    import torch.distributed as dist
     if dist.is_initialized(): dist.destroy_process_group()
 
 # %% ../nbs/14_pretrain.ipynb #724ca204

@@ -4,15 +4,16 @@
 
 # %% ../nbs/10_train.ipynb #12e540d9
 from __future__ import annotations
-import contextlib, csv, json, math, os, time, platform, shutil, warnings
+import contextlib, csv, json, math, os, time, platform, shutil, signal, threading, warnings
 from pathlib import Path
 from dataclasses import dataclass, asdict, fields
 from typing import NamedTuple
 import torch, torch.nn as nn, torch.nn.functional as F
 import torch.distributed as dist
-from .configs import PretrainConfig, PARAMS, resolve_config, check_config, method_uses_magma
+from .configs import PretrainConfig, PARAMS, resolve_config, check_config, method_uses_magma, default_out_dir
 from .base import method_spec
-from .checkpoints import CheckpointError, save_checkpoint, load_checkpoint, load_weights, write_json, _require, _line
+from .checkpoints import (CheckpointError, save_checkpoint, load_checkpoint, load_weights, write_json, atomic_path,
+                               remove_stray_temps, _require, _line)
 from .loggers import RunLogger, parse_backends
 import magma.methods as _methods
 import magma.datasets as _datasets
@@ -21,9 +22,9 @@ import magma.loader as _loader
 # %% auto #0
 __all__ = ['lr_at', 'magma_lambda', 'init_distributed', 'pick_device', 'method_kwargs', 'global_graph', 'batch_arithmetic',
            'build_method', 'pretraining_data_of', 'pretraining_splits', 'param_groups', 'TrainParts', 'build_parts',
-           'wrap_parts', 'NonFiniteLoss', 'micro_batches', 'train_step', 'NonFiniteState', 'versions',
-           'save_training_state', 'load_training_state', 'EpochStats', 'epoch_row', 'TrainResult', 'train',
-           'load_pretrained']
+           'wrap_parts', 'NonFiniteLoss', 'micro_batches', 'train_step', 'NonFiniteState', 'versions', 'rng_states',
+           'save_training_state', 'load_training_state', 'read_log', 'EpochStats', 'epoch_row', 'RunLock',
+           'TrainResult', 'Preempted', 'StopOnSignal', 'train', 'load_pretrained']
 
 # %% ../nbs/10_train.ipynb #21c49134
 def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> float:
@@ -226,61 +227,145 @@ def versions() -> dict:
     import timm, magma
     return dict(torch=torch.__version__, timm=timm.__version__, magma=magma.__version__, python=platform.python_version())
 
+def rng_states(device: torch.device) -> tuple[list, list]:
+    """(the CPU generator state of every process, the CUDA generator state of every process, or [] off CUDA), in rank
+    order, gathered to every rank (a collective under DDP: every rank calls it)."""
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state(device) if device.type == 'cuda' else None
+    if not dist.is_initialized() or dist.get_world_size() == 1: return [cpu], ([cuda] if cuda is not None else [])
+    mine = torch.cat([cpu, cuda]) if cuda is not None else cpu
+    mine = mine.to(device if dist.get_backend() == 'nccl' else 'cpu')
+    got = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(got, mine)
+    got = [g.cpu() for g in got]
+    return [g[:len(cpu)] for g in got], ([g[len(cpu):] for g in got] if cuda is not None else [])
+
 def save_training_state(p: TrainParts, path: Path, cfg: PretrainConfig, *, epoch: int, history: list, wall_seconds: float,
                         kept_epoch: int | None = None, rank: int = 0):
-    "Checkpoint the run after `epoch` (rank 0 writes), unless a tensor of its state is not finite: `NonFiniteState` then, on every rank."
+    """Checkpoint the run after `epoch` (rank 0 writes; every rank's CPU and CUDA generator states go in), unless a
+    tensor of its state is not finite: `NonFiniteState` then, on every rank."""
     state = dict(model=p.model.state_dict(), probe=p.probe.state_dict(), opt=p.opt.state_dict(), probe_opt=p.probe_opt.state_dict())
     bad = _bad_tensors(state)                                    # on every rank: DDP replicas fail together
     if bad:
         raise NonFiniteState(f"non-finite values (NaN or inf) in {len(bad)} tensor(s) of the model, probe or optimizer state after "
                              f"epoch {epoch} (e.g. {bad[0]}), so it is not saved; {_kept(path, kept_epoch)}. {_advice(cfg).capitalize()}")
+    rng, cuda_rng = rng_states(next(p.model.parameters()).device)   # a collective: before the rank test
     if rank == 0:
-        save_checkpoint(path, dict(state, scaler=p.scaler.state_dict(), rng=[torch.get_rng_state()], epoch=epoch, history=history,
+        save_checkpoint(path, dict(state, scaler=p.scaler.state_dict(), rng=rng, cuda_rng=cuda_rng, epoch=epoch, history=history,
                                    config=asdict(cfg), wall_seconds=wall_seconds, versions=versions()))
 
+# %% ../nbs/10_train.ipynb #dad1697b
 _RESUME_FREE = ('resume', 'overwrite', 'out_dir', 'device', 'log_every', 'num_workers', 'compile', 'knn_k', 'linear_epochs', 'linear_mode',
                 'loggers', 'wandb_project', 'wandb_mode', 'download')
+
+def _config_diff(saved: dict, cfg: PretrainConfig) -> list[str]:
+    "The keys (outside `_RESUME_FREE`) in which the stored config `saved` trains otherwise than `cfg`; a missing key counts as its default."
+    defaults = asdict(PretrainConfig())
+    return [k for k, v in asdict(cfg).items() if k not in _RESUME_FREE and json.dumps(saved.get(k, defaults[k])) != json.dumps(v)]
 
 def _check_resumable(saved: dict, cfg: PretrainConfig):
     "Refuse to resume with settings that change what is trained; a key an older checkpoint lacks counts as its default."
     if not isinstance(saved, dict): raise CheckpointError(f"cannot resume {cfg.out_dir}: its checkpoint's config is a {type(saved).__name__}, not a dict")
-    defaults = asdict(PretrainConfig())
     if saved.get('epochs', cfg.epochs) != cfg.epochs:
         raise ValueError(f"cannot resume {cfg.out_dir} with epochs={cfg.epochs}: it was started with epochs={saved['epochs']!r}, over which "
                          f"its cosine schedule runs; pass epochs={saved['epochs']!r} (a longer run needs a new out_dir)")
-    diff = [k for k, v in asdict(cfg).items() if k not in _RESUME_FREE and json.dumps(saved.get(k, defaults[k])) != json.dumps(v)]
+    diff = _config_diff(saved, cfg)
     if diff:
+        d = asdict(PretrainConfig())
         raise ValueError(f"cannot resume {cfg.out_dir}: its checkpoint was trained with different {', '.join(diff)} "
-                         f"(e.g. {diff[0]}={saved.get(diff[0], defaults[diff[0]])!r}); use a new out_dir or the same parameters")
+                         f"(e.g. {diff[0]}={saved.get(diff[0], d[diff[0]])!r}); use a new out_dir or the same parameters")
 
-def load_training_state(p: TrainParts, path: Path, cfg: PretrainConfig, rank: int = 0) -> tuple[int, list, float]:
-    "Put the checkpoint at `path` into `p` and this rank's RNG, if it fits `cfg`: (the first epoch to run, the history, the wall seconds so far)."
-    st = load_checkpoint(path, next(p.model.parameters()).device)
+def _check_state(st: dict, path: Path, cfg: PretrainConfig):
+    "Refuse a resume state whose epoch, history or wall_seconds is not what `save_training_state` writes, naming the file."
+    def bad(name, want): return CheckpointError(f"{path}: its {name} is {str(st[name])[:60]!r}, not {want}; this is not a checkpoint "
+                                                f"of magma's trainer (move it away to start the run again)")
+    e, h, w = st['epoch'], st['history'], st['wall_seconds']
+    if not isinstance(e, int) or isinstance(e, bool) or not 0 <= e < cfg.epochs: raise bad('epoch', f"an epoch in 0..{cfg.epochs - 1}")
+    if not isinstance(h, list) or len(h) != e + 1 or not all(isinstance(r, dict) for r in h):
+        raise bad('history', f"a list of {e + 1} epoch rows (one per epoch done)")
+    if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or w < 0: raise bad('wall_seconds', "a number of seconds >= 0")
+    for name in ('rng', 'cuda_rng'):
+        v = st.get(name, [])
+        if not isinstance(v, list) or not all(torch.is_tensor(t) and t.dtype == torch.uint8 and t.ndim == 1 for t in v):
+            raise bad(name, "a list of generator states (uint8 tensors)")
+    if not st['rng']: raise bad('rng', "a list of generator states (uint8 tensors)")
+
+def _restore_rng(st: dict, path: Path, cfg: PretrainConfig, device: torch.device, rank: int, world: int):
+    "This rank's CPU and CUDA generator states from the checkpoint; if it holds another number of processes, reseeded with a warning."
+    rng, cuda_rng = st['rng'], st.get('cuda_rng', [])
+    if len(rng) != world:
+        warnings.warn(f"{path} holds the generator states of {len(rng)} process(es) and this run has {world}: each rank's generators are "
+                      f"reseeded, so the resumed run is not bit-identical to an uninterrupted one")
+        torch.manual_seed(cfg.seed + 1_000_003 * rank + 7_919 * (st['epoch'] + 1)); return
+    torch.set_rng_state(rng[rank].cpu())
+    if device.type == 'cuda':
+        if len(cuda_rng) == world: torch.cuda.set_rng_state(cuda_rng[rank].cpu(), device)
+        else:
+            warnings.warn(f"{path} holds no CUDA generator state (trained off CUDA): the CUDA generator is reseeded, so the resumed "
+                          f"run is not bit-identical to an uninterrupted one")
+            torch.cuda.manual_seed(cfg.seed + 1_000_003 * rank + 7_919 * (st['epoch'] + 1))
+
+def load_training_state(p: TrainParts, path: Path, cfg: PretrainConfig, rank: int = 0, world: int = 1) -> tuple[int, list, float]:
+    """Put the checkpoint at `path` into `p` and this rank's CPU and CUDA generators, if it fits `cfg`: (the first epoch to
+    run, the history, the wall seconds so far)."""
+    device = next(p.model.parameters()).device
+    st = load_checkpoint(path, device)
     _require(st, ('model', 'probe', 'opt', 'probe_opt', 'scaler', 'rng', 'epoch', 'history', 'config', 'wall_seconds'), path)
     _check_resumable(st['config'], cfg)
+    _check_state(st, path, cfg)
     load_weights(p.model, st['model'], path, 'model'); load_weights(p.probe, st['probe'], path, 'online probe')
     try:
         p.opt.load_state_dict(st['opt']); p.probe_opt.load_state_dict(st['probe_opt']); p.scaler.load_state_dict(st['scaler'])
-        torch.set_rng_state(st['rng'][rank].cpu() if len(st['rng']) > rank else st['rng'][0].cpu())
+        _restore_rng(st, path, cfg, device, rank, world)
     except Exception as e: raise CheckpointError(f"{path}: its optimizer or RNG state does not fit this run ({type(e).__name__}: {_line(e)})") from None
-    return st['epoch'] + 1, st['history'], st['wall_seconds']
+    return st['epoch'] + 1, st['history'], float(st['wall_seconds'])
 
 # %% ../nbs/10_train.ipynb #5bbea440
+_LOG_HEAD = ('kind', 'epoch', 'step')
+
 class _CSVLog:
-    "Append-only CSV of step and epoch rows; new columns are allowed (the file is rewritten with the wider header)."
-    def __init__(self, path: Path, keep_epochs_below: int | None = None):
-        self.path, self.rows = path, []
-        if path.exists() and keep_epochs_below is not None:
-            with open(path) as f: self.rows = [r for r in csv.DictReader(f) if int(r['epoch']) < keep_epochs_below]
+    """The run's CSV of step and epoch rows. It starts from `rows` (none for a new run), written atomically; rows are
+    appended (never through a symbolic link); a row with a new column rewrites the file, atomically, with the wider header."""
+    def __init__(self, path: Path, rows=()):
+        self.path, self.rows = Path(path), list(rows)
         self._write_all()
     def _write_all(self):
-        self.cols = list(dict.fromkeys(k for r in self.rows for k in r)) or ['kind', 'epoch', 'step']
-        with open(self.path, 'w', newline='') as f:
+        self.cols = list(dict.fromkeys(k for r in self.rows for k in r)) or list(_LOG_HEAD)
+        with atomic_path(self.path) as tmp, open(tmp, 'w', newline='') as f:
             w = csv.DictWriter(f, self.cols); w.writeheader(); w.writerows(self.rows)
     def add(self, row: dict):
         self.rows.append(row)
         if any(k not in self.cols for k in row): return self._write_all()
-        with open(self.path, 'a', newline='') as f: csv.DictWriter(f, self.cols).writerow(row)
+        try: fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+        except OSError as e: raise OSError(e.errno, f"cannot append to {self.path}: {e.strerror} (a run's files are written "
+                                              f"only as regular files, never through a link)") from None
+        with os.fdopen(fd, 'a', newline='') as f: csv.DictWriter(f, self.cols).writerow(row)
+
+def read_log(path: Path, epochs_below: int, history: list = ()) -> list[dict]:
+    """The rows of the run log `path` from epochs before `epochs_below` (what the checkpoint a run resumes from covers).
+    A torn last row (the process was killed while appending it) is dropped with a warning naming the file; another row
+    that does not parse is one error naming the file and the line. A missing or empty log (killed during an old in-place
+    rewrite) starts again from the checkpoint's epoch rows (`history`), with a warning."""
+    path = Path(path)
+    text = path.read_text(errors='replace') if path.is_file() else ''
+    if not text.strip():
+        if history: warnings.warn(f"{path} is missing or empty: the resumed log starts from the checkpoint's {len(history)} epoch row(s); its step rows are lost")
+        return [dict(r) for r in history if int(r['epoch']) < epochs_below]
+    lines = text.splitlines(keepends=True)
+    head = next(csv.reader(lines[:1]))
+    if head[:3] != list(_LOG_HEAD): raise ValueError(f"{path} is not a magma run log (its header starts {','.join(head[:3])!r}, not 'kind,epoch,step'); move it away to resume")
+    rows = []
+    for n, line in enumerate(lines[1:], start=2):
+        vals = next(csv.reader([line]), [])
+        ok = line.endswith('\n') and len(vals) == len(head)
+        try: r = dict(zip(head, vals)); ok = ok and int(r['epoch']) >= 0 and int(r['step']) >= 0
+        except ValueError: ok = False
+        if not ok:
+            if n == len(lines):
+                warnings.warn(f"{path}: dropping its torn last row (line {n}, a kill while it was written)"); break
+            raise ValueError(f"{path}: line {n} is not a row of the run log ({line.strip()[:60]!r}); fix or remove that line to resume")
+        if int(r['epoch']) < epochs_below: rows.append(r)
+    return rows
 
 class EpochStats:
     "Running sums of one epoch on this process: the loss components of its steps, the probe's hits, the images seen."
@@ -326,13 +411,16 @@ def _tap_blocks(model) -> tuple:
     return tuple(sorted(set(model.encoder.check_blocks(tuple(model.magma.layers)))))
 
 def epoch_row(stats: EpochStats, p: TrainParts, eval_dl, world: int = 1, rank: int = 0, **ids) -> dict:
-    "The epoch's row: `ids` (kind, epoch, step, lr, magma_weight), the means over processes, the probe's accuracy and tap norms (rank 0), the throughput."
+    """The epoch's row: `ids` (kind, epoch, step, lr, magma_weight), the means over processes, the probe's accuracies and
+    tap norms (rank 0), the throughput. The accuracies are absent when no process's probe saw a labelled image (it never trained)."""
     device = next(p.model.parameters()).device
     means = {k: _all_mean(v / max(stats.steps, 1), device) for k, v in stats.sums.items()}
+    trained = _all_mean(stats.labelled, device) > 0                   # some process's probe saw a labelled image this epoch
+    accs = dict(online_train_acc=_all_mean(100.0 * float(stats.hits) / max(stats.labelled, 1), device)) if trained else {}
     online = (_probe_accuracy(p.model.encoder, p.probe, eval_dl, device, p.autocast, taps=_tap_blocks(p.model)) if rank == 0
               else dict(online_acc=float('nan')))
-    return dict(ids, **means, online_train_acc=_all_mean(100.0 * float(stats.hits) / max(stats.labelled, 1), device), **online,
-                images_per_sec=stats.images_per_sec(world), epoch_seconds=time.time() - stats.t0)
+    if not trained: online.pop('online_acc')                          # a probe that never trained has no accuracy
+    return dict(ids, **means, **accs, **online, images_per_sec=stats.images_per_sec(world), epoch_seconds=time.time() - stats.t0)
 
 def _log_step(log: _CSVLog, logger: RunLogger, bar, stats: EpochStats, comps: dict, world: int, **ids):
     "A step row in the CSV and TensorBoard, and the loss and images/s on the progress bar."
@@ -348,27 +436,91 @@ def _log_epoch(log: _CSVLog, logger: RunLogger, row: dict):
     logger.flush()
 
 # %% ../nbs/10_train.ipynb #8249e98e
-_RUN_FILES = ('checkpoint.safetensors', 'metrics.csv', 'results.json', 'config.json', 'fig2_training.png', 'fig4_pacmap.png', 'fig_reconstruction.png', 'training_curves.png')
+_MARKS = ('checkpoint.safetensors', 'results.json', 'metrics.csv', 'config.json')    # any of them: the folder holds a run
+_RUN_FILES = _MARKS + ('wandb_run_id', 'fig2_training.png', 'fig4_pacmap.png', 'fig_reconstruction.png', 'training_curves.png')
+_RUN_TREES = ('tb', 'wandb')
 
-def _check_run_dir(cfg: PretrainConfig, ckpt_path: Path):
-    "Refuse a run directory holding a run unless resume or overwrite says what to do with it, and resume without a checkpoint."
-    if cfg.resume and not ckpt_path.is_file():
-        raise FileNotFoundError(f"resume=True but {ckpt_path} does not exist (a mistyped out_dir?); check out_dir={cfg.out_dir!r}, "
-                                f"or drop resume to start a new run there")
-    if ckpt_path.exists() and not (cfg.resume or cfg.overwrite):
-        raise FileExistsError(f"out_dir={cfg.out_dir!r} already holds a run ({ckpt_path.name}); pass resume=True to continue it, "
-                              f"overwrite=True to replace it, or another out_dir")
+def _json_dict(path: Path):
+    try: d = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError): return None
+    return d if isinstance(d, dict) else None
 
-def _start_run_dir(cfg: PretrainConfig, out: Path):
-    """Rank 0, before the first epoch: with `overwrite`, remove the old run's files; remove temporary files a killed write
-    left (`.checkpoint.safetensors.tmp<pid>`, ...); write the config snapshot `config.json`."""
+def _is_magma_file(path: Path) -> bool:
+    "Whether the run file `path` (one of `_MARKS`) is one magma writes: a regular file with magma's layout."
+    if path.is_symlink() or not path.is_file(): return False
+    if path.name == 'config.json':
+        d = _json_dict(path); return d is not None and isinstance(d.get('versions'), dict) and 'magma' in d['versions'] and 'method' in d
+    if path.name == 'results.json':
+        d = _json_dict(path); return d is not None and 'method' in d and isinstance(d.get('config'), dict)
+    if path.name == 'metrics.csv':
+        with open(path, errors='replace') as f: return f.readline().startswith(','.join(_LOG_HEAD)) or path.stat().st_size == 0
+    try: load_checkpoint(path, keys=('epoch',)); return True
+    except (CheckpointError, OSError): return False
+
+def _check_run_dir(cfg: PretrainConfig, out: Path) -> bool:
+    """Whether this run resumes the one in `out`; refuses what `resume` and `overwrite` do not allow (see the prose), in one
+    line naming the folder and the flag. Reads only."""
+    ckpt, where = out / 'checkpoint.safetensors', f"out_dir={cfg.out_dir!r}"
+    if out.exists() and not out.is_dir(): raise NotADirectoryError(f"{where} is a file, not a folder; name a folder for the run")
+    marks = [n for n in _MARKS if os.path.lexists(out / n)]
+    foreign = [n for n in marks if not _is_magma_file(out / n)]
+    if foreign:
+        raise FileExistsError(f"{where} holds {', '.join(foreign)} that magma did not write (not a magma run, or a link); "
+                              f"a run never writes there, even with overwrite or resume: pick another out_dir")
+    if cfg.resume is True:
+        if not ckpt.is_file():
+            raise FileNotFoundError(f"resume=True but {ckpt} does not exist (a mistyped out_dir?); check {where}, "
+                                    f"or drop resume to start a new run there")
+        return True
+    if not marks: return False
+    if cfg.overwrite: return False
+    if cfg.resume == 'auto':
+        if ckpt.is_file(): return True                            # _check_resumable refuses another config
+        if 'results.json' in marks:
+            raise FileExistsError(f"{where} holds a finished run (results.json) whose checkpoint is gone, so resume='auto' cannot "
+                                  f"continue it; pass overwrite=True to replace it, or another out_dir")
+        saved = _json_dict(out / 'config.json') if 'config.json' in marks else None
+        diff = _config_diff(saved, cfg) if saved is not None else []
+        if diff or (saved is not None and saved.get('epochs') != cfg.epochs):
+            diff = diff or ['epochs']
+            raise FileExistsError(f"{where} holds another run (its config.json has a different {', '.join(diff)}) that never "
+                                  f"checkpointed; resume='auto' starts only its own run there: pass overwrite=True or another out_dir")
+        return False                                              # a sitting killed before its first checkpoint: start again
+    raise FileExistsError(f"{where} already holds a run ({', '.join(marks)}); pass resume=True (or 'auto') to continue it, "
+                          f"overwrite=True to replace it, or another out_dir")
+
+def _start_run_dir(cfg: PretrainConfig, out: Path, resuming: bool):
+    """Rank 0, before the first epoch of this sitting: unless resuming, remove the files and trees magma writes, only
+    those, and only where a magma run is (a folder without one keeps its `tb/` and `wandb/`); remove temporary files a killed write left; write the
+    config snapshot `config.json`."""
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.overwrite and not cfg.resume:
-        for name in _RUN_FILES: (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / 'tb', ignore_errors=True); shutil.rmtree(out / 'wandb', ignore_errors=True)
-    for name in ('checkpoint.safetensors', 'results.json', 'config.json'):
-        for p in out.glob(f'.{name}.tmp*'): p.unlink(missing_ok=True)
+    if not resuming and any(os.path.lexists(out / n) for n in _MARKS):     # a magma run is there (no foreign file: checked)
+        for name in _RUN_FILES:
+            if os.path.lexists(out / name): (out / name).unlink()
+        for name in _RUN_TREES:
+            t = out / name
+            if t.is_symlink(): t.unlink()
+            elif t.is_dir(): shutil.rmtree(t)
+    remove_stray_temps(out)
     write_json(out / 'config.json', dict(asdict(cfg), versions=versions()))
+
+class RunLock:
+    """An exclusive, non-blocking `flock` on `out_dir/.train.lock` while a run trains there: a second run on the same
+    folder is refused at once, naming the folder and the process holding it. The OS drops the lock if the process dies."""
+    def __init__(self, out: Path): self.path, self.fd = Path(out) / '.train.lock', None
+    def __enter__(self):
+        import fcntl
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try: fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(self.fd, 20, 0).decode(errors='replace').strip() or '?'
+            os.close(self.fd); self.fd = None
+            raise FileExistsError(f"out_dir={str(self.path.parent)!r} is in use by another training run (process {pid}, which holds "
+                                  f"{self.path.name}); wait for it to end, or pick another out_dir") from None
+        os.ftruncate(self.fd, 0); os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+        return self
+    def __exit__(self, *exc):
+        if self.fd is not None: os.close(self.fd); self.fd = None
 
 # %% ../nbs/10_train.ipynb #a0346327
 class TrainResult(NamedTuple):
@@ -376,6 +528,26 @@ class TrainResult(NamedTuple):
     summary: dict
     model: nn.Module
     logger: RunLogger | None = None
+
+class Preempted(RuntimeError):
+    """`train` stopped by a signal (SIGTERM): at the end of a step (one process) or of an epoch, after its checkpoint (DDP:
+    the ranks stop together); the last epoch's checkpoint is on disk and `resume` continues from it."""
+    def __init__(self, msg: str, signum: int): super().__init__(msg); self.signum = signum
+
+class StopOnSignal:
+    """While active (in the main thread), SIGTERM sets `signum` instead of ending the process, so the loop can stop at the
+    end of its step; a second SIGTERM ends it at once. Elsewhere (another thread) it does nothing."""
+    def __init__(self, signals=(signal.SIGTERM,)): self.signals, self.signum, self.old = tuple(signals), None, {}
+    def _handle(self, signum, frame):
+        if self.signum is not None: signal.signal(signum, signal.SIG_DFL); os.kill(os.getpid(), signum)
+        self.signum = signum
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.old = {s: signal.signal(s, self._handle) for s in self.signals}
+        return self
+    def __exit__(self, *exc):
+        for s, h in self.old.items(): signal.signal(s, h)
+        self.old = {}
 
 def _run_data(cfg: PretrainConfig, rank: int, world: int, device, arith: dict):
     "(training split, this process's loader of it, the evaluation loader of the online probe)."
@@ -389,14 +561,14 @@ def _run_data(cfg: PretrainConfig, rank: int, world: int, device, arith: dict):
     return train_ds, loader, _loader.eval_loader(eval_ds, 256, device, img_size=cfg.img_size, num_workers=cfg.num_workers)
 
 def _summary(cfg: PretrainConfig, history: list, arith: dict, world: int, ckpt_path: Path, wall_seconds: float) -> dict:
-    "The run's summary: its identity and config, the last epoch's losses and tap norms, the online accuracy, the throughput."
+    "The run's summary: its identity and config, the last epoch's losses and tap norms, the online accuracy (None if the probe never trained), the throughput."
     last = history[-1] if history else {}
     not_losses = ('kind', 'epoch', 'step', 'lr', 'magma_weight', 'online_acc', 'online_train_acc', 'images_per_sec', 'epoch_seconds')
     return dict(method=cfg.method, dataset=cfg.dataset, backbone=cfg.backbone, epochs=cfg.epochs, seed=cfg.seed,
                 config=asdict(cfg), epochs_done=len(history),
                 final_losses={k: v for k, v in last.items() if k not in not_losses and not k.startswith('tap')},
                 final_taps={k: v for k, v in last.items() if k.startswith('tap')},
-                online_acc=last.get('online_acc'), online_acc_history=[h['online_acc'] for h in history],
+                online_acc=last.get('online_acc'), online_acc_history=[h.get('online_acc') for h in history],
                 images_per_sec=sum(h['images_per_sec'] for h in history) / max(len(history), 1),
                 wall_seconds=wall_seconds, checkpoint=str(ckpt_path), versions=versions(), world_size=world, batch=arith)
 
@@ -406,57 +578,95 @@ def _batch_line(a: dict) -> str:
     return (f"batch: global {a['global_batch']} = {a['world_size']} x {a['per_process_batch']} per process{micro}; "
             f"lr {a['base_lr']:g} x {a['global_batch']}/256 = {a['lr']:g}; MAGMA graph over {a['magma_graph']} images")
 
+def _same_text(s: str, device) -> str:
+    "Rank 0's `s` on every process (one broadcast of its UTF-8 bytes; `s` itself for one process)."
+    if not dist.is_initialized() or dist.get_world_size() == 1: return s
+    dev = device if dist.get_backend() == 'nccl' else torch.device('cpu')
+    b = torch.tensor(list(s.encode()), dtype=torch.uint8, device=dev)
+    n = torch.tensor([len(b)], device=dev); dist.broadcast(n, 0)
+    buf = b if dist.get_rank() == 0 else torch.empty(int(n), dtype=torch.uint8, device=dev)
+    dist.broadcast(buf, 0)
+    return bytes(buf.cpu().tolist()).decode()
+
+def _any_rank(signum, device) -> bool:
+    "Whether a signal reached any process (one all-reduce under DDP, where the ranks stop together at an epoch's end)."
+    if not dist.is_initialized() or dist.get_world_size() == 1: return bool(signum)
+    t = torch.tensor([float(bool(signum))], device=device if dist.get_backend() == 'nccl' else 'cpu')
+    dist.all_reduce(t, op=dist.ReduceOp.MAX); return bool(t.item())
+
+def _lam(cfg: PretrainConfig, epoch: int) -> float:
+    "λ in `epoch` (0 for a method without the MAGMA term, and before epoch 0)."
+    if epoch < 0 or not method_uses_magma(cfg.method): return 0.0
+    return magma_lambda(epoch, cfg.magma_schedule, cfg.magma_weight, cfg.magma_start, cfg.magma_epochs)
+
 def train(cfg: PretrainConfig | None = None, *, stop_after: int | None = None, progress: bool = True, keep_logger: bool = False,
           **params) -> TrainResult:
     "Pretrain `cfg` (or `resolve_config(**params)`) in `cfg.out_dir`: (summary, trained method, open logger or None)."
     cfg = cfg if isinstance(cfg, PretrainConfig) else resolve_config(**params)
     rank, world, local_rank = init_distributed(cfg.device)
     device = pick_device(cfg.device, local_rank)
+    if cfg.out_dir is None: cfg.out_dir = default_out_dir(cfg)   # a config made without resolve_config
+    cfg.out_dir = _same_text(cfg.out_dir, device)                # rank 0's, should two ranks have named two fresh folders
     out = Path(cfg.out_dir); ckpt_path = out / 'checkpoint.safetensors'
-    _check_run_dir(cfg, ckpt_path)                               # an existing run is never replaced by accident
+    _check_run_dir(cfg, out)                                     # an existing run is never replaced by accident (reads only)
     arith = batch_arithmetic(cfg, world)
     if rank == 0: print(_batch_line(arith), flush=True)
     train_ds, loader, eval_dl = _run_data(cfg, rank, world, device, arith)   # a missing dataset fails here, before any model is built
     parse_backends(cfg.loggers)                                  # on every process: a missing wandb fails on all ranks
-
-    p = build_parts(cfg, device, len(train_ds.classes), world)
-    if cfg.resume: start_epoch, history, wall_before = load_training_state(p, ckpt_path, cfg, rank)   # its RNG state too
-    else:
-        start_epoch, history, wall_before = 0, [], 0.0
-        torch.manual_seed(cfg.seed + 1_000_003 * rank)           # per-rank masks and noise
-    kept_epoch = start_epoch - 1 if cfg.resume else None         # the checkpoint on disk, named by failure messages
-    wrap_parts(p, world, device, cfg.compile)
-
-    if rank == 0: _start_run_dir(cfg, out)                       # overwrite, stray temporary files, config.json
-    if world > 1: dist.barrier()
-    steps_per_epoch = len(loader)
-    log = _CSVLog(out / 'metrics.csv', keep_epochs_below=start_epoch) if rank == 0 else None
-    logger = RunLogger(out, asdict(cfg), backends=cfg.loggers, purge_step=start_epoch * steps_per_epoch,   # drops steps logged after the checkpoint
-                       wandb_project=cfg.wandb_project, wandb_mode=cfg.wandb_mode) if rank == 0 else None
-    total, warmup = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
-    has_unlabeled, t_start = bool((train_ds.labels < 0).any()), time.time()
-    from tqdm.auto import tqdm
-    for epoch in range(start_epoch, cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)):
-        lam = magma_lambda(epoch, cfg.magma_schedule, cfg.magma_weight, cfg.magma_start, cfg.magma_epochs) if method_uses_magma(cfg.method) else 0.0
-        p.model.magma_weight = lam
-        loader.set_epoch(epoch); p.net.train(); p.probe.train()
-        stats, bar = EpochStats(), tqdm(loader, desc=f"epoch {epoch}", disable=not progress or rank != 0, leave=False)
-        for i, batch in enumerate(bar):
-            step = epoch * steps_per_epoch + i
-            lr = lr_at(step, total, warmup, arith['lr'])
-            try: comps, hits, labelled = train_step(p, batch, lr, step, total, cfg.accum_steps, has_unlabeled)
-            except NonFiniteLoss as e: raise NonFiniteLoss(f"{e} in epoch {epoch}; {_kept(ckpt_path, kept_epoch)}. {_advice(cfg).capitalize()}") from None
-            stats.add(comps, hits, labelled, len(batch['label']))
-            if rank == 0 and step % cfg.log_every == 0: _log_step(log, logger, bar, stats, comps, world, epoch=epoch, step=step, lr=lr, magma_weight=lam)
-        row = epoch_row(stats, p, eval_dl, world, rank, kind='epoch', epoch=epoch, step=step, lr=lr, magma_weight=lam)
-        history.append(row)
-        if rank == 0: _log_epoch(log, logger, row)
-        save_training_state(p, ckpt_path, cfg, epoch=epoch, history=history, wall_seconds=wall_before + time.time() - t_start,
-                            kept_epoch=kept_epoch, rank=rank)
-        kept_epoch = epoch
-    if logger is not None and not keep_logger: logger.close()
+    if rank == 0: out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out) if rank == 0 else contextlib.nullcontext(), StopOnSignal() as stop:
+        resuming = _check_run_dir(cfg, out)                      # again, under the lock: what this sitting does with the folder
+        if world > 1: dist.barrier()                             # every rank has looked before rank 0 changes anything
+        p = build_parts(cfg, device, len(train_ds.classes), world)
+        if resuming: start_epoch, history, wall_before = load_training_state(p, ckpt_path, cfg, rank, world)   # this rank's generators too
+        else:
+            start_epoch, history, wall_before = 0, [], 0.0
+            torch.manual_seed(cfg.seed + 1_000_003 * rank)       # per-rank masks and noise
+        kept_epoch = start_epoch - 1 if resuming else None       # the checkpoint on disk, named by failure messages
+        wrap_parts(p, world, device, cfg.compile)
+        if rank == 0: _start_run_dir(cfg, out, resuming)         # a fresh start's old files, stray temporary files, config.json
+        if world > 1: dist.barrier()
+        steps_per_epoch = len(loader)
+        log = _CSVLog(out / 'metrics.csv', read_log(out / 'metrics.csv', start_epoch, history) if resuming else ()) if rank == 0 else None
+        logger = RunLogger(out, asdict(cfg), backends=cfg.loggers, purge_step=start_epoch * steps_per_epoch,   # drops steps logged after the checkpoint
+                           wandb_project=cfg.wandb_project, wandb_mode=cfg.wandb_mode) if rank == 0 else None
+        try:
+            total, warmup = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
+            has_unlabeled, t_start = bool((train_ds.labels < 0).any()), time.time()
+            from tqdm.auto import tqdm
+            for epoch in range(start_epoch, cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)):
+                lam = _lam(cfg, epoch)
+                p.model.magma_weight = lam
+                loader.set_epoch(epoch); p.net.train(); p.probe.train()
+                stats, bar = EpochStats(), tqdm(loader, desc=f"epoch {epoch}", disable=not progress or rank != 0, leave=False)
+                for i, batch in enumerate(bar):
+                    step = epoch * steps_per_epoch + i
+                    lr = lr_at(step, total, warmup, arith['lr'])
+                    try: comps, hits, labelled = train_step(p, batch, lr, step, total, cfg.accum_steps, has_unlabeled)
+                    except NonFiniteLoss as e: raise NonFiniteLoss(f"{e} in epoch {epoch}; {_kept(ckpt_path, kept_epoch)}. {_advice(cfg).capitalize()}") from None
+                    stats.add(comps, hits, labelled, len(batch['label']))
+                    switch = i == 0 and lam != _lam(cfg, epoch - 1)      # λ changed: its exact first step is logged
+                    if rank == 0 and (step % cfg.log_every == 0 or switch):
+                        _log_step(log, logger, bar, stats, comps, world, epoch=epoch, step=step, lr=lr, magma_weight=lam)
+                    if stop.signum and world == 1: raise _preempted(stop.signum, step, epoch, ckpt_path, kept_epoch)
+                row = epoch_row(stats, p, eval_dl, world, rank, kind='epoch', epoch=epoch, step=step, lr=lr, magma_weight=lam)
+                history.append(row)
+                if rank == 0: _log_epoch(log, logger, row)
+                save_training_state(p, ckpt_path, cfg, epoch=epoch, history=history, wall_seconds=wall_before + time.time() - t_start,
+                                    kept_epoch=kept_epoch, rank=rank)
+                kept_epoch = epoch
+                if _any_rank(stop.signum, device): raise _preempted(stop.signum or signal.SIGTERM, step, epoch, ckpt_path, kept_epoch)
+        except BaseException:
+            if logger is not None: logger.close()
+            raise
+        if logger is not None and not keep_logger: logger.close()
     summary = _summary(cfg, history, arith, world, ckpt_path, wall_before + time.time() - t_start)
     return TrainResult(summary, p.model, logger if keep_logger else None)
+
+def _preempted(signum: int, step: int, epoch: int, ckpt_path: Path, kept_epoch) -> Preempted:
+    name = signal.Signals(signum).name
+    return Preempted(f"stopped by {name} after step {step} (epoch {epoch}); {_kept(ckpt_path, kept_epoch)}: the same command with "
+                     f"resume=True (--resume auto in a sweep) continues from it", signum)
 
 # %% ../nbs/10_train.ipynb #d5e8e65d
 def load_pretrained(path, device='cpu') -> tuple[nn.Module, PretrainConfig]:

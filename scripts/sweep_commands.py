@@ -78,7 +78,8 @@ def gpu_hours(cfg, ref_flops: float, ref_rate: float) -> float:
 
 
 def pretrain_command(run, gpus: int = 1, data_dir=None, extra: dict | None = None) -> str:
-    "The run's command: skipped when its results.json exists, else `--resume auto` (continue a checkpoint, or start)."
+    """The run's command: skipped when its results.json exists, else `--resume auto` (continue a checkpoint, or start).
+    The launcher replaces the shell (`exec`), so a signal sent to the command's process reaches the trainer itself."""
     args = dict(method=run.method, profile=run.profile, dataset=run.dataset, seed=run.seed, out_dir=run.out_dir,
                 **run.params, resume='auto', **(extra or {}))
     if data_dir: args['data_dir'] = data_dir
@@ -88,7 +89,7 @@ def pretrain_command(run, gpus: int = 1, data_dir=None, extra: dict | None = Non
         else: flat += [f'--{k}', str(v).lower() if isinstance(v, bool) else str(v)]
     launcher = f"torchrun --standalone --nproc_per_node={gpus}" if gpus > 1 else "python"
     return (f"test -f {shlex.quote(str(Path(run.out_dir) / 'results.json'))} || "
-            f"{launcher} -m magma.pretrain {' '.join(shlex.quote(a) for a in flat)}")
+            f"exec {launcher} -m magma.pretrain {' '.join(shlex.quote(a) for a in flat)}")
 
 
 def table_command(table: str, profile: str, seeds, runs_dir, data_dir=None, device='cuda') -> str:
@@ -148,7 +149,7 @@ trap requeue USR1 TERM
 case "$1" in
   big) bash -c "${{BIG[$SLURM_ARRAY_TASK_ID]}}" & ;;
   small) for ((k = 0; k < {runs_per_gpu}; k++)); do
-           i=$((SLURM_ARRAY_TASK_ID * {runs_per_gpu} + k)); [ $i -lt ${{#SMALL[@]}} ] && bash -c "${{SMALL[$i]}}" &
+           i=$((SLURM_ARRAY_TASK_ID * {runs_per_gpu} + k)); if [ $i -lt ${{#SMALL[@]}} ]; then bash -c "${{SMALL[$i]}}" & fi
          done ;;
   tables) for c in "${{TABLES[@]}}"; do bash -c "$c" || exit 1; done; exit 0 ;;
   *) echo "usage: sbatch ... sweep.sh big|small, or bash sweep.sh tables"; exit 2 ;;

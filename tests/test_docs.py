@@ -11,7 +11,7 @@
 * Search works on the site opened from disk (`file://`), where a browser refuses the `fetch` of `search.json`. They skip when `_docs/` or Chromium is absent (plain `make test` on a fresh
   clone); with `MAGMA_REQUIRE_DOCS=1` (`make docs-check`, run by `.ci/run`) a missing site or browser is a failure.
 """
-import ast, os, re, shutil, subprocess, tempfile, warnings
+import os, re, shutil, subprocess, tempfile, warnings
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlsplit

@@ -1,7 +1,6 @@
 """The README's "MAGMA in your own training loop" example, run as written (CPU, offline), and the same code on the docs home page."""
 import json, math, re, socket
 from pathlib import Path
-import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]

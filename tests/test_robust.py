@@ -1,11 +1,10 @@
 """Issue 14 at the entry points that only a real papermill run exercises: nothing in a checkpoint chooses the files
 that are read (a crafted CIFAR batch in the checkpoint's `data_dir` used to run code), and a bad papermill parameter
 stops the notebook with one line naming it."""
-import os, pickle, subprocess, sys, tempfile
+import os, pickle, subprocess, sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import pytest
 
 from magma.configs import resolve_config
 from magma.checkpoints import save_checkpoint
