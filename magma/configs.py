@@ -15,8 +15,8 @@ from .patches import visible_patches
 
 # %% auto #0
 __all__ = ['PAPER_TABLE4', 'PAPER_TABLE5', 'PAPER_COMMON', 'PAPER_MAE', 'PAPER_JE', 'PAPER_BY_FAMILY', 'PARAMS', 'LIGHT_DECODER',
-           'MINI_MAGMA', 'PROFILES', 'LOGGERS', 'paper_table', 'PretrainConfig', 'resolve_config', 'check_config',
-           'method_uses_magma', 'dataset_slug', 'private_dir', 'default_out_dir']
+           'MINI_MAGMA', 'PROFILES', 'LOGGERS', 'paper_table', 'PretrainConfig', 'paper_precision', 'resolve_config',
+           'check_config', 'method_uses_magma', 'dataset_slug', 'private_dir', 'default_out_dir']
 
 # %% ../nbs/09_configs.ipynb #4a290063
 _COLS = ('backbone', 'patch_size', 'epochs', 'batch_size', 'lr', 'magma_start')
@@ -80,7 +80,7 @@ class PretrainConfig:
     temperature: float = _p(0.2, "SimCLR temperature")
     seed: int = _p(0, "random seed")
     device: str = _p('auto', "auto, cpu, cuda or cuda:N")
-    precision: str = _p('fp32', "fp32, bf16 (autocast) or fp16 (autocast + GradScaler, CUDA)")
+    precision: str = _p('fp32', "fp32 (IEEE: TF32 off), tf32 (fp32 weights, TF32 matmuls and convolutions: CUDA), bf16 (autocast) or fp16 (autocast + GradScaler, CUDA); the paper profile gives bf16 on CUDA, fp32 elsewhere")
     compile: bool = _p(False, "wrap the model in torch.compile")
     out_dir: str | None = _p(None, "run directory: checkpoints, logs, plots, results.json; None: a fresh runs/<method>-<dataset>-s<seed>, with -2, -3 ... when taken, in a private temp folder for smoke; with resume, the last one taken")
     resume: bool | str = _p(False, "continue from out_dir's last checkpoint: true (an error if it has none), auto (continue a checkpoint of the same config, else start: what a requeued sweep job runs), or false")
@@ -118,6 +118,13 @@ PROFILES = {
                  warmup_epochs=2, **MINI_MAGMA, precision='fp32', val_fraction=0.1, **LIGHT_DECODER),
 }
 
+def paper_precision(device: str = 'auto') -> str:
+    "The paper profile's precision: bf16 autocast where the run is on CUDA (`device` cuda, or auto with a GPU), else fp32."
+    if str(device).startswith('cuda'): return 'bf16'
+    if device != 'auto': return 'fp32'
+    import torch
+    return 'bf16' if torch.cuda.is_available() else 'fp32'
+
 def _paper_profile(dataset: str, method: str) -> dict:
     name = 'imagenet100' if dataset == 'imagenet' else dataset
     table = paper_table(method)
@@ -144,6 +151,7 @@ def resolve_config(profile: str = 'smoke', **params) -> PretrainConfig:
         dataset = given.get('dataset')
         if dataset is None: raise ValueError("profile='paper' needs an explicit dataset (cifar100, tinyimagenet, stl10, imagenet100 or imagenet)")
         base = _paper_profile(dataset, method)
+        if 'precision' not in given: base['precision'] = paper_precision(given.get('device', 'auto'))
     elif profile in PROFILES: base = dict(PROFILES[profile])
     else: raise ValueError(f"unknown profile {profile!r}; valid: smoke, mini, paper")
     cfg = check_config(PretrainConfig(**{**base, **given, 'profile': profile}))
@@ -155,7 +163,7 @@ _TRUE, _FALSE = ('1', 'true', 'yes', 'y', 'on'), ('0', 'false', 'no', 'n', 'off'
 LOGGERS = ('tensorboard', 'wandb')   # magma.loggers.BACKENDS (a later module; its test checks they agree)
 _DEPTH = dict(vit_tiny=12, vit_small=12, vit_base=12, vit_large=24)
 _CHOICES = dict(method=tuple(METHODS), backbone_flavour=(None, 'mae', 'timm'), backbone=tuple(_DEPTH), magma_schedule=('warmup', 'constant', 'step', 'triangle'),
-                precision=('fp32', 'bf16', 'fp16'), linear_mode=('fast', 'paper'), profile=('smoke', 'mini', 'paper'))
+                precision=('fp32', 'tf32', 'bf16', 'fp16'), linear_mode=('fast', 'paper'), profile=('smoke', 'mini', 'paper'))
 _RANGES = dict(  # name: (valid?, the valid range in words)
     img_size=(lambda v: v >= 1, 'an integer >= 1'), patch_size=(lambda v: v >= 1, 'an integer >= 1'),
     epochs=(lambda v: v >= 1, 'an integer >= 1'), batch_size=(lambda v: v >= 2, 'an integer >= 2 (MAGMA is a batch-wide term)'),
@@ -266,8 +274,11 @@ def check_config(cfg: PretrainConfig, here: bool = True) -> PretrainConfig:
         need('device', cuda or not cfg.device.startswith('cuda'), f"but CUDA is not available on this machine; available: {here_now}")
         need('device', not cfg.device.startswith('cuda:') or int(cfg.device[5:]) < n, f"but this machine has {n} CUDA device(s); available: {here_now}")
         need('device', cfg.device != 'mps' or mps, f"but this torch cannot use MPS here; available: {here_now}")
-        need('precision', cfg.precision != 'fp16' or (cuda and (cfg.device == 'auto' or cfg.device.startswith('cuda'))),
+        on_cuda = cuda and (cfg.device == 'auto' or cfg.device.startswith('cuda'))
+        need('precision', cfg.precision != 'fp16' or on_cuda,
              f"needs CUDA (GradScaler) but device={cfg.device!r} runs on the CPU here; use precision='bf16' or 'fp32'")
+        need('precision', cfg.precision != 'tf32' or on_cuda,
+             f"needs CUDA (TF32 is a GPU tensor-core format) but device={cfg.device!r} runs on the CPU here; use precision='fp32' or 'bf16'")
     return cfg
 
 def method_uses_magma(method: str) -> bool:

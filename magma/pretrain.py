@@ -11,9 +11,9 @@ from .configs import PretrainConfig, PARAMS, resolve_config, _CHOICES
 from .methods import METHODS
 
 # %% auto #0
-__all__ = ['LINEAR_MODES', 'OUT_DIR_RULE', 'PAPER_HELP_DATASET', 'CONFIG_MAX_BYTES', 'SNAPSHOT_KEYS', 'RUN_KEYS', 'REFUSALS',
-           'run', 'resolved_defaults', 'profile_defaults', 'parser', 'notebook_config', 'cli_message', 'main',
-           'notebook_parameters']
+__all__ = ['LINEAR_MODES', 'PAPER_PRECISION_RULE', 'OUT_DIR_RULE', 'PAPER_HELP_DATASET', 'CONFIG_MAX_BYTES', 'SNAPSHOT_KEYS',
+           'RUN_KEYS', 'REFUSALS', 'run', 'resolved_defaults', 'profile_defaults', 'parser', 'notebook_config',
+           'cli_message', 'main', 'notebook_parameters']
 
 # %% ../nbs/14_pretrain.ipynb #9eea4b7a
 LINEAR_MODES = {'fast': 'fast (cached, standardized features; not the paper protocol)',
@@ -22,7 +22,7 @@ LINEAR_MODES = {'fast': 'fast (cached, standardized features; not the paper prot
 def run(cfg: PretrainConfig | None = None, *, progress: bool = True, evaluate: bool = True, **params) -> dict:
     "Pretrain, evaluate, plot and write `results.json` in `cfg.out_dir` (None: `configs.default_out_dir`); returns the results dict."
     import torch, torch.distributed as dist     # imported here, not at the top: `--help` and `--print-config` need none of it
-    from magma.train import train, build_method, pretraining_data_of
+    from magma.train import train, build_method, pretraining_data_of, precision_flags
     from magma.checkpoints import write_json
     from magma.figures import fig2_training, fig4_pacmap, fig_reconstruction
     from magma.configs import default_out_dir
@@ -36,20 +36,21 @@ def run(cfg: PretrainConfig | None = None, *, progress: bool = True, evaluate: b
     out, device = Path(cfg.out_dir), next(model.parameters()).device
     data = pretraining_data_of(cfg)             # the held-out val part: scored, never pretrained on nor in the bank
     bank_ds, val_ds, test_ds = data.bank, data.val, data.test
-    if evaluate:
-        kw = dict(val=val_ds, linear=cfg.linear_mode, k=cfg.knn_k, epochs=cfg.linear_epochs, seed=cfg.seed, device=device,
-                  num_workers=cfg.num_workers)
-        ours, feats = _evaluate.evaluate(model.encoder, bank_ds, test_ds, **kw)
-        torch.manual_seed(cfg.seed)             # the random-init floor: the same architecture and seed, untrained
-        floor, _ = _evaluate.evaluate(build_method(cfg).to(device).encoder, bank_ds, test_ds, prefix='random_', **kw)
-        res.update(ours, **floor, linear_mode=LINEAR_MODES[cfg.linear_mode],
-                   n_bank=len(bank_ds), n_val=len(val_ds) if val_ds is not None else 0, n_test=len(test_ds))
-        fig4_pacmap((*feats['test']['cls'], ours['linear_acc']), out / 'fig4_pacmap.png', seed=cfg.seed, classes=test_ds.classes)
-        if hasattr(model, 'mask_ratio'):        # a masked autoencoder: reconstructions of 6 test images (seeded mask)
-            few = _datasets.subset(test_ds, torch.linspace(0, len(test_ds) - 1, 6).long())
-            x = next(iter(_loader.eval_loader(few, 6, device, img_size=cfg.img_size, mean=bank_ds.mean, std=bank_ds.std,
-                                              num_workers=cfg.num_workers)))['img']
-            fig_reconstruction(model, x, out / 'fig_reconstruction.png', mean=bank_ds.mean, std=bank_ds.std, seed=cfg.seed, title=out.name)
+    with precision_flags(cfg.precision, device):   # the evaluation in the run's precision (fp32: IEEE, TF32 off)
+        if evaluate:
+            kw = dict(val=val_ds, linear=cfg.linear_mode, k=cfg.knn_k, epochs=cfg.linear_epochs, seed=cfg.seed, device=device,
+                      num_workers=cfg.num_workers)
+            ours, feats = _evaluate.evaluate(model.encoder, bank_ds, test_ds, **kw)
+            torch.manual_seed(cfg.seed)             # the random-init floor: the same architecture and seed, untrained
+            floor, _ = _evaluate.evaluate(build_method(cfg).to(device).encoder, bank_ds, test_ds, prefix='random_', **kw)
+            res.update(ours, **floor, linear_mode=LINEAR_MODES[cfg.linear_mode],
+                       n_bank=len(bank_ds), n_val=len(val_ds) if val_ds is not None else 0, n_test=len(test_ds))
+            fig4_pacmap((*feats['test']['cls'], ours['linear_acc']), out / 'fig4_pacmap.png', seed=cfg.seed, classes=test_ds.classes)
+            if hasattr(model, 'mask_ratio'):        # a masked autoencoder: reconstructions of 6 test images (seeded mask)
+                few = _datasets.subset(test_ds, torch.linspace(0, len(test_ds) - 1, 6).long())
+                x = next(iter(_loader.eval_loader(few, 6, device, img_size=cfg.img_size, mean=bank_ds.mean, std=bank_ds.std,
+                                                  num_workers=cfg.num_workers)))['img']
+                fig_reconstruction(model, x, out / 'fig_reconstruction.png', mean=bank_ds.mean, std=bank_ds.std, seed=cfg.seed, title=out.name)
     fig2_training(out / 'metrics.csv', out / 'fig2_training.png', components=method_spec(cfg.method).components)
     res['eval_seconds'] = time.time() - t0
     if logger is not None:                      # TensorBoard (and wandb): evaluation metrics, hyperparameters, figures
@@ -71,6 +72,7 @@ def _resume(s: str):
     try: return _bool(s)
     except argparse.ArgumentTypeError: raise argparse.ArgumentTypeError(f"expected true, false or auto, got {s!r}") from None
 
+PAPER_PRECISION_RULE = 'bf16 on CUDA, fp32 elsewhere'
 OUT_DIR_RULE = 'a fresh runs/<method>-<dataset>-s<seed>, -2, -3 ... when taken; smoke: in a private temp folder'
 PAPER_HELP_DATASET = 'cifar100'                 # the dataset whose paper values `--profile paper --help` shows by default
 
@@ -85,8 +87,10 @@ def _resolved_defaults(profile: str, method: str | None, dataset: str | None) ->
     (argparse then names the bad flag)."""
     if profile == 'paper' and dataset is None: dataset = PAPER_HELP_DATASET
     for p, m, d in ((profile, method, dataset), (profile, None, dataset), ('smoke', None, None)):
-        try: return asdict(resolve_config(p, method=m, dataset=d, out_dir='-'), dict_factory=dict) | {'out_dir': None}
+        try: r = asdict(resolve_config(p, method=m, dataset=d, out_dir='-'), dict_factory=dict) | {'out_dir': None}
         except ValueError: continue
+        if p == 'paper': r['precision'] = PAPER_PRECISION_RULE   # configs.paper_precision in words: the same help on every machine
+        return r
     return {f.name: f.default for f in fields(PretrainConfig)}
 
 def _shown(v) -> str:

@@ -22,9 +22,9 @@ import magma.loader as _loader
 # %% auto #0
 __all__ = ['lr_at', 'magma_lambda', 'init_distributed', 'pick_device', 'method_kwargs', 'global_graph', 'batch_arithmetic',
            'build_method', 'pretraining_data_of', 'pretraining_splits', 'param_groups', 'TrainParts', 'build_parts',
-           'wrap_parts', 'NonFiniteLoss', 'micro_batches', 'train_step', 'NonFiniteState', 'versions', 'rng_states',
-           'save_training_state', 'load_training_state', 'read_log', 'EpochStats', 'epoch_row', 'RunLock',
-           'TrainResult', 'Preempted', 'StopOnSignal', 'train', 'load_pretrained']
+           'precision_flags', 'wrap_parts', 'NonFiniteLoss', 'micro_batches', 'train_step', 'NonFiniteState',
+           'versions', 'rng_states', 'save_training_state', 'load_training_state', 'read_log', 'EpochStats',
+           'epoch_row', 'RunLock', 'TrainResult', 'Preempted', 'StopOnSignal', 'train', 'load_pretrained']
 
 # %% ../nbs/10_train.ipynb #21c49134
 def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> float:
@@ -143,9 +143,20 @@ def build_parts(cfg: PretrainConfig, device: torch.device, num_classes: int, wor
     probe = nn.Linear(model.encoder.embed_dim, num_classes).to(device)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.exclude_bias_norm_wd), lr=cfg.lr, betas=(0.9, 0.95), fused=True)
     probe_opt = torch.optim.AdamW(probe.parameters(), lr=cfg.online_lr, weight_decay=0.0, fused=True)
-    dtype = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}[cfg.precision]
+    dtype = {'fp32': torch.float32, 'tf32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}[cfg.precision]
     return TrainParts(model, probe, opt, probe_opt, torch.amp.GradScaler(device.type, enabled=cfg.precision == 'fp16'),
-                      torch.autocast(device.type, dtype=dtype, enabled=cfg.precision != 'fp32'))
+                      torch.autocast(device.type, dtype=dtype, enabled=cfg.precision in ('bf16', 'fp16')))
+
+@contextlib.contextmanager
+def precision_flags(precision: str, device):
+    """On CUDA, TF32 for matmuls and cuDNN convolutions exactly when `precision='tf32'` (off for fp32, which means IEEE
+    fp32, and for the fp32 parts of a bf16/fp16 run, such as the MAGMA kernel); the old flags are restored after.
+    Elsewhere nothing changes (TF32 is a GPU format)."""
+    if torch.device(device).type != 'cuda': yield; return
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == 'tf32'
+    try: yield
+    finally: torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 def wrap_parts(p: TrainParts, world: int, device: torch.device, compile: bool = False) -> TrainParts:
     "DDP around the method under several processes, then `torch.compile` if asked."
@@ -614,7 +625,7 @@ def train(cfg: PretrainConfig | None = None, *, stop_after: int | None = None, p
     train_ds, loader, eval_dl = _run_data(cfg, rank, world, device, arith)   # a missing dataset fails here, before any model is built
     parse_backends(cfg.loggers)                                  # on every process: a missing wandb fails on all ranks
     if rank == 0: out.mkdir(parents=True, exist_ok=True)
-    with RunLock(out) if rank == 0 else contextlib.nullcontext(), StopOnSignal() as stop:
+    with RunLock(out) if rank == 0 else contextlib.nullcontext(), StopOnSignal() as stop, precision_flags(cfg.precision, device):
         resuming = _check_run_dir(cfg, out)                      # again, under the lock: what this sitting does with the folder
         if world > 1: dist.barrier()                             # every rank has looked before rank 0 changes anything
         p = build_parts(cfg, device, len(train_ds.classes), world)
