@@ -4,7 +4,8 @@
 
 # %% ../nbs/16_runs.ipynb #a0d07930
 from __future__ import annotations
-import json, os
+import json, os, subprocess, sys, threading, time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -16,7 +17,7 @@ from .paper import PAPER_TABLE1, PAPER_TABLE2, PAPER_TABLE3, PAPER_TABLE8, PAPER
 __all__ = ['DEFAULT_CELLS', 'DEFAULT_SEEDS', 'MINI_TABLE2_SETTINGS', 'RESULT_KEYS', 'SMOKE_PARAMS', 'SMOKE_EVAL',
            'mini_data_path', 'profile_dataset', 'dataset_slug', 'Run', 'Cell', 'table_cells', 'default_seeds',
            'table_runs', 'project_root', 'pretrain_parameters', 'finished', 'launch', 'evaluate_parameters',
-           'evaluate_run', 'smoke_runs_dir', 'as_list', 'default_runs_dir']
+           'evaluate_run', 'launch_all', 'smoke_runs_dir', 'as_list', 'default_runs_dir']
 
 # %% ../nbs/16_runs.ipynb #2b0fcb1d
 def mini_data_path(data_dir=None) -> Path:
@@ -210,14 +211,15 @@ def launch(run: Run, device=None, data_dir=None, pretrain_params: dict | None = 
     return 'ran'
 
 class _locked:
-    "An exclusive `flock` on `<dir>/.lock` (released by the OS if the process dies)."
+    "An exclusive `flock` on `<dir>/.lock` (released by the OS once no process holds it open: it does not outlive them)."
+    held = {}                                   # dir -> its open lock file, passed on to the run's process by `launch_all`
     def __init__(self, d): self.path = Path(d) / '.lock'
     def __enter__(self):
         import fcntl
-        self.f = open(self.path, 'w'); fcntl.flock(self.f, fcntl.LOCK_EX); return self
+        self.f = open(self.path, 'w'); fcntl.flock(self.f, fcntl.LOCK_EX); _locked.held[self.path.parent] = self.f; return self
     def __exit__(self, *a):
         import fcntl
-        fcntl.flock(self.f, fcntl.LOCK_UN); self.f.close()
+        _locked.held.pop(self.path.parent, None); fcntl.flock(self.f, fcntl.LOCK_UN); self.f.close()
 
 # %% ../nbs/16_runs.ipynb #61b2cd1a
 def evaluate_parameters(run: Run, device=None, data_dir=None, pretrain_params: dict | None = None,
@@ -262,6 +264,89 @@ def evaluate_run(run: Run, device=None, data_dir=None, pretrain_params: dict | N
         if 'img_size' in ev: res['img_size'] = ev['img_size']
         write_json(run.results, res)                # atomic: a killed step leaves no half-written results.json to skip on
     return 'ran'
+
+# %% ../nbs/16_runs.ipynb #9f1518b0
+class _Children:
+    "The papermill processes of one `launch_all` call; `stop` ends those running (and their kernels) and starts no more."
+    def __init__(self): self.procs, self.lock, self.stopped = set(), threading.Lock(), False
+    def run(self, cmd, log, env, fds=()) -> int:
+        with self.lock:
+            if self.stopped: raise RuntimeError('launch_all was stopped before this run started')
+            p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, pass_fds=fds)
+            self.procs.add(p)
+        try: return p.wait()
+        finally:
+            with self.lock: self.procs.discard(p)
+    def stop(self):
+        import signal
+        with self.lock:
+            self.stopped = True
+            for p in self.procs:
+                try: os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError: pass     # it had just ended
+
+def _last_line(log: Path) -> str:
+    lines = [l.strip() for l in log.read_text(errors='replace').splitlines() if l.strip()]
+    return lines[-1][:300] if lines else '(no output)'
+
+def _cli_execute(children: _Children, env: dict | None = None, log_name: str = 'launch.log'):
+    "An `execute` for `launch` and `evaluate_run`: papermill's command line in a process of its own, output in `<out_dir>/<log_name>`."
+    def execute(nb, out, parameters, cwd=None, **_):
+        import yaml
+        ps = yaml.safe_dump(json.loads(json.dumps(parameters, default=str)))   # tuples as lists; YAML keeps 1e-05 a float
+        cmd = [sys.executable, '-m', 'papermill', str(nb), str(out), '-y', ps, '--log-output', '--no-progress-bar']
+        log, lock = Path(out).parent / log_name, _locked.held.get(Path(out).parent)   # the run's lock, shared with its process
+        with open(log, 'w') as f: rc = children.run(cmd + (['--cwd', str(cwd)] if cwd else []), f, env, (lock.fileno(),) if lock else ())
+        if rc: raise RuntimeError(f"papermill exited with status {rc}: {_last_line(log)} (its output: {log})")
+    return execute
+
+# %% ../nbs/16_runs.ipynb #23b797d5
+def _run_env(jobs: int, device=None, threads: int | None = None) -> dict:
+    "The environment of each run's process (see above)."
+    env = dict(os.environ, PYTHONUNBUFFERED='1')
+    if threads is None and jobs > 1 and 'OMP_NUM_THREADS' not in env and _on_gpu(device): threads = max(1, (os.cpu_count() or 1) // jobs)
+    if threads is not None: env['OMP_NUM_THREADS'] = str(int(threads))
+    return env
+
+def _on_gpu(device) -> bool:
+    if device not in (None, 'auto'): return str(device).startswith('cuda')
+    import torch
+    return torch.cuda.is_available()
+
+# %% ../nbs/16_runs.ipynb #a441eff7
+def _launch_one(r: Run, execute, device, data_dir, pretrain_params, eval_params, notebook) -> tuple[str, float]:
+    t = time.time()
+    if r.step == 'pretrain': st = launch(r, device, data_dir, pretrain_params, notebook, execute=execute)
+    else:
+        ep = eval_params.get(r.step, {}) if eval_params and set(eval_params) <= set(RESULT_KEYS) else eval_params
+        st = evaluate_run(r, device, data_dir, pretrain_params, ep, execute=execute)
+    return st, time.time() - t
+
+def launch_all(runs, jobs: int = 1, device=None, data_dir=None, pretrain_params: dict | None = None,
+               eval_params: dict | None = None, notebook=None, threads: int | None = None) -> dict:
+    """Launch every pretraining run of `runs`, then every evaluation step, `jobs` at a time, each in a process of its
+    own; finished runs are skipped. Once all have ended, one RuntimeError names every failed run. {out_dir: 'ran' or 'skipped'}."""
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs={jobs!r}: the number of runs at a time must be an integer of 1 or more")
+    kids, done, failed = _Children(), {}, {}
+    execute = _cli_execute(kids, _run_env(jobs, device, threads))
+    def report(r, what): print(f"[{len(done) + len(failed)}/{len(runs)}] {what}  {r.step} {r.cell} seed {r.seed}  {r.out_dir}", flush=True)
+    for group in ([r for r in runs if r.step == 'pretrain'], [r for r in runs if r.step != 'pretrain']):
+        for r in [r for r in group if r.pretrain_dir in failed]:
+            failed[r.out_dir] = f"not run: its pretraining run {r.pretrain_dir} failed"; report(r, 'FAILED ')
+        with ThreadPoolExecutor(jobs) as ex:
+            futs = {ex.submit(_launch_one, r, execute, device, data_dir, pretrain_params, eval_params, notebook): r
+                    for r in group if r.out_dir not in failed}
+            try:
+                for f in as_completed(futs):
+                    r = futs[f]
+                    try: st, secs = f.result()
+                    except Exception as e: failed[r.out_dir] = f"{type(e).__name__}: {e}"; report(r, 'FAILED ')
+                    else: done[r.out_dir] = st; report(r, f"{st:7s} {secs:5.0f} s")
+            except BaseException: ex.shutdown(wait=False, cancel_futures=True); kids.stop(); raise   # interrupted: stop them all
+    if failed: raise RuntimeError(f"{len(failed)} of {len(runs)} runs failed (every other one ended): "
+                                  + '; '.join(f"{d}: {m}" for d, m in failed.items()))
+    return {r.out_dir: done[r.out_dir] for r in runs if r.out_dir in done}
 
 # %% ../nbs/16_runs.ipynb #db2cfadd
 SMOKE_PARAMS = dict(n_per_class=4, epochs=1, batch_size=8, linear_epochs=2, progress=False)   # seconds per run

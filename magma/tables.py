@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np, pandas as pd
 from .methods import METHODS
 from .paper import PAPER_TABLES, TABLE_METRICS
-from .runs import SMOKE_EVAL, SMOKE_PARAMS, as_list, dataset_slug, default_runs_dir, evaluate_run, launch, table_runs
+from .runs import SMOKE_EVAL, SMOKE_PARAMS, as_list, dataset_slug, default_runs_dir, launch_all, table_runs
 
 # %% auto #0
 __all__ = ['FLOOR_METRICS', 'ABLATION_METRICS', 'SELECT_ON', 'display_name', 'summarize', 'collect', 'aggregate',
@@ -235,20 +235,16 @@ def _seed_note(runs) -> str:
 
 def run_table(table: str, profile: str = 'smoke', seeds=None, cells=None, runs_dir=None, data_dir=None, device=None,
               pretrain_params: dict | None = None, eval_params: dict | None = None, mini_data=None, launch_runs: bool = True,
-              log_output: bool = False) -> tuple[pd.DataFrame, str]:
-    """Launch (skipping finished runs), evaluate, aggregate and write one table; returns (aggregated frame, Markdown).
-    The Markdown has the paper's table, then ours beside the random-init floor and MAGMA's paired effect where they apply."""
+              jobs: int = 1) -> tuple[pd.DataFrame, str]:
+    """Launch (skipping finished runs, `jobs` at a time: `launch_all`), evaluate, aggregate and write one table; returns
+    (aggregated frame, Markdown): the paper's table, then ours beside the random-init floor and MAGMA's paired effect."""
     seeds, cells = as_list(seeds, int), as_list(cells)
     if runs_dir is None: runs_dir = default_runs_dir(profile)
     if pretrain_params is None: pretrain_params = dict(SMOKE_PARAMS) if profile == 'smoke' else {}
     runs = table_runs(table, profile, seeds, cells, runs_dir, mini_data, pretrain_params)
-    if launch_runs:
-        for r in runs:
-            if r.step == 'pretrain': st = launch(r, device, data_dir, pretrain_params, log_output=log_output)
-            else:
-                ep = eval_params if eval_params is not None else (SMOKE_EVAL[r.step] if profile == 'smoke' else {})
-                st = evaluate_run(r, device, data_dir, pretrain_params, ep, log_output=log_output)
-            print(f"{st:8s} {r.step:9s} {r.cell:28s} seed {r.seed}  {r.out_dir}")
+    if launch_runs:                             # eval_params None: SMOKE_EVAL, one dict per step, in smoke; none otherwise
+        ep = eval_params if eval_params is not None else (SMOKE_EVAL if profile == 'smoke' else {})
+        launch_all(runs, jobs, device, data_dir, pretrain_params, ep)
     shown = [r for r in runs if r.step != 'pretrain'] or runs
     df = aggregate(shown, table)
     title = f"{table.replace('table', 'Table ')} ({profile} profile; {_seed_note(shown)})"
