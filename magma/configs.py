@@ -96,6 +96,7 @@ class PretrainConfig:
     val_fraction: float = _p(0.0, "hold out this stratified fraction of the training split (never pretrained on) to score kNN and probes on; 0 = none")
     online_lr: float = _p(1e-3, "learning rate of the online linear probe (AdamW, no weight decay)")
     log_every: int = _p(10, "steps between per-step CSV rows")
+    save_every: str = _p('1', "checkpoint every N epochs (2) or after N seconds of training since the last one (600s); the last epoch is always saved")
     loggers: str = _p('tensorboard', "where the run logs: tensorboard, wandb, both comma-separated (tensorboard,wandb), or none")
     wandb_project: str | None = _p(None, "wandb project (default: magma); only with loggers including wandb")
     wandb_mode: str | None = _p(None, "wandb mode: online, offline or disabled (default: wandb's, from WANDB_MODE)")
@@ -263,6 +264,8 @@ def check_config(cfg: PretrainConfig, here: bool = True) -> PretrainConfig:
     if 'decoder_heads' in own:
         need('decoder_heads', cfg.decoder_dim % cfg.decoder_heads == 0, f"does not divide decoder_dim={cfg.decoder_dim}; pick a divisor of it")
     if 'mask_ratio' in own: visible_patches((cfg.img_size // cfg.patch_size) ** 2, cfg.mask_ratio)   # the one mask_ratio check
+    cfg.save_every = str(cfg.save_every).strip().lower()
+    need('save_every', re.fullmatch(r'[1-9][0-9]*s?', cfg.save_every), "must be a number of epochs (2) or of seconds (600s), at least 1")
     need('accum_steps', cfg.batch_size % cfg.accum_steps == 0 and cfg.batch_size // cfg.accum_steps >= 2,
          f"must divide batch_size={cfg.batch_size} into micro-batches of at least 2 images (MAGMA is a batch-wide term)")
     need('resume', not (cfg.resume and cfg.overwrite), "and overwrite=True contradict each other; pass one of them")

@@ -217,11 +217,25 @@ def train_step(p: TrainParts, batch: dict, lr: float, step: int, total_steps: in
 class NonFiniteState(NonFiniteLoss):
     "Raised when the model, probe or optimizer state holds NaN or inf at a checkpoint: it is not saved, the last good one is kept."
 
-def _bad_tensors(state, prefix: str = '') -> list[str]:
-    "Names of the floating-point tensors in the nested `state` that hold NaN or inf."
-    if torch.is_tensor(state): return [prefix] if state.is_floating_point() and not bool(torch.isfinite(state).all()) else []
+def _float_tensors(state, prefix: str = ''):
+    "(name, tensor) for each floating-point tensor in the nested `state`."
+    if torch.is_tensor(state):
+        if state.is_floating_point(): yield prefix, state
+        return
     items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else ()
-    return [b for k, v in items for b in _bad_tensors(v, f'{prefix}.{k}' if prefix else str(k))]
+    for k, v in items: yield from _float_tensors(v, f'{prefix}.{k}' if prefix else str(k))
+
+def _bad_tensors(state) -> list[str]:
+    """Names of the floating-point tensors in the nested `state` that hold NaN or inf. One fused check (a flag per tensor,
+    one host copy per device); the names are looked up only when a flag is down."""
+    flat, by_device = list(_float_tensors(state)), {}
+    for i, (_, t) in enumerate(flat): by_device.setdefault(t.device, []).append(i)
+    bad = []
+    for dev, idx in by_device.items():
+        ok = torch.stack([torch.isfinite(flat[i][1]).all() for i in idx]).tolist()
+        bad += [flat[i][0] for i, good in zip(idx, ok) if not good]
+    order = {name: n for n, (name, _) in enumerate(flat)}
+    return sorted(bad, key=order.get)
 
 def _kept(ckpt_path: Path, kept_epoch: int | None) -> str:
     "Which checkpoint a failed run leaves, in words: the one actually on disk, or none."
@@ -266,7 +280,7 @@ def save_training_state(p: TrainParts, path: Path, cfg: PretrainConfig, *, epoch
                                    config=asdict(cfg), wall_seconds=wall_seconds, versions=versions()))
 
 # %% ../nbs/10_train.ipynb #dad1697b
-_RESUME_FREE = ('resume', 'overwrite', 'out_dir', 'device', 'log_every', 'num_workers', 'compile', 'knn_k', 'linear_epochs', 'linear_mode',
+_RESUME_FREE = ('resume', 'overwrite', 'out_dir', 'device', 'log_every', 'save_every', 'num_workers', 'compile', 'knn_k', 'linear_epochs', 'linear_mode',
                 'loggers', 'wandb_project', 'wandb_mode', 'download')
 
 def _config_diff(saved: dict, cfg: PretrainConfig) -> list[str]:
@@ -380,10 +394,11 @@ def read_log(path: Path, epochs_below: int, history: list = ()) -> list[dict]:
 
 class EpochStats:
     "Running sums of one epoch on this process: the loss components of its steps, the probe's hits, the images seen."
-    def __init__(self): self.sums, self.steps, self.hits, self.labelled, self.images, self.t0 = {}, 0, 0, 0, 0, time.time()
+    def __init__(self): self.sums, self.counts, self.steps, self.hits, self.labelled, self.images, self.t0 = {}, {}, 0, 0, 0, 0, time.time()
     def add(self, comps: dict, hits, labelled: int, images: int):
-        for k, v in comps.items(): self.sums[k] = self.sums.get(k, 0.0) + v
+        for k, v in comps.items(): self.sums[k], self.counts[k] = self.sums.get(k, 0.0) + v, self.counts.get(k, 0) + 1
         self.steps, self.hits, self.labelled, self.images = self.steps + 1, self.hits + hits, self.labelled + labelled, self.images + images
+    def mean(self, k: str): return self.sums[k] / max(self.counts[k], 1)   # over the steps that computed `k`
     def images_per_sec(self, world: int = 1) -> float: return self.images * world / max(time.time() - self.t0, 1e-9)
 
 def _all_mean(x: float, device) -> float:
@@ -398,21 +413,22 @@ def _probe_accuracy(encoder, probe, loader, device, autocast, taps=()) -> dict:
     """Top-1 accuracy (%) of the online probe on the CLS features of `loader` (evaluation transform), and for each tapped
     block b the mean L2 norm `tap{b}_norm` and the spread `tap{b}_spread` (RMS distance to the mean) of its features."""
     was = encoder.training; encoder.eval()
-    correct = total = 0
-    stats = {b: torch.zeros(3, dtype=torch.float64) for b in taps}  # sum ||x||, sum ||x||^2, count
+    counts = torch.zeros(2, dtype=torch.int64, device=device)        # correct, labelled: summed on the device
+    stats = {b: torch.zeros(3, dtype=torch.float64, device=device) for b in taps}  # sum ||x||, sum ||x||^2, count
     sums = {b: 0.0 for b in taps}
     for batch in loader:
-        with autocast: tokens, feats = encoder.encode(batch['img'].to(device), taps=taps)
-        y = batch['label'].to(device); keep = y >= 0
-        correct += int((probe(tokens[:, 0].float()).argmax(1) == y)[keep].sum()); total += int(keep.sum())
+        with autocast: tokens, feats = encoder.encode(batch['img'].to(device, non_blocking=True), taps=taps)
+        y = batch['label'].to(device, non_blocking=True); keep = y >= 0
+        counts += torch.stack([((probe(tokens[:, 0].float()).argmax(1) == y) & keep).sum(), keep.sum()])
         for b, f in feats.items():
-            f = f.double().cpu(); n = f.norm(dim=1)
-            stats[b] += torch.stack([n.sum(), (n * n).sum(), torch.tensor(float(len(f)), dtype=torch.float64)])
+            f = f.double(); n = f.norm(dim=1)
+            stats[b] += torch.stack([n.sum(), (n * n).sum(), n.new_tensor(float(len(f)))])
             sums[b] = sums[b] + f.sum(0)
     encoder.train(was)
+    correct, total = counts.tolist()                                 # the one host copy of the evaluation
     out = dict(online_acc=100.0 * correct / max(total, 1))
     for b, (s1, s2, n) in ((b, v.tolist()) for b, v in stats.items()):
-        mu = sums[b] / max(n, 1)
+        mu = (sums[b] / max(n, 1)).cpu()
         out[f'tap{b}_norm'] = s1 / max(n, 1)
         out[f'tap{b}_spread'] = max(s2 / max(n, 1) - float(mu @ mu), 0.0) ** 0.5
     return out
@@ -425,7 +441,7 @@ def epoch_row(stats: EpochStats, p: TrainParts, eval_dl, world: int = 1, rank: i
     """The epoch's row: `ids` (kind, epoch, step, lr, magma_weight), the means over processes, the probe's accuracies and
     tap norms (rank 0), the throughput. The accuracies are absent when no process's probe saw a labelled image (it never trained)."""
     device = next(p.model.parameters()).device
-    means = {k: _all_mean(v / max(stats.steps, 1), device) for k, v in stats.sums.items()}
+    means = {k: _all_mean(stats.mean(k), device) for k in stats.sums}
     trained = _all_mean(stats.labelled, device) > 0                   # some process's probe saw a labelled image this epoch
     accs = dict(online_train_acc=_all_mean(100.0 * float(stats.hits) / max(stats.labelled, 1), device)) if trained else {}
     online = (_probe_accuracy(p.model.encoder, p.probe, eval_dl, device, p.autocast, taps=_tap_blocks(p.model)) if rank == 0
@@ -605,6 +621,10 @@ def _any_rank(signum, device) -> bool:
     t = torch.tensor([float(bool(signum))], device=device if dist.get_backend() == 'nccl' else 'cpu')
     dist.all_reduce(t, op=dist.ReduceOp.MAX); return bool(t.item())
 
+def _save_due(save_every: str, epoch: int, since_save: float) -> bool:
+    "Whether `save_every` ('N': epochs, 'Ns': seconds) asks for a checkpoint after `epoch`, `since_save` seconds after the last one."
+    return since_save >= int(save_every[:-1]) if save_every.endswith('s') else (epoch + 1) % int(save_every) == 0
+
 def _lam(cfg: PretrainConfig, epoch: int) -> float:
     "λ in `epoch` (0 for a method without the MAGMA term, and before epoch 0)."
     if epoch < 0 or not method_uses_magma(cfg.method): return 0.0
@@ -643,9 +663,10 @@ def train(cfg: PretrainConfig | None = None, *, stop_after: int | None = None, p
                            wandb_project=cfg.wandb_project, wandb_mode=cfg.wandb_mode) if rank == 0 else None
         try:
             total, warmup = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
-            has_unlabeled, t_start = bool((train_ds.labels < 0).any()), time.time()
+            has_unlabeled, t_start, track = bool((train_ds.labels < 0).any()), time.time(), p.model.track_magma
             from tqdm.auto import tqdm
-            for epoch in range(start_epoch, cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)):
+            end, last_save = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after), time.time()
+            for epoch in range(start_epoch, end):
                 lam = _lam(cfg, epoch)
                 p.model.magma_weight = lam
                 loader.set_epoch(epoch); p.net.train(); p.probe.train()
@@ -653,23 +674,28 @@ def train(cfg: PretrainConfig | None = None, *, stop_after: int | None = None, p
                 for i, batch in enumerate(bar):
                     step = epoch * steps_per_epoch + i
                     lr = lr_at(step, total, warmup, arith['lr'])
+                    switch = i == 0 and lam != _lam(cfg, epoch - 1)      # λ changed: its exact first step is logged
+                    logged = step % cfg.log_every == 0 or switch
+                    p.model.track_magma = track and (logged or i == 0)   # the untrained term (λ = 0): only where it is logged
                     try: comps, hits, labelled = train_step(p, batch, lr, step, total, cfg.accum_steps, has_unlabeled)
                     except NonFiniteLoss as e: raise NonFiniteLoss(f"{e} in epoch {epoch}; {_kept(ckpt_path, kept_epoch)}. {_advice(cfg).capitalize()}") from None
                     stats.add(comps, hits, labelled, len(batch['label']))
-                    switch = i == 0 and lam != _lam(cfg, epoch - 1)      # λ changed: its exact first step is logged
-                    if rank == 0 and (step % cfg.log_every == 0 or switch):
+                    if rank == 0 and logged:
                         _log_step(log, logger, bar, stats, comps, world, epoch=epoch, step=step, lr=lr, magma_weight=lam)
                     if stop.signum and world == 1: raise _preempted(stop.signum, step, epoch, ckpt_path, kept_epoch)
                 row = epoch_row(stats, p, eval_dl, world, rank, kind='epoch', epoch=epoch, step=step, lr=lr, magma_weight=lam)
                 history.append(row)
                 if rank == 0: _log_epoch(log, logger, row)
-                save_training_state(p, ckpt_path, cfg, epoch=epoch, history=history, wall_seconds=wall_before + time.time() - t_start,
-                                    kept_epoch=kept_epoch, rank=rank)
-                kept_epoch = epoch
-                if _any_rank(stop.signum, device): raise _preempted(stop.signum or signal.SIGTERM, step, epoch, ckpt_path, kept_epoch)
+                stopping = _any_rank(stop.signum, device)
+                if epoch == end - 1 or stopping or _any_rank(_save_due(cfg.save_every, epoch, time.time() - last_save), device):
+                    save_training_state(p, ckpt_path, cfg, epoch=epoch, history=history, wall_seconds=wall_before + time.time() - t_start,
+                                        kept_epoch=kept_epoch, rank=rank)
+                    kept_epoch, last_save = epoch, time.time()
+                if stopping: raise _preempted(stop.signum or signal.SIGTERM, step, epoch, ckpt_path, kept_epoch)
         except BaseException:
             if logger is not None: logger.close()
             raise
+        finally: p.model.track_magma = track
         if logger is not None and not keep_logger: logger.close()
     summary = _summary(cfg, history, arith, world, ckpt_path, wall_before + time.time() - t_start)
     return TrainResult(summary, p.model, logger if keep_logger else None)
