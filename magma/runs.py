@@ -17,7 +17,7 @@ from .paper import PAPER_TABLE1, PAPER_TABLE2, PAPER_TABLE3, PAPER_TABLE8, PAPER
 __all__ = ['DEFAULT_CELLS', 'DEFAULT_SEEDS', 'MINI_TABLE2_SETTINGS', 'RESULT_KEYS', 'SMOKE_PARAMS', 'SMOKE_EVAL',
            'mini_data_path', 'profile_dataset', 'dataset_slug', 'Run', 'Cell', 'table_cells', 'default_seeds',
            'table_runs', 'project_root', 'pretrain_parameters', 'finished', 'launch', 'evaluate_parameters',
-           'evaluate_run', 'launch_all', 'smoke_runs_dir', 'as_list', 'default_runs_dir']
+           'evaluate_run', 'launch_all', 'smoke_runs_dir', 'as_list', 'as_dict', 'default_runs_dir']
 
 # %% ../nbs/16_runs.ipynb #2b0fcb1d
 def mini_data_path(data_dir=None) -> Path:
@@ -377,6 +377,15 @@ def as_list(x, cast=str) -> list | None:
     if isinstance(x, str): x = [v.strip().strip('\'"') for v in x.strip().strip('[]').split(',') if v.strip()]
     if not isinstance(x, (list, tuple)): x = [x]
     return [cast(v) for v in x]
+
+def as_dict(x, name: str) -> dict | None:
+    "A papermill parameter given as a dict, None, or its JSON text (`-p pretrain_params '{\"epochs\": 1}'`); one line naming `name` else."
+    if x is None or isinstance(x, dict): return x
+    if isinstance(x, str):
+        try: d = json.loads(x)
+        except ValueError as e: raise ValueError(f"{name}={x[:80]!r} is not JSON ({e.msg}); pass e.g. '{{\"epochs\": 1}}'") from None
+        if isinstance(d, dict): return d
+    raise ValueError(f"{name}={str(x)[:80]!r} must be a dict of parameters, or its JSON text '{{\"epochs\": 1}}'")
 
 def default_runs_dir(profile: str) -> Path:
     "smoke: `smoke_runs_dir()`; mini: the committed `results/` folder of the repository; paper: `runs/`."

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np, pandas as pd
 from .methods import METHODS
 from .paper import PAPER_TABLES, TABLE_METRICS
-from .runs import SMOKE_EVAL, SMOKE_PARAMS, as_list, dataset_slug, default_runs_dir, launch_all, table_runs
+from .runs import SMOKE_EVAL, SMOKE_PARAMS, as_dict, as_list, dataset_slug, default_runs_dir, launch_all, table_runs
 
 # %% auto #0
 __all__ = ['FLOOR_METRICS', 'ABLATION_METRICS', 'SELECT_ON', 'display_name', 'summarize', 'collect', 'aggregate',
@@ -239,6 +239,7 @@ def run_table(table: str, profile: str = 'smoke', seeds=None, cells=None, runs_d
     """Launch (skipping finished runs, `jobs` at a time: `launch_all`), evaluate, aggregate and write one table; returns
     (aggregated frame, Markdown): the paper's table, then ours beside the random-init floor and MAGMA's paired effect."""
     seeds, cells = as_list(seeds, int), as_list(cells)
+    pretrain_params, eval_params = as_dict(pretrain_params, 'pretrain_params'), as_dict(eval_params, 'eval_params')   # papermill -p gives JSON text
     if runs_dir is None: runs_dir = default_runs_dir(profile)
     if pretrain_params is None: pretrain_params = dict(SMOKE_PARAMS) if profile == 'smoke' else {}
     runs = table_runs(table, profile, seeds, cells, runs_dir, mini_data, pretrain_params)
