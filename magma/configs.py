@@ -15,8 +15,8 @@ from .patches import visible_patches
 
 # %% auto #0
 __all__ = ['PAPER_TABLE4', 'PAPER_TABLE5', 'PAPER_COMMON', 'PAPER_MAE', 'PAPER_JE', 'PAPER_BY_FAMILY', 'PARAMS', 'LIGHT_DECODER',
-           'MINI_MAGMA', 'PROFILES', 'LOGGERS', 'paper_table', 'PretrainConfig', 'paper_precision', 'resolve_config',
-           'check_config', 'method_uses_magma', 'dataset_slug', 'private_dir', 'default_out_dir']
+           'MINI_MAGMA', 'PROFILES', 'LOGGERS', 'paper_table', 'PretrainConfig', 'uses_cuda', 'paper_precision',
+           'resolve_config', 'check_config', 'method_uses_magma', 'dataset_slug', 'private_dir', 'default_out_dir']
 
 # %% ../nbs/09_configs.ipynb #4a290063
 _COLS = ('backbone', 'patch_size', 'epochs', 'batch_size', 'lr', 'magma_start')
@@ -119,12 +119,16 @@ PROFILES = {
                  warmup_epochs=2, **MINI_MAGMA, precision='fp32', val_fraction=0.1, **LIGHT_DECODER),
 }
 
+def uses_cuda(device: str | None = 'auto') -> bool:
+    "Whether a run on `device` is on CUDA: `cuda` or `cuda:N`, or `auto` (or None) on a machine with a GPU."
+    if device in (None, 'auto'):
+        import torch
+        return torch.cuda.is_available()
+    return str(device).startswith('cuda')
+
 def paper_precision(device: str = 'auto') -> str:
-    "The paper profile's precision: bf16 autocast where the run is on CUDA (`device` cuda, or auto with a GPU), else fp32."
-    if str(device).startswith('cuda'): return 'bf16'
-    if device != 'auto': return 'fp32'
-    import torch
-    return 'bf16' if torch.cuda.is_available() else 'fp32'
+    "The paper profile's precision: bf16 autocast where the run is on CUDA (`uses_cuda`), else fp32."
+    return 'bf16' if uses_cuda(device) else 'fp32'
 
 def _paper_profile(dataset: str, method: str) -> dict:
     name = 'imagenet100' if dataset == 'imagenet' else dataset
@@ -277,7 +281,7 @@ def check_config(cfg: PretrainConfig, here: bool = True) -> PretrainConfig:
         need('device', cuda or not cfg.device.startswith('cuda'), f"but CUDA is not available on this machine; available: {here_now}")
         need('device', not cfg.device.startswith('cuda:') or int(cfg.device[5:]) < n, f"but this machine has {n} CUDA device(s); available: {here_now}")
         need('device', cfg.device != 'mps' or mps, f"but this torch cannot use MPS here; available: {here_now}")
-        on_cuda = cuda and (cfg.device == 'auto' or cfg.device.startswith('cuda'))
+        on_cuda = uses_cuda(cfg.device)                  # (a cuda device without CUDA was refused above)
         need('precision', cfg.precision != 'fp16' or on_cuda,
              f"needs CUDA (GradScaler) but device={cfg.device!r} runs on the CPU here; use precision='bf16' or 'fp32'")
         need('precision', cfg.precision != 'tf32' or on_cuda,

@@ -25,12 +25,10 @@ def run(cfg: PretrainConfig | None = None, *, progress: bool = True, evaluate: b
     from magma.train import train, build_method, pretraining_data_of, precision_flags
     from magma.checkpoints import write_json
     from magma.figures import fig2_training, fig4_pacmap, fig_reconstruction
-    from magma.configs import default_out_dir
     from magma.base import method_spec
     import magma.datasets as _datasets, magma.loader as _loader, magma.evaluate as _evaluate
     cfg = cfg if isinstance(cfg, PretrainConfig) else resolve_config(**params)
-    if cfg.out_dir is None: cfg.out_dir = default_out_dir(cfg)
-    res, model, logger = train(cfg, progress=progress, keep_logger=True)
+    res, model, logger = train(cfg, progress=progress, keep_logger=True)   # sets cfg.out_dir when None (rank 0's under DDP)
     t0 = time.time()  # evaluation clock: `wall_seconds` spans every sitting of a resumed run, so never subtract it
     if dist.is_initialized() and dist.get_rank() != 0: return res
     out, device = Path(cfg.out_dir), next(model.parameters()).device

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 from .checkpoints import write_json
+from .configs import uses_cuda
 from .methods import METHODS
 from .paper import PAPER_TABLE1, PAPER_TABLE2, PAPER_TABLE3, PAPER_TABLE8, PAPER_TABLES, TABLE1_DATASETS, TABLE2_SETTINGS, table2_col
 
@@ -304,14 +305,9 @@ def _cli_execute(children: _Children, env: dict | None = None, log_name: str = '
 def _run_env(jobs: int, device=None, threads: int | None = None) -> dict:
     "The environment of each run's process (see above)."
     env = dict(os.environ, PYTHONUNBUFFERED='1')
-    if threads is None and jobs > 1 and 'OMP_NUM_THREADS' not in env and _on_gpu(device): threads = max(1, (os.cpu_count() or 1) // jobs)
+    if threads is None and jobs > 1 and 'OMP_NUM_THREADS' not in env and uses_cuda(device): threads = max(1, (os.cpu_count() or 1) // jobs)
     if threads is not None: env['OMP_NUM_THREADS'] = str(int(threads))
     return env
-
-def _on_gpu(device) -> bool:
-    if device not in (None, 'auto'): return str(device).startswith('cuda')
-    import torch
-    return torch.cuda.is_available()
 
 # %% ../nbs/16_runs.ipynb #a441eff7
 def _launch_one(r: Run, execute, device, data_dir, pretrain_params, eval_params, notebook) -> tuple[str, float]:

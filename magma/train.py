@@ -318,17 +318,18 @@ def _check_state(st: dict, path: Path, cfg: PretrainConfig):
 def _restore_rng(st: dict, path: Path, cfg: PretrainConfig, device: torch.device, rank: int, world: int):
     "This rank's CPU and CUDA generator states from the checkpoint; if it holds another number of processes, reseeded with a warning."
     rng, cuda_rng = st['rng'], st.get('cuda_rng', [])
+    reseed = cfg.seed + 1_000_003 * rank + 7_919 * (st['epoch'] + 1)   # per rank and epoch, when no saved state fits
     if len(rng) != world:
         warnings.warn(f"{path} holds the generator states of {len(rng)} process(es) and this run has {world}: each rank's generators are "
                       f"reseeded, so the resumed run is not bit-identical to an uninterrupted one")
-        torch.manual_seed(cfg.seed + 1_000_003 * rank + 7_919 * (st['epoch'] + 1)); return
+        torch.manual_seed(reseed); return
     torch.set_rng_state(rng[rank].cpu())
     if device.type == 'cuda':
         if len(cuda_rng) == world: torch.cuda.set_rng_state(cuda_rng[rank].cpu(), device)
         else:
             warnings.warn(f"{path} holds no CUDA generator state (trained off CUDA): the CUDA generator is reseeded, so the resumed "
                           f"run is not bit-identical to an uninterrupted one")
-            torch.cuda.manual_seed(cfg.seed + 1_000_003 * rank + 7_919 * (st['epoch'] + 1))
+            torch.cuda.manual_seed(reseed)
 
 def load_training_state(p: TrainParts, path: Path, cfg: PretrainConfig, rank: int = 0, world: int = 1) -> tuple[int, list, float]:
     """Put the checkpoint at `path` into `p` and this rank's CPU and CUDA generators, if it fits `cfg`: (the first epoch to
@@ -507,9 +508,8 @@ def _check_run_dir(cfg: PretrainConfig, out: Path) -> bool:
             raise FileExistsError(f"{where} holds a finished run (results.json) whose checkpoint is gone, so resume='auto' cannot "
                                   f"continue it; pass overwrite=True to replace it, or another out_dir")
         saved = _json_dict(out / 'config.json') if 'config.json' in marks else None
-        diff = _config_diff(saved, cfg) if saved is not None else []
-        if diff or (saved is not None and saved.get('epochs') != cfg.epochs):
-            diff = diff or ['epochs']
+        diff = _config_diff(saved, cfg) if saved is not None else []   # epochs included
+        if diff:
             raise FileExistsError(f"{where} holds another run (its config.json has a different {', '.join(diff)}) that never "
                                   f"checkpointed; resume='auto' starts only its own run there: pass overwrite=True or another out_dir")
         return False                                              # a sitting killed before its first checkpoint: start again
