@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch, torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['DRAW_COLS', 'ViewAug', 'as_views', 'sample_crops', 'resized_crop', 'gray', 'adjust_hue', 'color_jitter',
-           'blur_kernel_size', 'gaussian_blur', 'solarize', 'to_device', 'TensorAugment']
+__all__ = ['DRAW_COLS', 'ViewAug', 'as_views', 'sample_crops', 'resized_crop', 'gray', 'adjust_hue', 'color_jitter', 'solarize',
+           'pil_box_radius', 'blur_kernel_size', 'gaussian_blur', 'to_device', 'TensorAugment']
 
 # %% ../nbs/08a_augment.ipynb #252f691e
 @dataclass(frozen=True)
@@ -98,18 +98,32 @@ def color_jitter(x, factors, order):
             if len(i): x.index_copy_(0, i, _JITTER[op](x[i], factors[i, op]))
     return x
 
-def blur_kernel_size(img_size): return max(3, int(0.1 * img_size) // 2 * 2 + 1)
-
-def gaussian_blur(x, sigma, k):
-    "Blur every image of `x` (B,C,H,W) with its own `sigma` (B,), kernel size `k`, reflect padding: one grouped conv per axis."
-    B, C, H, W = x.shape
-    t = torch.arange(k, device=x.device, dtype=x.dtype) - (k - 1) / 2
-    ker = torch.exp(-0.5 * (t / sigma.view(-1, 1)) ** 2); ker = (ker / ker.sum(1, keepdim=True)).repeat_interleave(C, 0)
-    y = F.pad(x.reshape(1, B * C, H, W), (k // 2,) * 4, mode='reflect')
-    y = F.conv2d(y, ker.view(B * C, 1, 1, k), groups=B * C)
-    return F.conv2d(y, ker.view(B * C, 1, k, 1), groups=B * C).view(B, C, H, W)
-
 def solarize(x, threshold=0.5): return torch.where(x >= threshold, 1 - x, x)
+
+# %% ../nbs/08a_augment.ipynb #b1a0e002
+def pil_box_radius(sigma):
+    "(l, a) of Pillow's `GaussianBlur(radius=sigma)`: three boxes of radius l + a whose variances add up to sigma**2."
+    s2 = sigma * sigma / 3
+    t = ((12 * s2 + 1) ** 0.5 - 1) / 2
+    l = t.floor() if isinstance(t, torch.Tensor) else float(math.floor(t))
+    return l, (2 * l + 1) * (l * (l + 1) - 3 * s2) / (6 * (s2 - (l + 1) ** 2))
+
+def blur_kernel_size(sigma_max: float = 2.0) -> int:
+    "Taps of the one window that holds the box of every sigma <= `sigma_max`: 2 l + 3 (5 up to sigma = 2.45)."
+    return 2 * int(pil_box_radius(float(sigma_max))[0]) + 3
+
+def gaussian_blur(x, sigma, sigma_max: float = 2.0):
+    "Pillow's GaussianBlur(radius=sigma) of each image of `x` (B,C,H,W), `sigma` (B,): 3 boxes per axis, edges clamped."
+    B, C, H, W = x.shape
+    k = blur_kernel_size(sigma_max); m = k // 2                 # from a CPU float: no shape waits for the device
+    l, a = pil_box_radius(sigma.to(x.dtype).view(-1, 1))
+    j = (torch.arange(k, device=x.device, dtype=x.dtype) - m).abs()
+    w = ((j <= l).to(x.dtype) + a * (j == l + 1).to(x.dtype)) / (2 * (l + a) + 1)   # (B, k): each image's box
+    w = w.repeat_interleave(C, 0)
+    y = x.reshape(1, B * C, H, W)
+    for pad, shape in (((m, m, 0, 0), (1, k)), ((0, 0, m, m), (k, 1))):              # x, then y, as Pillow
+        for _ in range(3): y = F.conv2d(F.pad(y, pad, mode='replicate'), w.view(B * C, 1, *shape), groups=B * C)
+    return y.view(B, C, H, W)
 
 # %% ../nbs/08a_augment.ipynb #88f08ac4
 DRAW_COLS = 16   # per image: crop box (4), flip, jitter order (4), jitter factors (4), gray, blur sigma, solarize
@@ -125,7 +139,7 @@ class TensorAugment:
     def __init__(self, views, img_size, mean=(0.5,)*3, std=(0.25,)*3, crop=True):
         self.views, self.img_size, self.crop = as_views(views), img_size, crop
         self.mean, self.std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
-        self.k, self._stats = blur_kernel_size(img_size), {}
+        self._stats = {}
 
     def stats(self, dev) -> tuple[torch.Tensor, torch.Tensor]:
         "The normalization's mean and std on `dev`, copied there once per device (not on every batch)."
@@ -173,7 +187,7 @@ class TensorAugment:
         x = torch.where(c[:, 4].view(-1, 1, 1, 1) > 0.5, x.flip(-1), x)  # a new tensor: safe to modify in place below
         if nj: x.index_copy_(0, ij, color_jitter(x[ij], c[ij, 9:13], c[ij, 5:9].long()))
         if v.gray_p: x = torch.where(c[:, 13].view(-1, 1, 1, 1) > 0.5, gray(x).expand_as(x), x)
-        if nb: x.index_copy_(0, ib, gaussian_blur(x[ib], c[ib, 14].to(x.dtype), self.k))
+        if nb: x.index_copy_(0, ib, gaussian_blur(x[ib], c[ib, 14].to(x.dtype), v.blur_sigma[1]))
         if v.solarize_p: x = torch.where(c[:, 15].view(-1, 1, 1, 1) > 0.5, solarize(x), x)
         return self.normalize(x)
 
