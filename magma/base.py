@@ -126,7 +126,8 @@ class SSLMethod(nn.Module):
         layers, target = tuple(c['magma_layers']), c['magma_target']
         ref, tgt = self.encoder.check_blocks(layers), self.encoder.check_blocks([target])[0]
         if tgt in ref: raise ValueError(f"magma_layers {layers} include the target block {target}")
-        self.magma = MagmaLoss.from_layers(layers=layers, target=target, bandwidth=c['magma_bandwidth'],
+        loop = 'joint' if self.family == 'joint-embedding' else None   # the official loop; MAE's refuses two-block lists
+        self.magma = MagmaLoss.from_layers(layers=layers, target=target, loop=loop, bandwidth=c['magma_bandwidth'],
                                            normalized=c['magma_normalized'])
         self.magma_weight = float(c['magma_weight'])
         self.track_magma = bool(c['track_magma'])

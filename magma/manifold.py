@@ -11,8 +11,8 @@ from collections.abc import Mapping
 import torch.distributed as dist
 
 # %% auto #0
-__all__ = ['pairwise_sq_dists', 'rbf_affinity', 'normalized_laplacian', 'laplacian', 'magma_loss', 'MagmaLoss', 'BlockTaps',
-           'MaxNumel']
+__all__ = ['pairwise_sq_dists', 'rbf_affinity', 'normalized_laplacian', 'laplacian', 'magma_loss', 'official_pairs', 'MagmaLoss',
+           'BlockTaps', 'MaxNumel']
 
 # %% ../nbs/00_manifold.ipynb #fbe6cf00
 def _at_least_f32(*zs: Tensor) -> tuple[Tensor, ...]:
@@ -117,6 +117,32 @@ def magma_loss(z_ref: Tensor, z_target: Tensor, *, bandwidth: str | float = "std
             tr = (Wr.sum(1) * Yr.pow(2).sum(1)).sum() - (Yr * (Wr @ Y)).sum()
         return tr / B**2
 
+# %% ../nbs/00_manifold.ipynb #c0a1b002
+def _reading(pairs, n) -> str: return f"({' + '.join(f'L({r}->{t})' for r, t in pairs)}) / {n}"
+
+def official_pairs(layers, target: int = 11, loop: str | None = None) -> tuple[tuple, int]:
+    "(pairs, divisor) of the official layer loop `loop` ('mae' or 'joint') over `layers`; None: a list both read alike."
+    layers = tuple(int(l) for l in layers)
+    if loop not in (None, 'mae', 'joint'):
+        raise ValueError(f"loop must be 'mae' (the official MAE_REG loop), 'joint' (SimCLR_REG, VICReg_REG) or None, "
+                         f"got {loop!r}")
+    if len(set(layers)) < len(layers):
+        raise ValueError(f"layers {list(layers)} name a block twice; list each block once")
+    def read(kind):
+        t = layers[-1] if kind == 'mae' and len(layers) == 2 else target   # MAE_REG: two blocks are [reference, target]
+        pairs = tuple((l, t) for l in layers if l != t)                      # no loop pairs a block with itself
+        return pairs, len(layers) if kind == 'mae' else len(pairs)           # MAE_REG divides by every listed block
+    mae, joint = read('mae'), read('joint')
+    pairs, n = mae if loop == 'mae' else joint
+    if not pairs:
+        raise ValueError(f"layers {list(layers)} hold no block but the target {target}: nothing to pair (the official "
+                         "term is 0); list reference blocks, or set the MAGMA weight to 0")
+    if loop is None and mae != joint:
+        raise ValueError(f"layers {list(layers)} with target {target} mean two things in the official code: MAE_REG "
+                         f"computes {_reading(*mae)}, SimCLR_REG/VICReg_REG {_reading(*joint)}; pass loop='mae' or "
+                         "loop='joint', or list reference blocks only (one, or three or more)")
+    return pairs, n
+
 # %% ../nbs/00_manifold.ipynb #fbd72e86
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -135,19 +161,28 @@ class _AllGather(torch.autograd.Function):
         return g[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
 
 class MagmaLoss(nn.Module):
-    "Average of `magma_loss(feats[ref], feats[tgt])` over `pairs` of (reference block, target block); `gather`: one graph over the global batch under DDP."
+    "Sum of `magma_loss` over `pairs` (reference, target) / `divisor` (default: the mean); `gather`: global graph."
     def __init__(self, pairs=((10, 11),), bandwidth: str | float = "std", normalized: bool = True,
-                 scale: float = 1.0, eps: float = 1e-4, repulsive: bool = False, gather: bool = False):
+                 scale: float = 1.0, eps: float = 1e-4, repulsive: bool = False, gather: bool = False,
+                 divisor: int | None = None):  # the sum over pairs / divisor (default: the number of pairs)
         super().__init__()
         self.pairs = tuple((int(r), int(t)) for r, t in pairs)
         if not self.pairs: raise ValueError("MagmaLoss needs at least one (reference, target) pair, e.g. pairs=((10, 11),)")
+        for r, t in self.pairs:
+            if r == t: raise ValueError(f"pair ({r}, {t}) pairs block {r} with itself: its term is not 0 and no "
+                                        "official loop forms it; pair it with another block")
+        self.divisor = len(self.pairs) if divisor is None else int(divisor)
+        if self.divisor < 1:
+            raise ValueError(f"divisor must be a positive int (the official loops divide by a number of layers), "
+                             f"got {divisor!r}")
         self.kw = dict(bandwidth=bandwidth, normalized=normalized, scale=scale, eps=eps, repulsive=repulsive)
         self.gather = bool(gather)
 
     @classmethod
-    def from_layers(cls, layers=(10,), target: int = 11, **kw):
-        "Pair every layer in `layers` with `target`, as the official code does."
-        return cls(pairs=[(l, target) for l in layers], **kw)
+    def from_layers(cls, layers=(10,), target: int = 11, loop: str | None = None, **kw):
+        "The official layer loop `loop` ('mae', 'joint'; None: where both agree) over `layers`; `target`: last block."
+        pairs, n = official_pairs(layers, target, loop)
+        return cls(pairs=pairs, divisor=n, **kw)
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -155,7 +190,8 @@ class MagmaLoss(nn.Module):
         return tuple(sorted({i for p in self.pairs for i in p}))
 
     def _terms(self, feats, rows=None) -> Tensor:
-        return torch.stack([magma_loss(feats[r], feats[t], rows=rows, **self.kw) for r, t in self.pairs]).mean()
+        terms = [magma_loss(feats[r], feats[t], rows=rows, **self.kw) for r, t in self.pairs]
+        return torch.stack(terms).sum() / self.divisor
 
     def forward(self, feats: dict[int, Tensor], rows=None) -> Tensor:
         if not len(feats):
@@ -181,7 +217,10 @@ class MagmaLoss(nn.Module):
         total = share.detach().clone(); dist.all_reduce(total)
         return world * share + (total - world * share).detach()        # value: the global loss; gradient: world x this share
 
-    def extra_repr(self): return f"pairs={self.pairs}, " + ", ".join(f"{k}={v!r}" for k, v in self.kw.items()) + f", gather={self.gather}"
+    def extra_repr(self):
+        div = f", divisor={self.divisor}" if self.divisor != len(self.pairs) else ""
+        kw = ", ".join(f"{k}={v!r}" for k, v in self.kw.items())
+        return f"pairs={self.pairs}, {kw}, gather={self.gather}{div}"
 
 # %% ../nbs/00_manifold.ipynb #4e2d7e6a
 class BlockTaps(Mapping):
