@@ -126,6 +126,7 @@ def official_pairs(layers, target: int = 11, loop: str | None = None) -> tuple[t
     if loop not in (None, 'mae', 'joint'):
         raise ValueError(f"loop must be 'mae' (the official MAE_REG loop), 'joint' (SimCLR_REG, VICReg_REG) or None, "
                          f"got {loop!r}")
+    if not layers: raise ValueError("layers is empty; name the reference blocks, e.g. layers=(10,)")
     if len(set(layers)) < len(layers):
         raise ValueError(f"layers {list(layers)} name a block twice; list each block once")
     def read(kind):
