@@ -4,7 +4,7 @@
 
 # %% ../nbs/07b_checkpoints.ipynb #ac07d03c
 from __future__ import annotations
-import errno, json, os, re
+import errno, fcntl, json, os, re, shutil, tempfile
 from contextlib import contextmanager
 from pathlib import Path
 import torch, torch.nn as nn
@@ -43,32 +43,44 @@ def _write_error(path, e: BaseException) -> OSError | None:
     if code is None: return None
     return OSError(code, f"cannot write {path}: {why}; {_FIX.get(code, 'check the path and the disk')}")
 
-def _discard(p: Path):
-    "Remove the file or link `p` if there is one; failing to (a read-only folder) is ignored, never hiding the error that brought us here."
-    try:
-        if os.path.lexists(p): os.unlink(p)
-    except OSError: pass
+_MARK = '.magma-tmp'   # in the name of every temporary folder magma writes through: `.<name>.magma-tmpXXXXXXXX`
+
+def _temp_dir(path: Path) -> tuple[Path, int]:
+    """A fresh private folder `.<name>.magma-tmpXXXXXXXX` next to `path` (mode 0700, a random suffix) and an open
+    descriptor holding an exclusive `flock` on it while the write lasts: a cleanup takes only folders nobody holds."""
+    for _ in range(3):
+        d = Path(tempfile.mkdtemp(prefix=f".{path.name}{_MARK}", dir=path.parent))
+        try: fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except FileNotFoundError: continue                 # a cleanup took it before we held it: make another
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.path.samestat(os.fstat(fd), os.lstat(d)): return d, fd
+        except FileNotFoundError: pass
+        os.close(fd)
+    raise OSError(errno.ENOENT, f"{path.parent}: temporary folders vanish as they are made")
 
 @contextmanager
 def atomic_path(path):
     """A temporary path next to `path` to write to; when the block ends without an error it is flushed to disk, given the
-    run's file mode and renamed over `path`, otherwise removed. `path` is always the old file or the whole new one. An
-    OSError (or safetensors' I/O error) while writing comes back as one line naming `path` and the fix, an OSError still."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    run's file mode and renamed over `path`, otherwise removed. `path` is always the old file or the whole new one. The
+    temporary is `path`'s name inside a private folder of magma's (`_temp_dir`): what any writer (safetensors' own
+    temporary too) leaves there is magma's, removed at the end or, after a kill, by `remove_stray_temps`. An OSError
+    (or safetensors' I/O error) while writing comes back as one line naming `path` and the fix, an OSError still."""
+    path, held = Path(path), None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _discard(tmp)                             # a stale one (or a link planted there): never written through
+        held = _temp_dir(path)
+        tmp = held[0] / path.name
         yield tmp
         with open(tmp, 'rb+') as f: os.fsync(f.fileno())
         os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except Exception as e:
-        _discard(tmp)
         err = _write_error(path, e)
         if err is None: raise
         raise err from None
-    except BaseException: _discard(tmp); raise
+    finally:
+        if held: shutil.rmtree(held[0], ignore_errors=True); os.close(held[1])
 
 def write_json(path, obj) -> Path:
     "`obj` as indented JSON at `path`, atomically (tensor and numpy scalars as floats)."
@@ -76,21 +88,45 @@ def write_json(path, obj) -> Path:
     return Path(path)
 
 # %% ../nbs/07b_checkpoints.ipynb #2b1a5ace
-_STRAY = re.compile(r'\..+\.tmp\d+|\.tmp[A-Za-z0-9]{6}')   # atomic_path's `.<name>.tmp<pid>`; safetensors' `.tmpXXXXXX`
+_STRAY = re.compile(r'\..+' + re.escape(_MARK) + r'[a-z0-9_]{8}')   # `_temp_dir`'s folders: magma's marker, mkdtemp's suffix
+_LEGACY = re.compile(r'\.(checkpoint\.safetensors|config\.json|results\.json|metrics\.csv|model\.safetensors)\.tmp\d+')
+
+def _locked(p, then=None) -> bool:
+    "Whether the folder `p` (not a link) is free of writers: its `flock` taken at once; `then()` runs while it is held."
+    try: fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError: return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if then: then()
+        return True
+    except BlockingIOError: return False                                  # a write in progress holds it
+    finally: os.close(fd)
+
+def _orphan(e: os.DirEntry) -> bool:
+    "Whether the entry `e`, named as magma names its temporaries, is left over: a file or link, or a folder nobody locks."
+    return not e.is_dir(follow_symlinks=False) or _locked(e.path)
 
 def stray_temp_files(folder) -> list[Path]:
-    "The temporary files killed writes left in `folder` (not below it), sorted: `.<name>.tmp<pid>` and safetensors' `.tmpXXXXXX`."
+    """The temporaries killed magma writes left in `folder` (not below it), sorted: `atomic_path`'s folders
+    `.<name>.magma-tmpXXXXXXXX` that no live write holds, and the `.<name>.tmp<pid>` files magma's earlier versions
+    wrote for its own outputs (`checkpoint.safetensors`, `config.json`, `results.json`, `metrics.csv`,
+    `model.safetensors`). Nothing else: a user's `.notes.tmp123` or `.tmpAbC123` is not magma's."""
     folder = Path(folder)
     if not folder.is_dir(): return []
-    return sorted(Path(e.path) for e in os.scandir(folder) if _STRAY.fullmatch(e.name) and not e.is_dir(follow_symlinks=False))
+    with os.scandir(folder) as it:
+        return sorted(Path(e.path) for e in it if (_STRAY.fullmatch(e.name) and _orphan(e))
+                      or (_LEGACY.fullmatch(e.name) and not e.is_dir(follow_symlinks=False)))
 
 def remove_stray_temps(folder) -> list[Path]:
-    "Remove `stray_temp_files(folder)` (a link itself, never what it points to); the paths removed."
+    "Remove `stray_temp_files(folder)` (a link itself, never what it points to; a folder with what a killed write left in it)."
     gone = []
     for p in stray_temp_files(folder):
-        try: os.unlink(p); gone.append(p)
+        try:
+            if p.is_symlink() or not p.is_dir(): os.unlink(p); gone.append(p)
+            elif _locked(p, lambda: shutil.rmtree(p)): gone.append(p)     # removed while held: no writer can take it
         except FileNotFoundError: pass
     return gone
+
 
 # %% ../nbs/07b_checkpoints.ipynb #3897ff6d
 class CheckpointError(ValueError):
