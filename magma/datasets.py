@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np, torch
 from PIL import Image
 import magma
-from .checkpoints import atomic_path
+from .checkpoints import atomic_path, remove_stray_temps
 
 # %% auto #0
 __all__ = ['DATASETS', 'SPLITS', 'IMG_SIZE', 'STATS', 'IMG_EXT', 'SYNTHETIC_CLASSES', 'data_root', 'compute_stats', 'load_rgb',
@@ -125,16 +125,52 @@ def _fingerprint(files):
         st = os.stat(f); h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
-def cached(key, files, build, root=None):
-    "Return `build()` (a dict of tensors and lists), cached in `<root>/cache/<key>.pt` until one of `files` changes; and whether it came from the cache."
+def cached(key, files, build, root=None, **expect):
+    """Return `build()` (a dict of tensors and lists), cached in `<root>/cache/<key>.pt` until one of `files` changes; and
+    whether it came from the cache. A cache that is not what `build` gives (`_cache_problem`, with `expect`) is rebuilt,
+    saying so in one line; what killed writes left in `<root>/cache/` is removed first (`remove_stray_temps`)."""
     fp, path = _fingerprint(files), data_root(root)/'cache'/f'{key}.pt'
+    remove_stray_temps(path.parent)
     if path.exists():
         try: d = torch.load(path, weights_only=True, mmap=True)
         except Exception: d = None
-        if d is not None and d.get('fingerprint') == fp: return d, True
+        if isinstance(d, dict) and d.get('fingerprint') == fp:
+            why = _cache_problem(d, **expect)
+            if why is None: return d, True
+            print(f"{path}: a corrupt or foreign tensor cache ({why}); rebuilding it from the source files")
     d = dict(build(), fingerprint=fp)
     with atomic_path(path) as tmp: torch.save(d, tmp)   # the one atomic write (magma.checkpoints)
     return d, False
+
+# %% ../nbs/08_datasets.ipynb #c4e1a001
+def _desc(t) -> str: return f"{t.dtype} {tuple(t.shape)}" if torch.is_tensor(t) else f"a {type(t).__name__}"
+
+def _cache_problem(d: dict, n: int | None = None, size: int | None = None, partial: bool = False) -> str | None:
+    """Why the cached dict `d` is not what a reader's build gives, or None: `images` uint8 (N,3,size,size) with N = `n`
+    (at most `n` when `partial`: unreadable files left out), `labels` int64 (N,) in -1..len(classes)-1, `classes` names (required with `size`: a
+    reader's images),
+    `stats` two triples of finite numbers; a scan's `sizes` int64 (n,2) and `bad` a list."""
+    x, y, cl = d.get('images'), d.get('labels'), d.get('classes')
+    if x is not None:
+        if not torch.is_tensor(x) or x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:
+            return f"images are {_desc(x)}, not uint8 (N, 3, H, W)"
+        if size is not None and tuple(x.shape[2:]) != (size, size): return f"images are {tuple(x.shape[2:])} px, not ({size}, {size})"
+        if n is not None and (len(x) > n if partial else len(x) != n): return f"{len(x)} images for {n} source images"
+    if x is not None and (size is not None or y is not None or cl is not None):   # a reader's images come with their labels
+        if not torch.is_tensor(y) or y.dtype != torch.int64 or tuple(y.shape) != (len(x),): return f"labels are {_desc(y)}, not int64 ({len(x)},)"
+        if not isinstance(cl, list) or not all(isinstance(c, str) for c in cl): return f"classes are {_desc(cl)}, not a list of names"
+        if len(y) and not (-1 <= int(y.min()) and int(y.max()) < len(cl)): return f"labels outside -1..{len(cl) - 1}"
+    st = d.get('stats')
+    if st is not None and not (isinstance(st, (tuple, list)) and len(st) == 2 and all(
+            isinstance(s, (tuple, list)) and len(s) == 3 and all(isinstance(v, float) and math.isfinite(v) for v in s) for s in st)):
+        return "stats are not (mean, std), three finite numbers each"
+    if 'sizes' in d:
+        s = d['sizes']
+        if not torch.is_tensor(s) or s.dtype != torch.int64 or s.dim() != 2 or s.shape[1] != 2 or (n is not None and len(s) != n):
+            return f"sizes are {_desc(s)}, not int64 ({n}, 2)"
+        if not isinstance(d.get('bad'), list): return f"bad is {_desc(d.get('bad'))}, not a list"
+    return None
+
 
 # %% ../nbs/08_datasets.ipynb #caace43d
 @dataclass(eq=False)
@@ -283,7 +319,7 @@ def _read_cifar(name, split, root, download):
         try: images = torch.from_numpy(np.concatenate([np.asarray(b['data'], np.uint8).reshape(-1, 3, 32, 32) for b in bs]))
         except Exception as e: raise ValueError(f"malformed dataset file in {base/sub} ({_line(e)}); delete it and prepare again, {_HELP}") from None
         return dict(images=images, labels=torch.tensor(sum([list(b[lkey]) for b in bs], [])), classes=list(_unpickle(files[-1])[ckey]))
-    return cached(f"{name}-{'test' if split == 'test' else 'train'}", files, build, root)
+    return cached(f"{name}-{'test' if split == 'test' else 'train'}", files, build, root, size=32)
 
 def _read_stl10(split, root, download):
     base = root/'stl10'/'stl10_binary'
@@ -304,7 +340,7 @@ def _read_stl10(split, root, download):
             labels.append(np.full(len(imgs[-1]), -1) if p == 'unlabeled' else np.fromfile(base/f'{p}_y.bin', np.uint8).astype(np.int64) - 1)
         return dict(images=torch.from_numpy(np.ascontiguousarray(np.concatenate(imgs))), labels=torch.from_numpy(np.concatenate(labels)),
                     classes=names.read_text().split())
-    return cached(f"stl10-{split}", xs + ys + [names], build, root)
+    return cached(f"stl10-{split}", xs + ys + [names], build, root, size=96, n=sum(os.path.getsize(f) for f in xs) // (3*96*96))
 
 _TINY_URL = 'http://cs231n.stanford.edu/tiny-imagenet-200.zip'
 
@@ -330,7 +366,7 @@ def _read_tiny(split, root, download):
     for f in files: _need(f, 'tinyimagenet', fix)
     if not files: raise ValueError(f"tinyimagenet: no images (files ending in {_exts()}) under {base}; {fix}")
     build = lambda: dict(images=decode_images(files, 64), labels=torch.tensor(labels), classes=classes)
-    return cached(f"tinyimagenet-{'test' if split == 'test' else 'train'}", files, build, root)
+    return cached(f"tinyimagenet-{'test' if split == 'test' else 'train'}", files, build, root, n=len(files), size=64)
 
 # %% ../nbs/08_datasets.ipynb #a7823636
 def _listing(d, name) -> tuple:
@@ -409,7 +445,8 @@ def _folder_split(name, path, sub, root, skip):
     else: samples, classes = _scan(d, name, None, fix)
     files = [p for p, _ in samples]
     key = 'flat' if sub == '.' else sub
-    info, _ = cached(f"folder-{_path_key(path)}-{key}-scan-decoded", files, lambda: scan_images(files, f"scanning {name} {key}"), root)
+    info, _ = cached(f"folder-{_path_key(path)}-{key}-scan-decoded", files, lambda: scan_images(files, f"scanning {name} {key}"), root,
+                     n=len(files))
     sizes, bad = info['sizes'], info['bad']
     if bad:
         if not skip: raise _unreadable(name, bad, d, "delete or replace them, or pass skip_unreadable=True to leave them out")
@@ -458,7 +495,8 @@ def _folder(name, path, split, root, img_size=None, cache=None, skip_unreadable=
         images = torch.from_numpy(np.stack([arrs[i] for i in ok])).permute(0, 3, 1, 2).contiguous()
         return dict(images=images, labels=torch.tensor([labels[i] for i in ok]), classes=classes,
                     stats=compute_stats(images) if sub == trd else None)
-    d, hit = cached(f"folder-{_path_key(path)}-{'flat' if sub == '.' else sub}-{size}px{'-skip' if skip_unreadable else ''}", files, build, root)
+    d, hit = cached(f"folder-{_path_key(path)}-{'flat' if sub == '.' else sub}-{size}px{'-skip' if skip_unreadable else ''}", files, build, root,
+                     n=len(files), size=size, partial=skip_unreadable)
     if sub == trd: mean, std = d['stats']
     else: tr = _folder(name, path, 'train', root, size, True, skip_unreadable); mean, std = tr.mean, tr.std
     return TensorImages(d['images'], d['labels'], d['classes'], name, split, tuple(mean), tuple(std), from_cache=hit)
