@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_datasets.ipynb #46ac6f52
 from __future__ import annotations
-import os, math, errno, pickle, hashlib, operator
+import os, math, errno, pickle, hashlib, operator, stat
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 from functools import partial
@@ -66,11 +66,29 @@ IMG_EXT = ('.jpg', '.jpeg', '.png', '.bmp', '.ppm', '.webp', '.tif', '.tiff', '.
 def _line(e): return (str(e).splitlines() or [''])[0]
 
 def load_rgb(path) -> Image.Image:
-    "Open an image file as RGB; a corrupt file raises a one-line `ValueError` naming it."
-    try:
-        with Image.open(path) as im: return im.convert('RGB')
+    "Open an image file as RGB (`_open_rgb`); a corrupt file raises a one-line `ValueError` naming it."
+    try: return _open_rgb(path)
     except Exception as e:
         raise ValueError(f"corrupt or unreadable image {path} ({type(e).__name__}: {_line(e)}); delete or replace the file") from None
+
+_KINDS = ((stat.S_ISFIFO, 'a FIFO'), (stat.S_ISSOCK, 'a socket'), (stat.S_ISCHR, 'a character device'),
+          (stat.S_ISBLK, 'a block device'), (stat.S_ISDIR, 'a folder'))
+
+def _open_rgb(path) -> Image.Image:
+    """`path` decoded as an 8-bit RGB image. Only a regular file is opened (a FIFO named `x.png` would block the reader for
+    ever). 16-bit, 32-bit and float greys (modes I;16*, I, F), which `convert('RGB')` clips to a few grey levels, are
+    scaled to 8 bits by their range: 0..65535 (I;16*, and I within it) and 0..1 (F); other values are refused."""
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"not a regular file ({next((k for f, k in _KINDS if f(mode)), 'a special file')})")
+    with Image.open(path) as im:
+        if not (im.mode.startswith('I') or im.mode == 'F'): return im.convert('RGB')
+        a = np.asarray(im).astype(np.float64)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0., 0.)
+    top = 1. if im.mode == 'F' else 65535.
+    if not (0 <= lo and hi <= top):
+        raise ValueError(f"{im.mode} pixels in {lo:g}..{hi:g}, outside 0..{top:g}: no fixed 8-bit scale; save it as 8-bit")
+    return Image.fromarray(np.rint(a * (255 / top)).astype(np.uint8), 'L').convert('RGB')
 
 def fit_square(im: Image.Image, size: int) -> Image.Image:
     "`im` at `size` x `size`: the shorter side resized to `size` (bicubic, antialiased), then the centre crop; as is if already that size."
@@ -82,8 +100,7 @@ def fit_square(im: Image.Image, size: int) -> Image.Image:
 
 def _decode(path, size):
     "uint8 array (H,W,3) of `path` (at `size` x `size` when given), or the reason it cannot be read (a str)."
-    try:
-        with Image.open(path) as im: im = im.convert('RGB')
+    try: im = _open_rgb(path)
     except Exception as e: return f"{type(e).__name__}: {_line(e)}"
     return np.asarray(im if size is None else fit_square(im, size))
 
@@ -104,9 +121,7 @@ def decode_images(files, size: int | None = None) -> torch.Tensor:
 def _probe(path):
     """(width, height) of an image file, decoded in full as an epoch decodes it (`load_rgb`'s `convert('RGB')` reads every
     pixel, so a truncated file fails here and not mid-epoch), or the reason it cannot be read."""
-    try:
-        with Image.open(path) as im: size = im.size; im.convert('RGB')
-        return size
+    try: return _open_rgb(path).size
     except Exception as e: return f"{type(e).__name__}: {_line(e)}"
 
 def scan_images(files, desc: str = 'scanning images', progress: bool | None = None) -> dict:
