@@ -387,40 +387,55 @@ def _read_tiny(split, root, download):
 def _listing(d, name) -> tuple:
     """(folders, image files, other files) of directory `d`, sorted names. Hidden folders (`.ipynb_checkpoints`) are not
     listed; image files are the names ending in `IMG_EXT` (any case; a broken link too, so that the scan names it); a
-    symlink loop among the entries is refused in one line naming it."""
+    symlink loop among the entries is refused in one line naming it: a link that never resolves, and a link to a folder
+    that holds it (`loop -> .`, `up -> ..`), which would make `d` a class of itself."""
     dirs, files, other = [], [], []
     with os.scandir(d) as it: entries = sorted(it, key=lambda e: e.name)
     for e in entries:
         if e.is_symlink(): _refuse_loop(e.path, name)
         if e.is_dir():
-            if not e.name.startswith('.'): dirs.append(e.name)
+            if e.name.startswith('.'): continue
+            if e.is_symlink() and _holds(os.path.realpath(e.path), os.path.realpath(d)):
+                raise ValueError(f"{name}: {e.path} is a symlink loop (it points to {os.readlink(e.path)}, a folder that holds it, so "
+                                 f"following it never ends); remove the link or point it at a folder of images")
+            dirs.append(e.name)
         elif e.name.lower().endswith(IMG_EXT): files.append(e.name)
         else: other.append(e.name)
     return dirs, files, other
+
+def _holds(a: str, b: str) -> bool: return b == a or b.startswith(a.rstrip(os.sep) + os.sep)   # folder a is b or holds it
 
 def _others(d, other) -> str:
     "What else a folder with no images holds, for the message that says so."
     return f"; it holds {len(other)} other file(s), e.g. {d/other[0]}" if other else ''
 
-def _scan(d, name, classes=None, fix=None):
-    "Samples (path, label) and classes of an ImageFolder split directory `d`."
+def _scan(d, name, classes=None, fix=None, of=None):
+    """Samples (path, label) and classes of an ImageFolder split directory `d`. With `of`, the training split's folder,
+    `classes` are its classes: `d` may lack some (its labels keep the training indices) but holds no other."""
     d = _need(d, name, fix)
     found, files, other = _listing(d, name)
-    if classes is None:
+    among = None
+    if of is not None:
+        index = {c: i for i, c in enumerate(classes)}
+        extra = [c for c in found if c not in index]
+        if extra: raise ValueError(f"{name}: {d/extra[0]} is a class the training split {of} lacks ({len(extra)} such: {', '.join(extra[:5])}); "
+                                   f"its images have no training label: remove the folder, or add the class to {of}")
+        among = {index[c] for c in found}
+    elif classes is None:
         classes = found
         if not classes: raise ValueError(f"{name}: {d} holds no class folders and no images (files ending in {_exts()}){_others(d, other)}; "
                                          f"expected {d}/<class>/<image>, or images directly in {d} if unlabeled; {fix or _HELP}")
     else:
         missing = sorted(set(classes) - set(found))
         if missing: raise FileNotFoundError(f"{name}: {len(missing)} class folders missing, e.g. {d/missing[0]}; {fix or _HELP}")
-    samples = [(os.path.join(d, c, f), i) for i, c in enumerate(classes) for f in _listing(d/c, name)[1]]
+    samples = [(os.path.join(d, c, f), i) for i, c in enumerate(classes) if among is None or i in among for f in _listing(d/c, name)[1]]
     if not samples: raise ValueError(f"{name}: no images (files ending in {_exts()}) under {d}/<class>/; {fix or _HELP}")
-    _no_empty_class(name, d, classes, [l for _, l in samples])
+    _no_empty_class(name, d, classes, [l for _, l in samples], among)
     return samples, classes
 
-def _no_empty_class(name, d, classes, labels):
-    "Refuse class folders without images: they would be classes no image belongs to."
-    empty = sorted(set(range(len(classes))) - set(labels))
+def _no_empty_class(name, d, classes, labels, among=None):
+    "Refuse class folders without images (of the classes `among`, default all): they would be classes no image belongs to."
+    empty = sorted(set(range(len(classes)) if among is None else among) - set(labels))
     if empty: raise ValueError(f"{name}: {len(empty)} class folder(s) hold no images ({', '.join(IMG_EXT)}): "
                                f"{', '.join(str(d/classes[i]) for i in empty)}; remove them or add images")
 
@@ -433,8 +448,10 @@ def _read_imagenet(name, split, root, download, img_size=224):
     base = root/'imagenet'
     if name == 'imagenet100' and (root/'imagenet100').exists(): base = root/'imagenet100'
     fix = f"place ImageNet (ILSVRC-2012) train/ and val/ with one folder per wnid under {base}, see data/README.md"
-    d = base/('val' if split == 'test' else 'train')
-    samples, classes = _scan(d, name, sorted(imagenet100_classes()) if name == 'imagenet100' else None, fix)
+    d, tr = base/('val' if split == 'test' else 'train'), base/'train'
+    if name == 'imagenet100': samples, classes = _scan(d, name, sorted(imagenet100_classes()), fix)
+    elif split == 'test': samples, classes = _scan(d, name, _listing(_need(tr, name, fix), name)[0], fix, of=tr)  # train's labels
+    else: samples, classes = _scan(d, name, None, fix)
     return FileImages(samples, classes, name, split, img_size, *STATS[name])
 
 # %% ../nbs/08_datasets.ipynb #d6bc8ebd
@@ -451,13 +468,15 @@ def _folder_fix(path) -> str:
     return (f"an ImageFolder needs {path}/train/<class>/<image> and {path}/val/ (or test/); an unlabeled one (pretraining only), "
             f"images directly in {path}/train/ or {path}/")
 
-def _folder_split(name, path, sub, root, skip):
+def _folder_split(name, path, sub, root, skip, train=None):
     """Samples, classes and image sizes (N,2) of one split of an ImageFolder, after the up-front scan of every file. A split
-    folder with images and no class folders is unlabeled: labels -1, no classes."""
+    folder with images and no class folders is unlabeled: labels -1, no classes. `train`: (the training split's folder,
+    its classes), for the test split, labelled by class name with the training split's indices (`_scan`)."""
     fix = _folder_fix(path)
     d = _need(path/sub, name, fix)
     if _flat(d, name): samples, classes = [(os.path.join(d, f), -1) for f in _listing(d, name)[1]], []
-    else: samples, classes = _scan(d, name, None, fix)
+    else: samples, classes = _scan(d, name, train and train[1], fix, train and train[0])
+    among = {l for _, l in samples}
     files = [p for p, _ in samples]
     key = 'flat' if sub == '.' else sub
     info, _ = cached(f"folder-{_path_key(path)}-{key}-scan-decoded", files, lambda: scan_images(files, f"scanning {name} {key}"), root,
@@ -469,7 +488,7 @@ def _folder_split(name, path, sub, root, skip):
         keep = torch.nonzero(sizes[:, 0] >= 0).flatten()
         if not len(keep): raise _unreadable(name, bad, d, "no image is left to read: delete or replace them")
         samples, sizes = [samples[i] for i in keep.tolist()], sizes[keep]
-        _no_empty_class(name, d, classes, [l for _, l in samples])
+        _no_empty_class(name, d, classes, [l for _, l in samples], among)
     return samples, classes, sizes
 
 def _path_key(path): return hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
@@ -492,7 +511,9 @@ def _folder(name, path, split, root, img_size=None, cache=None, skip_unreadable=
         raise ValueError(f"{name} is unlabeled ({path/trd} holds images and no class folders): it has a 'train' split for pretraining "
                          f"but no {split!r} split; set eval_dataset to a labelled dataset for the kNN bank, the probes and the test")
     sub = trd if split != 'test' else ('val' if (path/'val').is_dir() else 'test')
-    samples, classes, sizes = _folder_split(name, path, sub, root, skip_unreadable)
+    train = None if sub == trd else (path/trd, _listing(path/trd, name)[0])
+    if train: _no_shared_files(name, path/trd, _need(path/sub, name, _folder_fix(path)))
+    samples, classes, sizes = _folder_split(name, path, sub, root, skip_unreadable, train)
     if img_size is None:  # the training split's most common size, so that every split of the folder agrees
         size = _common_size(sizes if sub == trd else _folder_split(name, path, trd, root, skip_unreadable)[2])
         if cache is None: cache = size <= 128
@@ -510,7 +531,8 @@ def _folder(name, path, split, root, img_size=None, cache=None, skip_unreadable=
         images = torch.from_numpy(np.stack([arrs[i] for i in ok])).permute(0, 3, 1, 2).contiguous()
         return dict(images=images, labels=torch.tensor([labels[i] for i in ok]), classes=classes,
                     stats=compute_stats(images) if sub == trd else None)
-    d, hit = cached(f"folder-{_path_key(path)}-{'flat' if sub == '.' else sub}-{size}px{'-skip' if skip_unreadable else ''}", files, build, root,
+    by = f"-c{hashlib.sha1(chr(10).join(train[1]).encode()).hexdigest()[:8]}" if train else ''   # its labels: train's classes
+    d, hit = cached(f"folder-{_path_key(path)}-{'flat' if sub == '.' else sub}-{size}px{'-skip' if skip_unreadable else ''}{by}", files, build, root,
                      n=len(files), size=size, partial=skip_unreadable)
     if sub == trd: mean, std = d['stats']
     else: tr = _folder(name, path, 'train', root, size, True, skip_unreadable); mean, std = tr.mean, tr.std
@@ -538,6 +560,22 @@ def prepare(name, root=None, download=True, **kw):
     for split in SPLITS:
         if name == 'stl10' or split != 'train_labeled':
             print(get_dataset(name, split, root, download=download, **kw))
+
+# %% ../nbs/08_datasets.ipynb #c4e1a008
+def _real_files(d, name) -> dict:
+    "{real path (links followed): path} of every image file of the split folder `d`: in its class folders, or in it if flat."
+    dirs, files, _ = _listing(d, name)
+    paths = [os.path.join(d, f) for f in files] + [os.path.join(d, c, f) for c in dirs for f in _listing(Path(d)/c, name)[1]]
+    return {os.path.realpath(p): p for p in paths}
+
+def _no_shared_files(name, train_dir, test_dir):
+    "Refuse a test split holding a file that is, through a link, a file of the training split: one line naming both."
+    tr = _real_files(train_dir, name)
+    for rp, p in _real_files(test_dir, name).items():
+        if rp in tr:
+            raise ValueError(f"{name}: {p} of the test split is {tr[rp]} of the training split (both are {rp}, through a link); a test "
+                             f"image must never be pretrained on or be in the kNN bank: remove the link from {test_dir}")
+
 
 # %% ../nbs/08_datasets.ipynb #e8530993
 def subset(ds, idx):
