@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 
 # %% auto #0
 __all__ = ['MAX_HEADER', 'atomic_path', 'write_json', 'stray_temp_files', 'remove_stray_temps', 'CheckpointError',
-           'save_checkpoint', 'load_checkpoint', 'load_tensors', 'check_weights', 'load_weights', 'model_weights']
+           'TruncatedCheckpoint', 'save_checkpoint', 'load_checkpoint', 'load_tensors', 'check_weights', 'load_weights',
+           'model_weights']
 
 # %% ../nbs/07b_checkpoints.ipynb #f7f66d90
 def _line(e) -> str: return (str(e).splitlines() or [''])[0][:300]
@@ -132,6 +133,10 @@ def remove_stray_temps(folder) -> list[Path]:
 class CheckpointError(ValueError):
     "A checkpoint that cannot be used: one line naming the file and what is wrong with it."
 
+class TruncatedCheckpoint(CheckpointError):
+    "A safetensors file shorter than its header declares (a write or copy cut short); `magma`: its header shows magma's state."
+    def __init__(self, msg: str, magma: bool): super().__init__(msg); self.magma = magma
+
 MAX_HEADER = 16 * 2**20   # bytes of safetensors header (tensor index + metadata) a checkpoint may have; paper-scale runs use < 3 MiB
 
 def _parts(keys: list) -> list[str]:
@@ -170,11 +175,31 @@ def save_checkpoint(path, state: dict) -> Path:
     return Path(path)
 
 # %% ../nbs/07b_checkpoints.ipynb #8e08e6d0
+def _cut(path: Path, size: int, n: int):
+    """Raise `TruncatedCheckpoint` if the safetensors file `path` (`size` bytes, header `n` bytes) is shorter than its
+    header declares: the header itself cut (then magma's if the part read names `magma_state`), or the tensors after it."""
+    with open(path, 'rb') as f: f.seek(8); text = f.read(min(n, size - 8))
+    if len(text) < n: detail, mine = f"{size} bytes, its {n}-byte header cut at byte {len(text)}", b'"magma_state":"' in text
+    else:
+        try: hdr = json.loads(text)
+        except ValueError: return                                 # not JSON: safetensors refuses it in its own words
+        if not isinstance(hdr, dict): return
+        ends = [v['data_offsets'][1] for k, v in hdr.items() if k != '__metadata__' and isinstance(v, dict)
+                and isinstance(v.get('data_offsets'), list) and len(v['data_offsets']) == 2 and isinstance(v['data_offsets'][1], int)]
+        total = 8 + n + max(ends, default=0)
+        if total <= size: return
+        detail, mine = f"{size} bytes of {total}", 'magma_state' in (hdr.get('__metadata__') or {})
+    what = 'a magma checkpoint' if mine else 'a safetensors file'
+    raise TruncatedCheckpoint(f"{path} is {what} cut short ({detail}): a write or a copy that did not finish; "
+                              f"its tensors cannot be read: use another copy, or write it again", mine)
+
 def _check_header(path: Path):
-    "Refuse, before safetensors parses anything, a file that is not safetensors or whose header is over `MAX_HEADER`."
+    """Refuse, before safetensors parses anything, a file that is not safetensors, whose header is over `MAX_HEADER`, or
+    that is cut short (`TruncatedCheckpoint`, saying whether it is magma's)."""
     size = path.stat().st_size
     with open(path, 'rb') as f: head = f.read(9)
     n = int.from_bytes(head[:8], 'little') if len(head) == 9 else -1
+    if 2 <= n <= MAX_HEADER and head[8:9] == b'{': _cut(path, size, n)
     if n < 2 or head[8:9] != b'{' or n > size - 8:
         kind = 'a pickle (torch.save)' if head[:1] == b'\x80' or head[:2] == b'PK' else 'another format'
         raise CheckpointError(f"{path} is not a safetensors file (it looks like {kind}); magma reads only safetensors files "
