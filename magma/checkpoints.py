@@ -89,7 +89,7 @@ def write_json(path, obj) -> Path:
     return Path(path)
 
 # %% ../nbs/07b_checkpoints.ipynb #2b1a5ace
-_STRAY = re.compile(r'\..+' + re.escape(_MARK) + r'[a-z0-9_]{8}')   # `_temp_dir`'s folders: magma's marker, mkdtemp's suffix
+_STRAY = re.compile(r'\..+' + re.escape(_MARK) + r'[a-z0-9_]{8}')   # `_temp_dir`'s folders: marker, mkdtemp's suffix
 _LEGACY = re.compile(r'\.(checkpoint\.safetensors|config\.json|results\.json|metrics\.csv|model\.safetensors)\.tmp\d+')
 
 def _locked(p, then=None) -> bool:
@@ -104,7 +104,7 @@ def _locked(p, then=None) -> bool:
     finally: os.close(fd)
 
 def _orphan(e: os.DirEntry) -> bool:
-    "Whether the entry `e`, named as magma names its temporaries, is left over: a file or link, or a folder nobody locks."
+    "Whether `e`, named as magma names its temporaries, is left over: a file or link, or a folder nobody locks."
     return not e.is_dir(follow_symlinks=False) or _locked(e.path)
 
 def stray_temp_files(folder) -> list[Path]:
@@ -119,7 +119,8 @@ def stray_temp_files(folder) -> list[Path]:
                       or (_LEGACY.fullmatch(e.name) and not e.is_dir(follow_symlinks=False)))
 
 def remove_stray_temps(folder) -> list[Path]:
-    "Remove `stray_temp_files(folder)` (a link itself, never what it points to; a folder with what a killed write left in it)."
+    """Remove `stray_temp_files(folder)` (a link itself, never what it points to; a folder with what a killed write left
+    in it); the paths removed."""
     gone = []
     for p in stray_temp_files(folder):
         try:
@@ -134,7 +135,7 @@ class CheckpointError(ValueError):
     "A checkpoint that cannot be used: one line naming the file and what is wrong with it."
 
 class TruncatedCheckpoint(CheckpointError):
-    "A safetensors file shorter than its header declares (a write or copy cut short); `magma`: its header shows magma's state."
+    "A safetensors file shorter than its header declares (a write or copy cut short); `magma`: its header is magma's."
     def __init__(self, msg: str, magma: bool): super().__init__(msg); self.magma = magma
 
 MAX_HEADER = 16 * 2**20   # bytes of safetensors header (tensor index + metadata) a checkpoint may have; paper-scale runs use < 3 MiB
@@ -174,18 +175,19 @@ def save_checkpoint(path, state: dict) -> Path:
     with atomic_path(path) as tmp: save_file(tensors, str(tmp), metadata={'magma_state': json.dumps(skeleton), 'format': 'pt'})
     return Path(path)
 
-# %% ../nbs/07b_checkpoints.ipynb #8e08e6d0
+# %% ../nbs/07b_checkpoints.ipynb #c4e1a017
 def _cut(path: Path, size: int, n: int):
     """Raise `TruncatedCheckpoint` if the safetensors file `path` (`size` bytes, header `n` bytes) is shorter than its
-    header declares: the header itself cut (then magma's if the part read names `magma_state`), or the tensors after it."""
+    header declares: the header itself cut (magma's if the part read names `magma_state`), or the tensors after it."""
     with open(path, 'rb') as f: f.seek(8); text = f.read(min(n, size - 8))
-    if len(text) < n: detail, mine = f"{size} bytes, its {n}-byte header cut at byte {len(text)}", b'"magma_state":"' in text
+    if len(text) < n:
+        detail, mine = f"{size} bytes, its {n}-byte header cut at byte {len(text)}", b'"magma_state":"' in text
     else:
         try: hdr = json.loads(text)
         except ValueError: return                                 # not JSON: safetensors refuses it in its own words
         if not isinstance(hdr, dict): return
-        ends = [v['data_offsets'][1] for k, v in hdr.items() if k != '__metadata__' and isinstance(v, dict)
-                and isinstance(v.get('data_offsets'), list) and len(v['data_offsets']) == 2 and isinstance(v['data_offsets'][1], int)]
+        offs = [v.get('data_offsets') for k, v in hdr.items() if k != '__metadata__' and isinstance(v, dict)]
+        ends = [o[1] for o in offs if isinstance(o, list) and len(o) == 2 and isinstance(o[1], int)]
         total = 8 + n + max(ends, default=0)
         if total <= size: return
         detail, mine = f"{size} bytes of {total}", 'magma_state' in (hdr.get('__metadata__') or {})
@@ -193,6 +195,8 @@ def _cut(path: Path, size: int, n: int):
     raise TruncatedCheckpoint(f"{path} is {what} cut short ({detail}): a write or a copy that did not finish; "
                               f"its tensors cannot be read: use another copy, or write it again", mine)
 
+
+# %% ../nbs/07b_checkpoints.ipynb #8e08e6d0
 def _check_header(path: Path):
     """Refuse, before safetensors parses anything, a file that is not safetensors, whose header is over `MAX_HEADER`, or
     that is cut short (`TruncatedCheckpoint`, saying whether it is magma's)."""
@@ -257,6 +261,7 @@ def load_tensors(path, device='cpu') -> tuple[dict, dict]:
     try:
         with safe_open(str(path), framework='pt', device=str(device)) as f: return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except Exception as e: raise CheckpointError(f"{path}: unreadable safetensors file ({type(e).__name__}: {_line(e)})") from None
+
 
 # %% ../nbs/07b_checkpoints.ipynb #9475b0cc
 def _require(st: dict, keys, path):
