@@ -4,7 +4,7 @@
 
 # %% ../nbs/07b_checkpoints.ipynb #ac07d03c
 from __future__ import annotations
-import errno, json, os, re
+import errno, fcntl, json, os, re, shutil, tempfile
 from contextlib import contextmanager
 from pathlib import Path
 import torch, torch.nn as nn
@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 
 # %% auto #0
 __all__ = ['MAX_HEADER', 'atomic_path', 'write_json', 'stray_temp_files', 'remove_stray_temps', 'CheckpointError',
-           'save_checkpoint', 'load_checkpoint', 'load_tensors', 'check_weights', 'load_weights', 'model_weights']
+           'TruncatedCheckpoint', 'save_checkpoint', 'load_checkpoint', 'load_tensors', 'check_weights', 'load_weights',
+           'model_weights']
 
 # %% ../nbs/07b_checkpoints.ipynb #f7f66d90
 def _line(e) -> str: return (str(e).splitlines() or [''])[0][:300]
@@ -43,32 +44,44 @@ def _write_error(path, e: BaseException) -> OSError | None:
     if code is None: return None
     return OSError(code, f"cannot write {path}: {why}; {_FIX.get(code, 'check the path and the disk')}")
 
-def _discard(p: Path):
-    "Remove the file or link `p` if there is one; failing to (a read-only folder) is ignored, never hiding the error that brought us here."
-    try:
-        if os.path.lexists(p): os.unlink(p)
-    except OSError: pass
+_MARK = '.magma-tmp'   # in the name of every temporary folder magma writes through: `.<name>.magma-tmpXXXXXXXX`
+
+def _temp_dir(path: Path) -> tuple[Path, int]:
+    """A fresh private folder `.<name>.magma-tmpXXXXXXXX` next to `path` (mode 0700, a random suffix) and an open
+    descriptor holding an exclusive `flock` on it while the write lasts: a cleanup takes only folders nobody holds."""
+    for _ in range(3):
+        d = Path(tempfile.mkdtemp(prefix=f".{path.name}{_MARK}", dir=path.parent))
+        try: fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except FileNotFoundError: continue                 # a cleanup took it before we held it: make another
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.path.samestat(os.fstat(fd), os.lstat(d)): return d, fd
+        except FileNotFoundError: pass
+        os.close(fd)
+    raise OSError(errno.ENOENT, f"{path.parent}: temporary folders vanish as they are made")
 
 @contextmanager
 def atomic_path(path):
     """A temporary path next to `path` to write to; when the block ends without an error it is flushed to disk, given the
-    run's file mode and renamed over `path`, otherwise removed. `path` is always the old file or the whole new one. An
-    OSError (or safetensors' I/O error) while writing comes back as one line naming `path` and the fix, an OSError still."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    run's file mode and renamed over `path`, otherwise removed. `path` is always the old file or the whole new one. The
+    temporary is `path`'s name inside a private folder of magma's (`_temp_dir`): what any writer (safetensors' own
+    temporary too) leaves there is magma's, removed at the end or, after a kill, by `remove_stray_temps`. An OSError
+    (or safetensors' I/O error) while writing comes back as one line naming `path` and the fix, an OSError still."""
+    path, held = Path(path), None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _discard(tmp)                             # a stale one (or a link planted there): never written through
+        held = _temp_dir(path)
+        tmp = held[0] / path.name
         yield tmp
         with open(tmp, 'rb+') as f: os.fsync(f.fileno())
         os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except Exception as e:
-        _discard(tmp)
         err = _write_error(path, e)
         if err is None: raise
         raise err from None
-    except BaseException: _discard(tmp); raise
+    finally:
+        if held: shutil.rmtree(held[0], ignore_errors=True); os.close(held[1])
 
 def write_json(path, obj) -> Path:
     "`obj` as indented JSON at `path`, atomically (tensor and numpy scalars as floats)."
@@ -76,25 +89,54 @@ def write_json(path, obj) -> Path:
     return Path(path)
 
 # %% ../nbs/07b_checkpoints.ipynb #2b1a5ace
-_STRAY = re.compile(r'\..+\.tmp\d+|\.tmp[A-Za-z0-9]{6}')   # atomic_path's `.<name>.tmp<pid>`; safetensors' `.tmpXXXXXX`
+_STRAY = re.compile(r'\..+' + re.escape(_MARK) + r'[a-z0-9_]{8}')   # `_temp_dir`'s folders: marker, mkdtemp's suffix
+_LEGACY = re.compile(r'\.(checkpoint\.safetensors|config\.json|results\.json|metrics\.csv|model\.safetensors)\.tmp\d+')
+
+def _locked(p, then=None) -> bool:
+    "Whether the folder `p` (not a link) is free of writers: its `flock` taken at once; `then()` runs while it is held."
+    try: fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError: return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if then: then()
+        return True
+    except BlockingIOError: return False                                  # a write in progress holds it
+    finally: os.close(fd)
+
+def _orphan(e: os.DirEntry) -> bool:
+    "Whether `e`, named as magma names its temporaries, is left over: a file or link, or a folder nobody locks."
+    return not e.is_dir(follow_symlinks=False) or _locked(e.path)
 
 def stray_temp_files(folder) -> list[Path]:
-    "The temporary files killed writes left in `folder` (not below it), sorted: `.<name>.tmp<pid>` and safetensors' `.tmpXXXXXX`."
+    """The temporaries killed magma writes left in `folder` (not below it), sorted: `atomic_path`'s folders
+    `.<name>.magma-tmpXXXXXXXX` that no live write holds, and the `.<name>.tmp<pid>` files magma's earlier versions
+    wrote for its own outputs (`checkpoint.safetensors`, `config.json`, `results.json`, `metrics.csv`,
+    `model.safetensors`). Nothing else: a user's `.notes.tmp123` or `.tmpAbC123` is not magma's."""
     folder = Path(folder)
     if not folder.is_dir(): return []
-    return sorted(Path(e.path) for e in os.scandir(folder) if _STRAY.fullmatch(e.name) and not e.is_dir(follow_symlinks=False))
+    with os.scandir(folder) as it:
+        return sorted(Path(e.path) for e in it if (_STRAY.fullmatch(e.name) and _orphan(e))
+                      or (_LEGACY.fullmatch(e.name) and not e.is_dir(follow_symlinks=False)))
 
 def remove_stray_temps(folder) -> list[Path]:
-    "Remove `stray_temp_files(folder)` (a link itself, never what it points to); the paths removed."
+    """Remove `stray_temp_files(folder)` (a link itself, never what it points to; a folder with what a killed write left
+    in it); the paths removed."""
     gone = []
     for p in stray_temp_files(folder):
-        try: os.unlink(p); gone.append(p)
+        try:
+            if p.is_symlink() or not p.is_dir(): os.unlink(p); gone.append(p)
+            elif _locked(p, lambda: shutil.rmtree(p)): gone.append(p)     # removed while held: no writer can take it
         except FileNotFoundError: pass
     return gone
+
 
 # %% ../nbs/07b_checkpoints.ipynb #3897ff6d
 class CheckpointError(ValueError):
     "A checkpoint that cannot be used: one line naming the file and what is wrong with it."
+
+class TruncatedCheckpoint(CheckpointError):
+    "A safetensors file shorter than its header declares (a write or copy cut short); `magma`: its header is magma's."
+    def __init__(self, msg: str, magma: bool): super().__init__(msg); self.magma = magma
 
 MAX_HEADER = 16 * 2**20   # bytes of safetensors header (tensor index + metadata) a checkpoint may have; paper-scale runs use < 3 MiB
 
@@ -133,12 +175,35 @@ def save_checkpoint(path, state: dict) -> Path:
     with atomic_path(path) as tmp: save_file(tensors, str(tmp), metadata={'magma_state': json.dumps(skeleton), 'format': 'pt'})
     return Path(path)
 
+# %% ../nbs/07b_checkpoints.ipynb #c4e1a017
+def _cut(path: Path, size: int, n: int):
+    """Raise `TruncatedCheckpoint` if the safetensors file `path` (`size` bytes, header `n` bytes) is shorter than its
+    header declares: the header itself cut (magma's if the part read names `magma_state`), or the tensors after it."""
+    with open(path, 'rb') as f: f.seek(8); text = f.read(min(n, size - 8))
+    if len(text) < n:
+        detail, mine = f"{size} bytes, its {n}-byte header cut at byte {len(text)}", b'"magma_state":"' in text
+    else:
+        try: hdr = json.loads(text)
+        except ValueError: return                                 # not JSON: safetensors refuses it in its own words
+        if not isinstance(hdr, dict): return
+        offs = [v.get('data_offsets') for k, v in hdr.items() if k != '__metadata__' and isinstance(v, dict)]
+        ends = [o[1] for o in offs if isinstance(o, list) and len(o) == 2 and isinstance(o[1], int)]
+        total = 8 + n + max(ends, default=0)
+        if total <= size: return
+        detail, mine = f"{size} bytes of {total}", 'magma_state' in (hdr.get('__metadata__') or {})
+    what = 'a magma checkpoint' if mine else 'a safetensors file'
+    raise TruncatedCheckpoint(f"{path} is {what} cut short ({detail}): a write or a copy that did not finish; "
+                              f"its tensors cannot be read: use another copy, or write it again", mine)
+
+
 # %% ../nbs/07b_checkpoints.ipynb #8e08e6d0
 def _check_header(path: Path):
-    "Refuse, before safetensors parses anything, a file that is not safetensors or whose header is over `MAX_HEADER`."
+    """Refuse, before safetensors parses anything, a file that is not safetensors, whose header is over `MAX_HEADER`, or
+    that is cut short (`TruncatedCheckpoint`, saying whether it is magma's)."""
     size = path.stat().st_size
     with open(path, 'rb') as f: head = f.read(9)
     n = int.from_bytes(head[:8], 'little') if len(head) == 9 else -1
+    if 2 <= n <= MAX_HEADER and head[8:9] == b'{': _cut(path, size, n)
     if n < 2 or head[8:9] != b'{' or n > size - 8:
         kind = 'a pickle (torch.save)' if head[:1] == b'\x80' or head[:2] == b'PK' else 'another format'
         raise CheckpointError(f"{path} is not a safetensors file (it looks like {kind}); magma reads only safetensors files "
@@ -196,6 +261,7 @@ def load_tensors(path, device='cpu') -> tuple[dict, dict]:
     try:
         with safe_open(str(path), framework='pt', device=str(device)) as f: return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except Exception as e: raise CheckpointError(f"{path}: unreadable safetensors file ({type(e).__name__}: {_line(e)})") from None
+
 
 # %% ../nbs/07b_checkpoints.ipynb #9475b0cc
 def _require(st: dict, keys, path):

@@ -184,7 +184,6 @@ _RANGES = dict(  # name: (valid?, the valid range in words)
     knn_k=(lambda v: v >= 1, 'an integer >= 1'), linear_epochs=(lambda v: v >= 1, 'an integer >= 1'),
     train_fraction=(lambda v: 0 < v <= 1, 'a number in (0, 1]; 1 = every image'), train_per_class=(lambda v: v >= 1, 'an integer >= 1, or None for no per-class subset'),
     subset_seed=(lambda v: 0 <= v < 2**32, 'an integer in [0, 2**32)'), accum_steps=(lambda v: v >= 1, 'an integer >= 1 (1 = no accumulation)'))
-
 def _coerce(name: str, v, kind: str, optional: bool):
     "`v` as `kind` (int, float, bool, str or tuple of ints); exact numeric or boolean strings (papermill `-r`, YAML) are converted."
     import numbers, math
@@ -240,6 +239,7 @@ def check_config(cfg: PretrainConfig, here: bool = True) -> PretrainConfig:
     for f in fields(PretrainConfig):
         kind = f.type.split('|')[0].strip()
         setattr(cfg, f.name, _coerce(f.name, getattr(cfg, f.name), kind, 'None' in f.type))
+        if (err := _too_big(f.name, getattr(cfg, f.name))): raise err
     if cfg.linear_mode == 'protocol': cfg.linear_mode = 'paper'   # the old name of the paper's probe
     for name, choices in _CHOICES.items():
         need(name, getattr(cfg, name) in choices, f"unknown {name}; valid: {', '.join(str(c) for c in choices)}")
@@ -264,6 +264,7 @@ def check_config(cfg: PretrainConfig, here: bool = True) -> PretrainConfig:
         need('method_args', k in own and k not in PARAMS, f"{k!r} is not a key of method {cfg.method!r} without a field of its own; "
              f"its keys: {', '.join(sorted(set(own) - set(PARAMS))) or 'none'}")
         cfg.method_args[k] = _coerce(k, v, own[k][0].__name__ if own[k][0] in (int, float, bool, str) else 'str', False)
+        if (err := _too_big(k, cfg.method_args[k], f" (a key of method {cfg.method!r})")): raise err
         check_key(k, cfg.method_args[k], method_spec(cfg.method).config_ranges, f" (a key of method {cfg.method!r})")
     if 'decoder_heads' in own:
         need('decoder_heads', cfg.decoder_dim % cfg.decoder_heads == 0, f"does not divide decoder_dim={cfg.decoder_dim}; pick a divisor of it")
@@ -291,6 +292,26 @@ def check_config(cfg: PretrainConfig, here: bool = True) -> PretrainConfig:
 def method_uses_magma(method: str) -> bool:
     "Whether `method` carries MAGMA (λ ≠ 0 in its registered defaults): the registry decides."
     return method_spec(method).uses_magma
+
+
+# %% ../nbs/09_configs.ipynb #c4e1a020
+# the largest value of each integer field (issue 31, N44: 10**30 passed and crashed inside torch, unnamed); a field not
+# listed here: 2**31 - 1, the int32 range (a seed has its own range above)
+_MAX = dict(img_size=(4096, 'pixels'), patch_size=(256, 'pixels'), epochs=(10**6, 'epochs'),
+            batch_size=(2**20, 'images'), decoder_dim=(16384, 'channels'), decoder_depth=(256, 'blocks'),
+            decoder_heads=(1024, 'heads'), n_per_class=(10**6, 'synthetic images of each class, made in memory'),
+            num_workers=(1024, 'processes'), knn_k=(10**6, 'neighbours'), linear_epochs=(10**6, 'epochs'),
+            magma_start=(10**6, 'epochs'), magma_epochs=(10**6, 'epochs'))
+_INT32 = 2**31 - 1
+
+def _too_big(name: str, v, where: str = '') -> ValueError | None:
+    "A one-line error if the integer `v` of `name` is past its bound (`_MAX`, else the int32 range), else None."
+    if not isinstance(v, int) or isinstance(v, bool) or name in ('seed', 'subset_seed'): return None
+    hi, unit = _MAX.get(name, (_INT32, 'the int32 range torch and numpy index with'))
+    if -_INT32 <= v <= hi: return None
+    bound = f"at most {hi} ({unit})" if v > 0 else f"at least {-_INT32}"
+    return ValueError(f"{name}={v!r}: must be {bound}{where}")
+
 
 # %% ../nbs/09_configs.ipynb #3d9c9de4
 def dataset_slug(dataset: str) -> str:

@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_datasets.ipynb #46ac6f52
 from __future__ import annotations
-import os, math, errno, pickle, hashlib, operator
+import os, math, errno, pickle, hashlib, operator, stat
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 from functools import partial
@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np, torch
 from PIL import Image
 import magma
-from .checkpoints import atomic_path
+from .checkpoints import atomic_path, remove_stray_temps
 
 # %% auto #0
 __all__ = ['DATASETS', 'SPLITS', 'IMG_SIZE', 'STATS', 'IMG_EXT', 'SYNTHETIC_CLASSES', 'data_root', 'compute_stats', 'load_rgb',
@@ -66,9 +66,8 @@ IMG_EXT = ('.jpg', '.jpeg', '.png', '.bmp', '.ppm', '.webp', '.tif', '.tiff', '.
 def _line(e): return (str(e).splitlines() or [''])[0]
 
 def load_rgb(path) -> Image.Image:
-    "Open an image file as RGB; a corrupt file raises a one-line `ValueError` naming it."
-    try:
-        with Image.open(path) as im: return im.convert('RGB')
+    "Open an image file as RGB (`_open_rgb`); a corrupt file raises a one-line `ValueError` naming it."
+    try: return _open_rgb(path)
     except Exception as e:
         raise ValueError(f"corrupt or unreadable image {path} ({type(e).__name__}: {_line(e)}); delete or replace the file") from None
 
@@ -82,8 +81,7 @@ def fit_square(im: Image.Image, size: int) -> Image.Image:
 
 def _decode(path, size):
     "uint8 array (H,W,3) of `path` (at `size` x `size` when given), or the reason it cannot be read (a str)."
-    try:
-        with Image.open(path) as im: im = im.convert('RGB')
+    try: im = _open_rgb(path)
     except Exception as e: return f"{type(e).__name__}: {_line(e)}"
     return np.asarray(im if size is None else fit_square(im, size))
 
@@ -104,9 +102,7 @@ def decode_images(files, size: int | None = None) -> torch.Tensor:
 def _probe(path):
     """(width, height) of an image file, decoded in full as an epoch decodes it (`load_rgb`'s `convert('RGB')` reads every
     pixel, so a truncated file fails here and not mid-epoch), or the reason it cannot be read."""
-    try:
-        with Image.open(path) as im: size = im.size; im.convert('RGB')
-        return size
+    try: return _open_rgb(path).size
     except Exception as e: return f"{type(e).__name__}: {_line(e)}"
 
 def scan_images(files, desc: str = 'scanning images', progress: bool | None = None) -> dict:
@@ -125,16 +121,81 @@ def _fingerprint(files):
         st = os.stat(f); h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
-def cached(key, files, build, root=None):
-    "Return `build()` (a dict of tensors and lists), cached in `<root>/cache/<key>.pt` until one of `files` changes; and whether it came from the cache."
+def cached(key, files, build, root=None, **expect):
+    """Return `build()` (a dict of tensors and lists), cached in `<root>/cache/<key>.pt` until one of `files` changes;
+    and whether it came from the cache. A cache that is not what `build` gives (`_cache_problem`, with `expect`) is
+    rebuilt, saying so in one line; what killed writes left in `<root>/cache/` is removed first
+    (`remove_stray_temps`)."""
     fp, path = _fingerprint(files), data_root(root)/'cache'/f'{key}.pt'
+    remove_stray_temps(path.parent)
     if path.exists():
         try: d = torch.load(path, weights_only=True, mmap=True)
         except Exception: d = None
-        if d is not None and d.get('fingerprint') == fp: return d, True
+        if isinstance(d, dict) and d.get('fingerprint') == fp:
+            why = _cache_problem(d, **expect)
+            if why is None: return d, True
+            print(f"{path}: a corrupt or foreign tensor cache ({why}); rebuilding it from the source files")
     d = dict(build(), fingerprint=fp)
     with atomic_path(path) as tmp: torch.save(d, tmp)   # the one atomic write (magma.checkpoints)
     return d, False
+
+
+# %% ../nbs/08_datasets.ipynb #c4e1a018
+_KINDS = ((stat.S_ISFIFO, 'a FIFO'), (stat.S_ISSOCK, 'a socket'), (stat.S_ISCHR, 'a character device'),
+          (stat.S_ISBLK, 'a block device'), (stat.S_ISDIR, 'a folder'))
+
+def _open_rgb(path) -> Image.Image:
+    """`path` decoded as an 8-bit RGB image. Only a regular file is opened (a FIFO named `x.png` would block the reader
+    for ever). 16-bit, 32-bit and float greys (modes I;16*, I, F), which `convert('RGB')` clips to a few grey levels,
+    are scaled to 8 bits by their range: 0..65535 (I;16*, and I within it) and 0..1 (F); other values are refused."""
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"not a regular file ({next((k for f, k in _KINDS if f(mode)), 'a special file')})")
+    with Image.open(path) as im:
+        if not (im.mode.startswith('I') or im.mode == 'F'): return im.convert('RGB')
+        a = np.asarray(im).astype(np.float64)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0., 0.)
+    top = 1. if im.mode == 'F' else 65535.
+    if not (0 <= lo and hi <= top):
+        raise ValueError(f"{im.mode} pixels in {lo:g}..{hi:g}, outside 0..{top:g}: no fixed 8-bit scale; "
+                         f"save it as 8-bit")
+    return Image.fromarray(np.rint(a * (255 / top)).astype(np.uint8), 'L').convert('RGB')
+
+
+# %% ../nbs/08_datasets.ipynb #c4e1a001
+def _desc(t) -> str: return f"{t.dtype} {tuple(t.shape)}" if torch.is_tensor(t) else f"a {type(t).__name__}"
+
+def _cache_problem(d: dict, n: int | None = None, size: int | None = None, partial: bool = False) -> str | None:
+    """Why the cached dict `d` is not what a reader's build gives, or None: `images` uint8 (N,3,size,size) with N = `n`
+    (at most `n` when `partial`: unreadable files left out), `labels` int64 (N,) in -1..len(classes)-1, `classes`
+    names (required with `size`: a reader's images),
+    `stats` two triples of finite numbers; a scan's `sizes` int64 (n,2) and `bad` a list."""
+    x, y, cl = d.get('images'), d.get('labels'), d.get('classes')
+    if x is not None:
+        if not torch.is_tensor(x) or x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:
+            return f"images are {_desc(x)}, not uint8 (N, 3, H, W)"
+        if size is not None and tuple(x.shape[2:]) != (size, size):
+            return f"images are {tuple(x.shape[2:])} px, not ({size}, {size})"
+        if n is not None and (len(x) > n if partial else len(x) != n): return f"{len(x)} images for {n} source images"
+    if x is not None and (size is not None or y is not None or cl is not None):   # a reader's images come with labels
+        if not torch.is_tensor(y) or y.dtype != torch.int64 or tuple(y.shape) != (len(x),):
+            return f"labels are {_desc(y)}, not int64 ({len(x)},)"
+        if not isinstance(cl, list) or not all(isinstance(c, str) for c in cl):
+            return f"classes are {_desc(cl)}, not a list of names"
+        if len(y) and not (-1 <= int(y.min()) and int(y.max()) < len(cl)): return f"labels outside -1..{len(cl) - 1}"
+    st = d.get('stats')
+    triple = lambda s: isinstance(s, (tuple, list)) and len(s) == 3 and all(isinstance(v, float) for v in s) \
+        and all(map(math.isfinite, s))
+    if st is not None and not (isinstance(st, (tuple, list)) and len(st) == 2 and all(map(triple, st))):
+        return "stats are not (mean, std), three finite numbers each"
+    if 'sizes' in d:
+        s = d['sizes']
+        if not (torch.is_tensor(s) and s.dtype == torch.int64 and s.dim() == 2 and s.shape[1] == 2
+                and len(s) == (n or len(s))):
+            return f"sizes are {_desc(s)}, not int64 ({n}, 2)"
+        if not isinstance(d.get('bad'), list): return f"bad is {_desc(d.get('bad'))}, not a list"
+    return None
+
 
 # %% ../nbs/08_datasets.ipynb #caace43d
 @dataclass(eq=False)
@@ -283,7 +344,7 @@ def _read_cifar(name, split, root, download):
         try: images = torch.from_numpy(np.concatenate([np.asarray(b['data'], np.uint8).reshape(-1, 3, 32, 32) for b in bs]))
         except Exception as e: raise ValueError(f"malformed dataset file in {base/sub} ({_line(e)}); delete it and prepare again, {_HELP}") from None
         return dict(images=images, labels=torch.tensor(sum([list(b[lkey]) for b in bs], [])), classes=list(_unpickle(files[-1])[ckey]))
-    return cached(f"{name}-{'test' if split == 'test' else 'train'}", files, build, root)
+    return cached(f"{name}-{'test' if split == 'test' else 'train'}", files, build, root, size=32)
 
 def _read_stl10(split, root, download):
     base = root/'stl10'/'stl10_binary'
@@ -304,7 +365,8 @@ def _read_stl10(split, root, download):
             labels.append(np.full(len(imgs[-1]), -1) if p == 'unlabeled' else np.fromfile(base/f'{p}_y.bin', np.uint8).astype(np.int64) - 1)
         return dict(images=torch.from_numpy(np.ascontiguousarray(np.concatenate(imgs))), labels=torch.from_numpy(np.concatenate(labels)),
                     classes=names.read_text().split())
-    return cached(f"stl10-{split}", xs + ys + [names], build, root)
+    n = sum(os.path.getsize(f) for f in xs) // (3*96*96)     # the images the binaries hold, for the cache's check
+    return cached(f"stl10-{split}", xs + ys + [names], build, root, size=96, n=n)
 
 _TINY_URL = 'http://cs231n.stanford.edu/tiny-imagenet-200.zip'
 
@@ -330,46 +392,64 @@ def _read_tiny(split, root, download):
     for f in files: _need(f, 'tinyimagenet', fix)
     if not files: raise ValueError(f"tinyimagenet: no images (files ending in {_exts()}) under {base}; {fix}")
     build = lambda: dict(images=decode_images(files, 64), labels=torch.tensor(labels), classes=classes)
-    return cached(f"tinyimagenet-{'test' if split == 'test' else 'train'}", files, build, root)
+    return cached(f"tinyimagenet-{'test' if split == 'test' else 'train'}", files, build, root, n=len(files), size=64)
 
 # %% ../nbs/08_datasets.ipynb #a7823636
 def _listing(d, name) -> tuple:
     """(folders, image files, other files) of directory `d`, sorted names. Hidden folders (`.ipynb_checkpoints`) are not
     listed; image files are the names ending in `IMG_EXT` (any case; a broken link too, so that the scan names it); a
-    symlink loop among the entries is refused in one line naming it."""
+    symlink loop among the entries is refused in one line naming it: a link that never resolves, and a link to a folder
+    that holds it (`loop -> .`, `up -> ..`), which would make `d` a class of itself."""
     dirs, files, other = [], [], []
     with os.scandir(d) as it: entries = sorted(it, key=lambda e: e.name)
     for e in entries:
         if e.is_symlink(): _refuse_loop(e.path, name)
         if e.is_dir():
-            if not e.name.startswith('.'): dirs.append(e.name)
+            if e.name.startswith('.'): continue
+            if e.is_symlink() and _holds(os.path.realpath(e.path), os.path.realpath(d)):
+                raise ValueError(f"{name}: {e.path} is a symlink loop (it points to {os.readlink(e.path)}, a folder "
+                                 f"that holds it, so following it never ends); remove the link or point it at a folder "
+                                 f"of images")
+            dirs.append(e.name)
         elif e.name.lower().endswith(IMG_EXT): files.append(e.name)
         else: other.append(e.name)
     return dirs, files, other
+
+def _holds(a: str, b: str) -> bool: return b == a or b.startswith(a.rstrip(os.sep) + os.sep)   # a is b or holds b
 
 def _others(d, other) -> str:
     "What else a folder with no images holds, for the message that says so."
     return f"; it holds {len(other)} other file(s), e.g. {d/other[0]}" if other else ''
 
-def _scan(d, name, classes=None, fix=None):
-    "Samples (path, label) and classes of an ImageFolder split directory `d`."
+def _scan(d, name, classes=None, fix=None, of=None):
+    """Samples (path, label) and classes of an ImageFolder split directory `d`. With `of`, the training split's folder,
+    `classes` are its classes: `d` may lack some (its labels keep the training indices) but holds no other."""
     d = _need(d, name, fix)
     found, files, other = _listing(d, name)
-    if classes is None:
+    among = None
+    if of is not None:
+        index = {c: i for i, c in enumerate(classes)}
+        extra = [c for c in found if c not in index]
+        if extra: raise ValueError(f"{name}: {d/extra[0]} is a class the training split {of} lacks ({len(extra)} such: "
+                                   f"{', '.join(extra[:5])}); its images have no training label: remove the folder, "
+                                   f"or add the class to {of}")
+        among = {index[c] for c in found}
+    elif classes is None:
         classes = found
         if not classes: raise ValueError(f"{name}: {d} holds no class folders and no images (files ending in {_exts()}){_others(d, other)}; "
                                          f"expected {d}/<class>/<image>, or images directly in {d} if unlabeled; {fix or _HELP}")
     else:
         missing = sorted(set(classes) - set(found))
         if missing: raise FileNotFoundError(f"{name}: {len(missing)} class folders missing, e.g. {d/missing[0]}; {fix or _HELP}")
-    samples = [(os.path.join(d, c, f), i) for i, c in enumerate(classes) for f in _listing(d/c, name)[1]]
+    samples = [(os.path.join(d, c, f), i) for i, c in enumerate(classes) if among is None or i in among
+               for f in _listing(d/c, name)[1]]
     if not samples: raise ValueError(f"{name}: no images (files ending in {_exts()}) under {d}/<class>/; {fix or _HELP}")
-    _no_empty_class(name, d, classes, [l for _, l in samples])
+    _no_empty_class(name, d, classes, [l for _, l in samples], among)
     return samples, classes
 
-def _no_empty_class(name, d, classes, labels):
-    "Refuse class folders without images: they would be classes no image belongs to."
-    empty = sorted(set(range(len(classes))) - set(labels))
+def _no_empty_class(name, d, classes, labels, among=None):
+    "Refuse class folders without images (of the classes `among`, default all): classes no image would belong to."
+    empty = sorted(set(range(len(classes)) if among is None else among) - set(labels))
     if empty: raise ValueError(f"{name}: {len(empty)} class folder(s) hold no images ({', '.join(IMG_EXT)}): "
                                f"{', '.join(str(d/classes[i]) for i in empty)}; remove them or add images")
 
@@ -382,8 +462,10 @@ def _read_imagenet(name, split, root, download, img_size=224):
     base = root/'imagenet'
     if name == 'imagenet100' and (root/'imagenet100').exists(): base = root/'imagenet100'
     fix = f"place ImageNet (ILSVRC-2012) train/ and val/ with one folder per wnid under {base}, see data/README.md"
-    d = base/('val' if split == 'test' else 'train')
-    samples, classes = _scan(d, name, sorted(imagenet100_classes()) if name == 'imagenet100' else None, fix)
+    d, tr = base/('val' if split == 'test' else 'train'), base/'train'
+    if name == 'imagenet100': samples, classes = _scan(d, name, sorted(imagenet100_classes()), fix)
+    elif split == 'test': samples, classes = _scan(d, name, _listing(_need(tr, name, fix), name)[0], fix, of=tr)
+    else: samples, classes = _scan(d, name, None, fix)
     return FileImages(samples, classes, name, split, img_size, *STATS[name])
 
 # %% ../nbs/08_datasets.ipynb #d6bc8ebd
@@ -400,16 +482,19 @@ def _folder_fix(path) -> str:
     return (f"an ImageFolder needs {path}/train/<class>/<image> and {path}/val/ (or test/); an unlabeled one (pretraining only), "
             f"images directly in {path}/train/ or {path}/")
 
-def _folder_split(name, path, sub, root, skip):
+def _folder_split(name, path, sub, root, skip, train=None):
     """Samples, classes and image sizes (N,2) of one split of an ImageFolder, after the up-front scan of every file. A split
-    folder with images and no class folders is unlabeled: labels -1, no classes."""
+    folder with images and no class folders is unlabeled: labels -1, no classes. `train`: (the training split's folder,
+    its classes), for the test split, labelled by class name with the training split's indices (`_scan`)."""
     fix = _folder_fix(path)
     d = _need(path/sub, name, fix)
     if _flat(d, name): samples, classes = [(os.path.join(d, f), -1) for f in _listing(d, name)[1]], []
-    else: samples, classes = _scan(d, name, None, fix)
+    else: samples, classes = _scan(d, name, train and train[1], fix, train and train[0])
+    among = {l for _, l in samples}
     files = [p for p, _ in samples]
     key = 'flat' if sub == '.' else sub
-    info, _ = cached(f"folder-{_path_key(path)}-{key}-scan-decoded", files, lambda: scan_images(files, f"scanning {name} {key}"), root)
+    scan = lambda: scan_images(files, f"scanning {name} {key}")
+    info, _ = cached(f"folder-{_path_key(path)}-{key}-scan-decoded", files, scan, root, n=len(files))
     sizes, bad = info['sizes'], info['bad']
     if bad:
         if not skip: raise _unreadable(name, bad, d, "delete or replace them, or pass skip_unreadable=True to leave them out")
@@ -417,7 +502,7 @@ def _folder_split(name, path, sub, root, skip):
         keep = torch.nonzero(sizes[:, 0] >= 0).flatten()
         if not len(keep): raise _unreadable(name, bad, d, "no image is left to read: delete or replace them")
         samples, sizes = [samples[i] for i in keep.tolist()], sizes[keep]
-        _no_empty_class(name, d, classes, [l for _, l in samples])
+        _no_empty_class(name, d, classes, [l for _, l in samples], among)
     return samples, classes, sizes
 
 def _path_key(path): return hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
@@ -440,7 +525,9 @@ def _folder(name, path, split, root, img_size=None, cache=None, skip_unreadable=
         raise ValueError(f"{name} is unlabeled ({path/trd} holds images and no class folders): it has a 'train' split for pretraining "
                          f"but no {split!r} split; set eval_dataset to a labelled dataset for the kNN bank, the probes and the test")
     sub = trd if split != 'test' else ('val' if (path/'val').is_dir() else 'test')
-    samples, classes, sizes = _folder_split(name, path, sub, root, skip_unreadable)
+    train = None if sub == trd else (path/trd, _listing(path/trd, name)[0])
+    if train: _no_shared_files(name, path/trd, _need(path/sub, name, _folder_fix(path)))
+    samples, classes, sizes = _folder_split(name, path, sub, root, skip_unreadable, train)
     if img_size is None:  # the training split's most common size, so that every split of the folder agrees
         size = _common_size(sizes if sub == trd else _folder_split(name, path, trd, root, skip_unreadable)[2])
         if cache is None: cache = size <= 128
@@ -458,7 +545,9 @@ def _folder(name, path, split, root, img_size=None, cache=None, skip_unreadable=
         images = torch.from_numpy(np.stack([arrs[i] for i in ok])).permute(0, 3, 1, 2).contiguous()
         return dict(images=images, labels=torch.tensor([labels[i] for i in ok]), classes=classes,
                     stats=compute_stats(images) if sub == trd else None)
-    d, hit = cached(f"folder-{_path_key(path)}-{'flat' if sub == '.' else sub}-{size}px{'-skip' if skip_unreadable else ''}", files, build, root)
+    by = f"-c{hashlib.sha1(chr(10).join(train[1]).encode()).hexdigest()[:8]}" if train else ''   # train's classes
+    key = f"folder-{_path_key(path)}-{'flat' if sub == '.' else sub}-{size}px{'-skip' if skip_unreadable else ''}{by}"
+    d, hit = cached(key, files, build, root, n=len(files), size=size, partial=skip_unreadable)
     if sub == trd: mean, std = d['stats']
     else: tr = _folder(name, path, 'train', root, size, True, skip_unreadable); mean, std = tr.mean, tr.std
     return TensorImages(d['images'], d['labels'], d['classes'], name, split, tuple(mean), tuple(std), from_cache=hit)
@@ -485,6 +574,24 @@ def prepare(name, root=None, download=True, **kw):
     for split in SPLITS:
         if name == 'stl10' or split != 'train_labeled':
             print(get_dataset(name, split, root, download=download, **kw))
+
+# %% ../nbs/08_datasets.ipynb #c4e1a008
+def _real_files(d, name) -> dict:
+    "{real path (links followed): path} of every image file of the split folder `d`: in its class folders, or in it."
+    dirs, files, _ = _listing(d, name)
+    paths = [os.path.join(d, f) for f in files]
+    paths += [os.path.join(d, c, f) for c in dirs for f in _listing(Path(d)/c, name)[1]]
+    return {os.path.realpath(p): p for p in paths}
+
+def _no_shared_files(name, train_dir, test_dir):
+    "Refuse a test split holding a file that is, through a link, a file of the training split: one line naming both."
+    tr = _real_files(train_dir, name)
+    for rp, p in _real_files(test_dir, name).items():
+        if rp in tr:
+            raise ValueError(f"{name}: {p} of the test split is {tr[rp]} of the training split (both are {rp}, "
+                             f"through a link); a test image must never be pretrained on or be in the kNN bank: "
+                             f"remove the link from {test_dir}")
+
 
 # %% ../nbs/08_datasets.ipynb #e8530993
 def subset(ds, idx):

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import argparse, json, math, os, warnings
 from pathlib import Path
-import torch.nn as nn
+import torch, torch.nn as nn
 from .evaluate import load_encoder, load_state_dict_checked
 from .checkpoints import CheckpointError, atomic_path, check_weights, load_tensors, write_json, _line
 from .train import load_pretrained
@@ -110,7 +110,9 @@ def export_timm(encoder, folder, mean=None, std=None, dataset=None, data_dir=Non
 def load_timm(folder) -> nn.Module:
     """A plain timm `VisionTransformer` built from `config.json`'s `model_args`, weights loaded with strict=True through
     magma's one loader. The config names a registered timm architecture and only the `model_args` `timm_config` writes:
-    nothing in it (an `hf-hub:`/`local-dir:` name, a `checkpoint_path`) decides which file is read."""
+    nothing in it (an `hf-hub:`/`local-dir:` name, a `checkpoint_path`) decides which file is read. Nothing is built
+    before its sizes are checked (`_check_model_args`) and the weights' names and shapes match the model they describe
+    (built on the meta device, which allocates nothing)."""
     import timm
     folder = Path(folder); cj = folder / 'config.json'
     if not cj.is_file(): raise FileNotFoundError(f"{folder}/config.json not found: not an export_timm folder")
@@ -122,10 +124,45 @@ def load_timm(folder) -> nn.Module:
                               f"'local-dir:', and 'model_args', in under 1 MiB); export again with magma.export")
     extra = sorted(set(args) - _MODEL_ARGS)
     if extra: raise CheckpointError(f"{cj}: model_args {extra[0]!r} is not one export_timm writes ({', '.join(sorted(_MODEL_ARGS))})")
-    try: model = timm.create_model(arch, pretrained=False, **args)
-    except Exception as e: raise CheckpointError(f"{cj}: its model_args do not build {arch} ({type(e).__name__}: {_line(e)})") from None
+    _check_model_args(cj, arch, args)                     # sizes capped: nothing huge is built, even on the meta device
     sd, _ = load_tensors(folder / 'model.safetensors')
+    try:
+        with torch.device('meta'): meta = timm.create_model(arch, pretrained=False, **args)
+    except Exception as e:
+        raise CheckpointError(f"{cj}: its model_args do not build {arch} ({type(e).__name__}: {_line(e)})") from None
+    shapes, have = {k: tuple(v.shape) for k, v in meta.state_dict().items()}, {k: tuple(v.shape) for k, v in sd.items()}
+    odd = next((k for k in sorted(set(shapes) | set(have)) if shapes.get(k) != have.get(k)), None)
+    if odd is not None:                                   # the weights decide what may be built, before building
+        raise CheckpointError(f"{folder}/model.safetensors does not fit {cj}: tensor {odd!r} is "
+                              f"{have.get(odd, 'absent')} in the weights but {shapes.get(odd, 'absent')} in the {arch} "
+                              f"its model_args describe; export again with magma.export")
+    model = timm.create_model(arch, pretrained=False, **args)
     return load_state_dict_checked(model, sd, what=f"{folder}/model.safetensors").eval()
+
+
+# %% ../nbs/13_export.ipynb #c4e1a019
+_CAPS = dict(img_size=4096, patch_size=256, in_chans=16, embed_dim=4096, depth=64, num_heads=256)    # largest of each
+_FIXED = dict(no_embed_class=False, global_pool='token', num_classes=0, fc_norm=False, pre_norm=False)   # timm_config's
+
+def _check_model_args(cj, arch: str, args: dict):
+    """Refuse, in one line naming the key, a config.json outside what `timm_config` writes, before anything is built: an
+    architecture it never names (`_ARCH`), sizes past `_CAPS`, and values it always writes the same (`_FIXED`)."""
+    if arch not in _ARCH.values():
+        raise CheckpointError(f"{cj}: architecture {arch!r} is not one export_timm writes "
+                              f"({', '.join(sorted(set(_ARCH.values())))})")
+    for k, v in args.items():
+        pair = k in ('img_size', 'patch_size')
+        if k in _CAPS:
+            xs = v if pair and isinstance(v, list) and len(v) == 2 else [v] if not pair else [None]
+            ok, want = all(isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= _CAPS[k] for x in xs), \
+                f"{'a list of two integers' if pair else 'an integer'} in 1..{_CAPS[k]}"
+        elif k == 'mlp_ratio':
+            ok, want = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 16, 'a number in (0, 16]'
+        elif k in ('qkv_bias', 'class_token'): ok, want = isinstance(v, bool), 'true or false'
+        else: ok, want = type(v) is type(_FIXED[k]) and v == _FIXED[k], json.dumps(_FIXED[k])
+        if not ok: raise CheckpointError(f"{cj}: model_args {k}={json.dumps(v)[:80]} is not what export_timm writes "
+                                         f"({want}); export again with magma.export")
+
 
 # %% ../nbs/13_export.ipynb #0c9d4a7e
 def parser() -> argparse.ArgumentParser:
