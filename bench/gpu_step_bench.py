@@ -27,7 +27,7 @@ as soon as it is measured and the JSON (`--out`) rewritten (atomically); a verdi
 status is 1 when a baseline (eager) row fails or when no row measured anything, else 0.
 """
 from __future__ import annotations
-import argparse, contextlib, datetime, gc, json, os, platform, queue, statistics, subprocess, sys, tempfile, threading, time, traceback
+import argparse, contextlib, datetime, gc, json, os, platform, queue, re, statistics, subprocess, sys, tempfile, threading, time, traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +51,8 @@ PRIOR = dict(setup_s=5.0,       # a row's model, optimizers, loader and first ba
              first_s=15.0,      # once: CUDA context, cuBLAS/cuDNN handles, the synthetic dataset
              profile_s=5.0,     # the profiled stretch (profiler start-up included)
              compile_s=120.0,   # one cold Inductor compile of the method's forward and backward (replaced when measured)
-             workers_s=30.0)    # jobs > 1: N processes importing torch, timm and magma and building their runs at once
+             workers_s=30.0,    # jobs > 1: N processes importing torch, timm and magma and building their runs at once
+             worker_s=10.0)     # a graphed row: one such process (a failed capture stays in it)
 TESTS_EST_S = 100.0             # bench/gpu_check.py's pytest tests/test_gpu.py on one H100 (derivation: bench/README.md)
 
 SCHEMA = {
@@ -289,6 +290,13 @@ def _worker(a, device: torch.device) -> int:
     return 0
 
 
+def _last_error(text: str) -> str:
+    "A failed process's error: the last line naming an exception (CUDA errors end with advice lines), else its last line."
+    lines = [x.strip() for x in text.splitlines() if x.strip()]
+    errs = [x for x in lines if re.match(r'^[\w.]*(Error|Exception|Interrupt)\b', x)]
+    return (errs or lines or [''])[-1][:300]
+
+
 def _reader(p, q: queue.Queue, k: int):
     for line in p.stdout: q.put((k, line.strip()))
     q.put((k, None))
@@ -305,8 +313,9 @@ def _worker_cmd(v: dict, a) -> list[str]:
 
 
 def measure_jobs(v: dict, a, device: torch.device, timeout: float) -> dict:
-    """A jobs = N row: N processes, each one run's trainer step (started together once all are warm); images/s is all
-    their images over the wall time from the first start to the last end; the spread is over the repeats' sums."""
+    """A jobs = N row (or a graphed row, N = 1): N processes, each one run's trainer step (started together once all
+    are warm); images/s is all their images over the wall time from the first start to the last end; the spread is
+    over the repeats' sums. A process that fails says why in its last line of output (a graphed row: the capture's error)."""
     row, n, t0 = base_row(v, a), v['jobs'], time.time()
     env = dict(os.environ)
     if device.type == 'cuda': env.setdefault('OMP_NUM_THREADS', str(max(1, (os.cpu_count() or 1) // n)))   # as magma.runs
@@ -323,8 +332,8 @@ def measure_jobs(v: dict, a, device: torch.device, timeout: float) -> dict:
             while len(got) < n:
                 k, line = q.get(timeout=max(1.0, t0 + timeout - time.time()))
                 if line is None:
-                    procs[k].wait(); logs[k].seek(0); err = [x for x in logs[k].read().splitlines() if x.strip()]
-                    raise RuntimeError(f"process {k + 1} of {n} exited ({procs[k].returncode}) before {word}: {err[-1] if err else ''}")
+                    procs[k].wait(); logs[k].seek(0)
+                    raise RuntimeError(f"process {k + 1} of {n} exited ({procs[k].returncode}) before {word}: {_last_error(logs[k].read())}")
                 if line.startswith(word): got[k] = line[len(word):].strip()
             return got
         collect('READY')
@@ -365,7 +374,7 @@ class Costs:
         steps = a.warmup + a.repeats * a.steps + (a.profile_steps if n == 1 else 0) + (4 if v['mode'] == 'graphed' else 0)
         s = self.p['setup_s'] + steps * self.ms(v) * n / 1e3
         if self.first: s += self.p['first_s']
-        if n > 1: s += self.p['workers_s']
+        if n > 1 or v['mode'] == 'graphed': s += self.p['workers_s'] if n > 1 else self.p['worker_s']   # processes of their own
         elif a.profile_steps: s += self.p['profile_s']
         if v['mode'] in COMPILED: s += self.p['compile_s']
         return s
@@ -550,7 +559,9 @@ def run(a, t0: float | None = None, tests: dict | None = None) -> dict:
             r = dict(base_row(v, a), status=f"skipped: budget (estimate {est:.0f} s, {max(left, 0):.0f} s left)", images_per_sec=None)
         elif broken and v['jobs'] == 1:
             r = dict(base_row(v, a), status=f"skipped: an earlier row broke this process's CUDA context ({broken})", images_per_sec=None)
-        elif v['jobs'] > 1:
+        elif v['mode'] in ('compiled-ro', 'graphed') and device.type != 'cuda':
+            r = dict(base_row(v, a), status='skipped: needs CUDA', images_per_sec=None)
+        elif v['jobs'] > 1 or v['mode'] == 'graphed':            # a failed capture must not poison this process's CUDA context
             r = measure_jobs(v, a, device, timeout=max(120.0, 3 * est))
         else:
             r = measure(v, a, device, deadline)
