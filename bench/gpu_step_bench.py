@@ -438,8 +438,10 @@ def write_atomic(path: Path, obj):
 
 
 def git_commit() -> str:
-    try: return subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True, cwd=ROOT).stdout.strip() or 'unknown'
-    except OSError: return 'unknown'
+    "This checkout's commit; where the copy has no .git (a device machine), $MAGMA_COMMIT if set."
+    try: got = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    except OSError: got = ''
+    return got or os.environ.get('MAGMA_COMMIT') or 'unknown'
 
 
 def plan_text(a, variants: list, budget: float | None, tests_s: float = 0.0) -> str:
