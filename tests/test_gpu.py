@@ -65,6 +65,12 @@ class Syncs:
         return out
 
 
+class NoSyncs:
+    "A block in which any host-device sync raises (`set_sync_debug_mode('error')`): the second, independent check."
+    def __enter__(self): torch.cuda.synchronize(); torch.cuda.set_sync_debug_mode('error')
+    def __exit__(self, *exc): torch.cuda.set_sync_debug_mode('default')
+
+
 def at_guard(stack) -> bool:
     """Whether a sync comes from the trainer's non-finite guard: the innermost magma frame is in magma/train.py, on the
     guard's line (`if not torch.isfinite(...)`: the one host read a step is allowed)."""
@@ -213,14 +219,22 @@ def test_no_sync_but_the_guard(method):
             assert not s.found, f"{method}: EpochStats.add synced at {s.where()}"
         with Syncs() as s: e = next(iter(ev))
         assert not s.found and e['img'].is_cuda, f"{method}: eval batch synced at {s.where()}"
+        with NoSyncs(): next(batches), next(iter(ev))                # the same, with syncs raising
 
 
 def test_sync_recorder_catches_a_planted_sync():
-    "The recorder itself: a planted `.item()` inside a step is found and is not the guard; a clean block records none."
+    """The recorders themselves: a planted `.item()` is found (once, with its line, not taken for the guard) and raises
+    under `NoSyncs`; a clean block records none; only the guard's line in magma/train.py is the guard."""
     x = torch.ones(3, device=DEV)
     with Syncs() as s: y = x * 2
     assert not s.found
     with Syncs() as s: (y.sum() > 0).item()
+    assert len(s.found) == 1 and not at_guard(s.found[0]) and 'item()' in s.where()[0], s.where()
+    with pytest.raises(RuntimeError, match='synchroniz'):
+        with NoSyncs(): (y.sum() > 0).item()
+    def guard_like(t):
+        if not torch.isfinite(t): pass                                   # a line with 'finite', but outside magma/train.py
+    with Syncs() as s: guard_like(y.sum())
     assert len(s.found) == 1 and not at_guard(s.found[0])
 
 
@@ -264,6 +278,7 @@ def test_augment_on_cuda_equals_cpu_and_never_syncs():
             a = TensorAugment(views, 32, *STATS['synthetic']); a.stats(DEV)        # mean and std: copied once per device
             with Syncs() as s: a(xg, torch.Generator().manual_seed(1))
             assert not s.found, f"{views}: augmentation synced at {s.where()}"
+            with NoSyncs(): a(xg, torch.Generator().manual_seed(2))
 
 
 def test_loader_on_cuda_equals_cpu_copies_once_and_never_syncs():
@@ -275,6 +290,7 @@ def test_loader_on_cuda_equals_cpu_copies_once_and_never_syncs():
     with T.precision_flags('fp32', DEV):
         with Syncs() as s: gb = list(gl)
         assert not s.found, f"the loader synced at {s.where()}"
+        with NoSyncs(): list(gl)
         assert len(gb) == len(cpu) == 6
         for a, b in zip(cpu, gb):
             assert torch.equal(a['index'], b['index']) and torch.equal(a['label'], b['label'].cpu())
