@@ -371,10 +371,11 @@ class Costs:
     def estimate(self, v: dict) -> float:
         "Seconds the row `v` should take: set-up, compile (cold), warm-up + timed + profiled steps (N runs share the device)."
         a, n = self.a, v['jobs']
-        steps = a.warmup + a.repeats * a.steps + (a.profile_steps if n == 1 else 0) + (4 if v['mode'] == 'graphed' else 0)
+        here = n == 1 and v['mode'] != 'graphed'                     # measured in this process (and profiled)
+        steps = a.warmup + a.repeats * a.steps + (a.profile_steps if here else 0) + (4 if v['mode'] == 'graphed' else 0)
         s = self.p['setup_s'] + steps * self.ms(v) * n / 1e3
         if self.first: s += self.p['first_s']
-        if n > 1 or v['mode'] == 'graphed': s += self.p['workers_s'] if n > 1 else self.p['worker_s']   # processes of their own
+        if not here: s += self.p['workers_s'] if n > 1 else self.p['worker_s']   # processes of their own
         elif a.profile_steps: s += self.p['profile_s']
         if v['mode'] in COMPILED: s += self.p['compile_s']
         return s
