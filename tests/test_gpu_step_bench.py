@@ -115,6 +115,11 @@ def test_exit_code():
     assert b.exit_code([row('compiled', 'failed: x'), row('graphed', 'failed: y')]) == 1
     assert b.exit_code([row('eager', 'skipped: budget (estimate 9 s, 1 s left)')]) == 1
     assert b.exit_code([ok], tests_rc=1) == 1 and b.exit_code([ok], tests_rc=0) == 0
+    # a failed process's row names its exception, not the advice lines a CUDA error ends with
+    log = "Traceback (most recent call last):\ntorch.AcceleratorError: CUDA error: operation not permitted when stream is capturing\n" \
+          "CUDA kernel errors might be asynchronously reported at some other API call.\nCompile with `TORCH_USE_CUDA_DSA`.\n"
+    assert b._last_error(log) == "torch.AcceleratorError: CUDA error: operation not permitted when stream is capturing"
+    assert b._last_error("no exception here\nlast words\n") == "last words"
 
 
 def test_precision_is_magma_s(monkeypatch):
