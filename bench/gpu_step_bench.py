@@ -510,6 +510,9 @@ def finish_args(a, ap):
             if getattr(a, k) == getattr(d, k): setattr(a, k, x)
         a.smoke_sizes, a.variants = True, a.variants or [parse_variant(s) for s in SMOKE_VARIANTS]
     a.decoders, a.encoder = (SMOKE_DECODERS, SMOKE_ENCODER) if a.smoke_sizes else (None, None)
+    if a.device is None and not (a.dry_run or torch.cuda.is_available()):
+        ap.error(f"no CUDA device here (torch {torch.__version__}): this checks a GPU node; --smoke runs the check's path on "
+                 f"the CPU at tiny sizes, --device cpu times the CPU at full size, --dry-run prints the plan")
     a.device = a.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     if a.jobs < 1: ap.error(f"--jobs {a.jobs}: must be an integer >= 1")
     if a.budget is not None and not a.budget > 0: ap.error(f"--budget {a.budget:g}: must be a number of seconds > 0")
