@@ -33,7 +33,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path: sys.path.insert(0, str(ROOT))      # F6: this checkout's magma, installed or not
 
-import torch
+try: import torch
+except ImportError: sys.exit(f"{sys.executable} has no torch: run with the Python that has torch, timm and safetensors "
+                             f"(make gpu-check PYTHON=/path/to/python3)")
 
 DECODERS = {'paper': dict(decoder_dim=512, decoder_depth=8, decoder_heads=16),
             'light': dict(decoder_dim=128, decoder_depth=2, decoder_heads=4)}
