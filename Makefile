@@ -59,6 +59,17 @@ bench: $(STAMP)  ## every benchmark, printed (see bench/README.md)
 	$(BIN)/python bench/train_bench.py
 	$(BIN)/python bench/eval_bench.py
 
+# The GPU check in one command, on any CUDA machine with torch, timm, safetensors and pytest (magma itself is imported
+# from this checkout; the .venv is not used, so nothing is installed): the GPU tests, then the trainer-step bench within
+# BUDGET seconds in all (rows that no longer fit are skipped and say so). One table line per row as it is measured, one
+# VERDICT line; the rows in GPU_CHECK_OUT (JSON); exit 1 when a test or an eager row fails. DRY_RUN=1: the plan, the
+# time estimate and the JSON schema, at once, on any machine. See bench/README.md.
+GPU_CHECK_OUT ?= /tmp/magma-gpu-check.json
+BUDGET ?= 480
+.PHONY: gpu-check
+gpu-check:  ## the GPU tests + the step bench on this machine's GPU (GPU_CHECK_OUT=path BUDGET=seconds DRY_RUN=1)
+	$(PYTHON) bench/gpu_check.py --budget $(BUDGET) $(if $(DRY_RUN),--dry-run,--out $(GPU_CHECK_OUT))
+
 sweep: $(STAMP)  ## print the commands that run every paper table on a multi-GPU node (MODE=slurm for a SLURM array)
 	$(BIN)/python scripts/sweep_commands.py --mode $(or $(MODE),node)
 
