@@ -147,11 +147,12 @@ def layer_magma_matrix(encoder: nn.Module, x: Tensor, **magma_kw) -> Tensor:
     z = [feats[b].float() for b in blocks]
     return torch.tensor([[float(magma_loss(zk, zl, **magma_kw)) for zl in z] for zk in z])
 
-def draw_layer_magma(mats, path=None) -> Figure:
-    "Fig. 3 from `layer_magma_matrix` results, `{name: (depth, depth) matrix}`: one heatmap per model, one colour scale."
+def draw_layer_magma(mats, path=None, vmax: float | None = None) -> Figure:
+    """Fig. 3 from `layer_magma_matrix` results, `{name: (depth, depth) matrix}`: one heatmap per model, one colour scale
+    (up to `vmax`, default the largest entry: pass it to draw models one per figure on the same scale)."""
     import seaborn as sns
     mats = {n: np.asarray(m, dtype=float) for n, m in _as_dict(mats).items()}
-    vmax = max(float(m.max()) for m in mats.values())
+    vmax = max(float(m.max()) for m in mats.values()) if vmax is None else vmax
     fig = Figure(figsize=(5.2 * len(mats), 4.4)); axs = np.atleast_1d(fig.subplots(1, len(mats)))
     for ax, (n, m) in zip(axs, mats.items()):
         L = len(m)
