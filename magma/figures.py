@@ -18,9 +18,12 @@ from .patches import patchify, unpatchify, random_masking
 from .evaluate import davies_bouldin, pick_classes, check_resolution
 
 # %% auto #0
-__all__ = ['RECONSTRUCTION_CAPTION', 'read_metrics', 'magma_label', 'fig2_training', 'layer_magma_matrix', 'fig3_layer_magma',
-           'pacmap_embed', 'fig4_pacmap', 'key_features', 'key_pca', 'fig5_key_pca', 'cls_attention', 'fig6_attention',
-           'mae_predict', 'reconstruction_panels', 'mae_reconstruction', 'fig_reconstruction']
+__all__ = ['RECONSTRUCTION_CAPTION', 'FIGURE_EXTRAS', 'read_metrics', 'magma_label', 'fig2_training', 'layer_magma_matrix',
+           'draw_layer_magma', 'fig3_layer_magma', 'pacmap_embed', 'pacmap_panel', 'draw_pacmap', 'fig4_pacmap',
+           'key_features', 'key_pca', 'draw_key_pca', 'fig5_key_pca', 'cls_attention', 'draw_attention',
+           'fig6_attention', 'mae_predict', 'reconstruction_panels', 'mae_reconstruction', 'draw_reconstruction',
+           'fig_reconstruction', 'figure_data', 'save_figure_data', 'load_figure_data', 'draw_figure_data',
+           'run_figures']
 
 # %% ../nbs/12_figures.ipynb #197df2c3
 def _as_dict(x) -> dict:
@@ -32,6 +35,18 @@ def _save(fig: Figure, path) -> Figure:
         path = Path(path)
         with atomic_path(path) as tmp: fig.savefig(tmp, format=path.suffix[1:].lower() or 'png', dpi=120, bbox_inches='tight')
     return fig
+
+def _grid(B: int, n: int, ncols: int | None, size: float, titles) -> tuple:
+    """A figure of `B` images x `n` panels each, every image's panels wrapped into rows of `ncols` (default: one row):
+    (figure, axes[b][k]); the first image's panels carry `titles`, spare cells are blank."""
+    ncols = min(n, ncols or n); per = -(-n // ncols)
+    fig = Figure(figsize=(size * ncols, size * B * per)); axs = np.array(fig.subplots(B * per, ncols, squeeze=False))
+    for ax in axs.flat: ax.set_xticks([]); ax.set_yticks([])
+    for b in range(B):
+        for k in range(n, per * ncols): axs[b * per + k // ncols, k % ncols].set_axis_off()
+    cells = [[axs[b * per + k // ncols, k % ncols] for k in range(n)] for b in range(B)]
+    for ax, t in zip(cells[0], titles): ax.set_title(t, fontsize=8)
+    return fig, cells
 
 def _show_images(x: Tensor, mean=None, std=None) -> np.ndarray:
     "Batch (B, C, H, W) as normalized by the eval transform -> (B, H, W, C) in [0, 1] for imshow."
@@ -74,11 +89,13 @@ def _run_names(csvs) -> dict:
     if isinstance(csvs, dict): return {(k or Path(v).parent.name or Path(v).stem): v for k, v in csvs.items()}
     return {Path(c).parent.name or Path(c).stem: c for c in ([csvs] if isinstance(csvs, (str, Path)) else csvs)}
 
-def fig2_training(csvs, path=None, components=(), max_markers: int = 30) -> Figure:
+def fig2_training(csvs, path=None, components=(), max_markers: int = 30, ncols: int = 4) -> Figure:
     """Fig. 2 and a run's training curves: (a) the loss and its `components` (`MethodSpec.components`, or {run: components}),
-    (b) λ as applied, (c) the raw MAGMA term (solid: backpropagated, with its λ; dashed: logged only), (d) online accuracy (%)."""
+    (b) λ as applied, (c) the raw MAGMA term (solid: backpropagated, with its λ; dashed: logged only), (d) online accuracy (%);
+    `ncols` panels a row (4: one row, as a run draws it; 2: a 2x2 grid, readable at a page's width)."""
     runs = _run_names(csvs)
-    fig = Figure(figsize=(19, 4.2)); axs = fig.subplots(1, 4)
+    if ncols not in (1, 2, 4): raise ValueError(f"fig2_training: ncols={ncols!r}; give 1, 2 or 4 (panels a row)")
+    fig = Figure(figsize=(4.75 * ncols, 4.2 * (4 // ncols))); axs = np.asarray(fig.subplots(4 // ncols, ncols)).ravel()
     magma_terms = []
     for i, (name, csv) in enumerate(runs.items()):
         col = f"C{i}"
@@ -110,7 +127,7 @@ def fig2_training(csvs, path=None, components=(), max_markers: int = 30) -> Figu
         ax.set_title(t); ax.set_xlabel("epoch"); ax.set_ylabel(yl); ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         lo, hi = ax.get_xlim()
         if hi - lo < 2: ax.set_xlim((lo + hi) / 2 - 1, (lo + hi) / 2 + 1)     # one epoch: whole-number ticks around it
-        if ax.lines: ax.legend(fontsize=7)
+        if ax.lines: ax.legend(fontsize=7 if ncols == 4 else 8)
         else: ax.text(0.5, 0.5, "not logged", ha='center', va='center', transform=ax.transAxes, color='0.5')
     if magma_terms and all((m > 0).all() for m in magma_terms): axs[2].set_yscale('log')
     if len(runs) == 1: fig.suptitle(next(iter(runs)))
@@ -130,12 +147,12 @@ def layer_magma_matrix(encoder: nn.Module, x: Tensor, **magma_kw) -> Tensor:
     z = [feats[b].float() for b in blocks]
     return torch.tensor([[float(magma_loss(zk, zl, **magma_kw)) for zl in z] for zk in z])
 
-def fig3_layer_magma(encoders, x: Tensor, path=None, **magma_kw) -> Figure:
-    "Fig. 3: heatmap of the MAGMA term between every pair of blocks, one panel per model."
+def draw_layer_magma(mats, path=None, vmax: float | None = None) -> Figure:
+    """Fig. 3 from `layer_magma_matrix` results, `{name: (depth, depth) matrix}`: one heatmap per model, one colour scale
+    (up to `vmax`, default the largest entry: pass it to draw models one per figure on the same scale)."""
     import seaborn as sns
-    encs = _as_dict(encoders)
-    mats = {n: layer_magma_matrix(e, x, **magma_kw).numpy() for n, e in encs.items()}
-    vmax = max(float(m.max()) for m in mats.values())
+    mats = {n: np.asarray(m, dtype=float) for n, m in _as_dict(mats).items()}
+    vmax = max(float(m.max()) for m in mats.values()) if vmax is None else vmax
     fig = Figure(figsize=(5.2 * len(mats), 4.4)); axs = np.atleast_1d(fig.subplots(1, len(mats)))
     for ax, (n, m) in zip(axs, mats.items()):
         L = len(m)
@@ -144,6 +161,10 @@ def fig3_layer_magma(encoders, x: Tensor, path=None, **magma_kw) -> Figure:
         ax.set_xlabel('target block $l$'); ax.set_ylabel('reference block $k$'); ax.set_title(n or 'MAGMA term')
     fig.tight_layout()
     return _save(fig, path)
+
+def fig3_layer_magma(encoders, x: Tensor, path=None, **magma_kw) -> Figure:
+    "Fig. 3: heatmap of the MAGMA term between every pair of blocks, one panel per model."
+    return draw_layer_magma({n: layer_magma_matrix(e, x, **magma_kw).numpy() for n, e in _as_dict(encoders).items()}, path)
 
 # %% ../nbs/12_figures.ipynb #360e86bd
 def pacmap_embed(feats, n_neighbors: int = 10, seed: int = 0) -> np.ndarray:
@@ -155,34 +176,45 @@ def pacmap_embed(feats, n_neighbors: int = 10, seed: int = 0) -> np.ndarray:
     with contextlib.redirect_stdout(io.StringIO()):     # pacmap prints a note about the fixed random state
         return pacmap.PaCMAP(n_components=2, n_neighbors=nn_, random_state=seed, verbose=False).fit_transform(X, init='pca')
 
+def pacmap_panel(feats, labels, acc=None, n_classes: int = 10, seed: int = 0, max_per_class: int | None = 500) -> dict:
+    """Fig. 4's data for one model: `n_classes` classes drawn at random (seeded), at most `max_per_class` points each:
+    `embedding` (PaCMAP, N x 2), `labels`, `classes` (the drawn ones, in order), `dbi` (full-dimensional) and `acc`."""
+    y = labels.cpu().numpy() if isinstance(labels, Tensor) else np.asarray(labels)
+    X = feats.detach().cpu().float().numpy() if isinstance(feats, Tensor) else np.asarray(feats, dtype=np.float32)
+    cls = pick_classes(y, n_classes, seed)
+    rng = np.random.default_rng(seed)
+    idx = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:max_per_class] for c in cls])
+    X, y = X[idx], y[idx]
+    return dict(embedding=pacmap_embed(X, seed=seed).astype(np.float32), labels=y, classes=np.asarray(cls),
+                dbi=float(davies_bouldin(X, y)), acc=float('nan') if acc is None else float(acc))
+
+def draw_pacmap(panels: dict, path=None, classes=None, title: str | None = None) -> Figure:
+    "Fig. 4 from `{name: pacmap_panel(...)}`: one scatter per drawn class (legend: `classes[label]` names when given)."
+    fig = Figure(figsize=(6.2 * len(panels), 4.8)); axs = np.atleast_1d(fig.subplots(1, len(panels)))
+    for ax, (name, p) in zip(axs, panels.items()):
+        emb, y, acc = p['embedding'], np.asarray(p['labels']), float(p['acc'])
+        cmap = matplotlib.colormaps['tab10' if len(p['classes']) <= 10 else 'tab20']
+        for j, c in enumerate(p['classes']):
+            ax.scatter(emb[y == c, 0], emb[y == c, 1], s=8, linewidths=0, color=cmap(j % cmap.N),
+                       label=str(classes[c]) if classes is not None else str(c))
+        ax.legend(loc='center left', bbox_to_anchor=(1, 0.5), fontsize=7, markerscale=2, frameon=False)
+        acc_s = f"linear {acc:.1f}%" if np.isfinite(acc) else "linear n/a"
+        head = name if len(panels) > 1 or not title else title if not name else f"{title} {name}"
+        ax.set_title(f"{head + ': ' if head else ''}{acc_s}, DBI {float(p['dbi']):.2f}", fontsize=10)
+        ax.set_xticks([]); ax.set_yticks([])
+    if title and len(panels) > 1: fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
 def fig4_pacmap(data, path=None, n_classes: int = 10, seed: int = 0, max_per_class: int | None = 500,
                 classes=None, title: str | None = None) -> Figure:
     """Fig. 4: PaCMAP of `n_classes` random classes, with a class legend (`classes[label]` names when given); the run's name
     (`title`, default the folder `path` is saved in), linear accuracy and Davies-Bouldin index in the title."""
-    panels = _as_dict(data) if isinstance(data, dict) else {'': data}
+    data = _as_dict(data) if isinstance(data, dict) else {'': data}
     if title is None and path is not None: title = Path(path).resolve().parent.name
-    fig = Figure(figsize=(6.2 * len(panels), 4.8)); axs = np.atleast_1d(fig.subplots(1, len(panels)))
-    for ax, (name, d) in zip(axs, panels.items()):
-        feats, labels, acc = (tuple(d) + (None,))[:3]
-        y = labels.cpu().numpy() if isinstance(labels, Tensor) else np.asarray(labels)
-        X = feats.detach().cpu().float().numpy() if isinstance(feats, Tensor) else np.asarray(feats, dtype=np.float32)
-        cls = pick_classes(y, n_classes, seed)
-        rng = np.random.default_rng(seed)
-        idx = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:max_per_class] for c in cls])
-        X, y = X[idx], y[idx]
-        emb = pacmap_embed(X, seed=seed)
-        dbi = davies_bouldin(X, y)
-        cmap = matplotlib.colormaps['tab10' if len(cls) <= 10 else 'tab20']
-        for j, c in enumerate(cls):
-            ax.scatter(emb[y == c, 0], emb[y == c, 1], s=8, linewidths=0, color=cmap(j % cmap.N),
-                       label=str(classes[c]) if classes is not None else str(c))
-        ax.legend(loc='center left', bbox_to_anchor=(1, 0.5), fontsize=7, markerscale=2, frameon=False)
-        acc_s = f"linear {acc:.1f}%" if acc is not None else "linear n/a"
-        head = name if len(panels) > 1 or not title else title if not name else f"{title} {name}"
-        ax.set_title(f"{head + ': ' if head else ''}{acc_s}, DBI {dbi:.2f}", fontsize=10); ax.set_xticks([]); ax.set_yticks([])
-    if title and len(panels) > 1: fig.suptitle(title)
-    fig.tight_layout()
-    return _save(fig, path)
+    panels = {n: pacmap_panel(*(tuple(d) + (None,))[:3], n_classes=n_classes, seed=seed, max_per_class=max_per_class)
+              for n, d in data.items()}
+    return draw_pacmap(panels, path, classes, title)
 
 # %% ../nbs/12_figures.ipynb #3452fc53
 @torch.no_grad()
@@ -212,19 +244,21 @@ def key_pca(encoder: nn.Module, x: Tensor) -> np.ndarray:
         out.append((c if c.mean() >= 0 else -c).reshape(B, gh, gw))
     return np.stack(out)
 
+def draw_key_pca(comps, images, path=None, ncols: int | None = None, title: str | None = None) -> Figure:
+    "Fig. 5 from `key_pca`'s (depth, B, gh, gw) and the B images (B, H, W, C) shown: input and blocks, `ncols` a row."
+    comps = np.asarray(comps); L, B = comps.shape[:2]
+    fig, ax = _grid(B, L + 1, ncols, 1.6, ['input'] + [f'block {l + 1}' for l in range(L)])
+    for b in range(B):
+        ax[b][0].imshow(images[b])
+        for l in range(L): ax[b][l + 1].imshow(comps[l, b], cmap='viridis')
+    if title: fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
 def fig5_key_pca(encoder: nn.Module, x: Tensor, path=None, mean=None, std=None, max_images: int = 4) -> Figure:
     "Fig. 5: leading PCA component of the attention keys of each block, as a patch-grid image per input image."
     x = x[:max_images]
-    comps = key_pca(encoder, x); imgs = _show_images(x, mean, std)
-    L, B = comps.shape[:2]
-    fig = Figure(figsize=(1.6 * (L + 1), 1.6 * B)); axs = np.array(fig.subplots(B, L + 1, squeeze=False))
-    for b in range(B):
-        axs[b, 0].imshow(imgs[b])
-        for l in range(L): axs[b, l + 1].imshow(comps[l, b], cmap='viridis')
-    for l in range(L + 1): axs[0, l].set_title('input' if l == 0 else f'block {l}', fontsize=8)
-    for ax in axs.flat: ax.set_xticks([]); ax.set_yticks([])
-    fig.tight_layout()
-    return _save(fig, path)
+    return draw_key_pca(key_pca(encoder, x), _show_images(x, mean, std), path)
 
 # %% ../nbs/12_figures.ipynb #73c7212d
 @torch.no_grad()
@@ -246,21 +280,22 @@ def cls_attention(encoder: nn.Module, x: Tensor, block: int = -1) -> Tensor:
     gh, gw = encoder.patch_embed.grid_size
     return a.reshape(B, attn.num_heads, gh, gw).float().cpu()
 
+def draw_attention(attn, images, path=None, ncols: int | None = None, title: str | None = None) -> Figure:
+    "Fig. 6 from `cls_attention`'s (B, heads, gh, gw) maps and the B images (B, H, W, C) shown, `ncols` panels a row."
+    imgs = np.asarray(images); B, H = np.shape(attn)[:2]
+    up = F.interpolate(torch.as_tensor(np.asarray(attn, dtype=np.float32)), size=imgs.shape[1:3], mode='nearest').numpy()
+    fig, ax = _grid(B, H + 1, ncols, 1.5, ['input'] + [f'head {h + 1}' for h in range(H)])
+    for b in range(B):
+        ax[b][0].imshow(imgs[b])
+        for hd in range(H): ax[b][hd + 1].imshow(imgs[b]); ax[b][hd + 1].imshow(up[b, hd], cmap='inferno', alpha=0.6)
+    if title: fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
 def fig6_attention(encoder: nn.Module, x: Tensor, path=None, mean=None, std=None, max_images: int = 3, block: int = -1) -> Figure:
     "Fig. 6: CLS-to-patch attention of every head of the last block, over each input image."
     x = x[:max_images]
-    a = cls_attention(encoder, x, block); imgs = _show_images(x, mean, std)
-    B, H = a.shape[:2]
-    up = F.interpolate(a, size=tuple(x.shape[-2:]), mode='nearest').numpy()
-    fig = Figure(figsize=(1.5 * (H + 1), 1.5 * B)); axs = np.array(fig.subplots(B, H + 1, squeeze=False))
-    for b in range(B):
-        axs[b, 0].imshow(imgs[b])
-        for hd in range(H):
-            axs[b, hd + 1].imshow(imgs[b]); axs[b, hd + 1].imshow(up[b, hd], cmap='inferno', alpha=0.6)
-    for c in range(H + 1): axs[0, c].set_title('input' if c == 0 else f'head {c}', fontsize=8)
-    for ax in axs.flat: ax.set_xticks([]); ax.set_yticks([])
-    fig.tight_layout()
-    return _save(fig, path)
+    return draw_attention(cls_attention(encoder, x, block), _show_images(x, mean, std), path)
 
 # %% ../nbs/12_figures.ipynb #7f1d3c25
 @torch.no_grad()
@@ -323,19 +358,17 @@ def mae_reconstruction(model: nn.Module, images: Tensor, mean=None, std=None, se
 RECONSTRUCTION_CAPTION = ("(a) hidden patches at their own true mean and variance (the norm-pix target: uses the hidden pixels); "
                           "(b) at the mean and variance of the visible patches: nothing about the hidden patches is used")
 
-def fig_reconstruction(model: nn.Module, images: Tensor, path=None, mean=None, std=None, seed: int = 0,
-                       max_images: int = 6, title: str | None = None) -> Figure:
-    """MAE reconstructions, as FB MAE's demo: original, masked, reconstruction, reconstruction + visible. For a norm-pix
-    model two rows per image, labelled and captioned: (a) de-normalized with each hidden patch's own statistics, (b) with
-    the visible patches' only (`reconstruction_panels`); a model that predicts pixels has one row, which uses neither."""
-    r = mae_reconstruction(model, images[:max_images], mean, std, seed)
-    B, two = len(r['original']), r['norm_pix']
-    cols = [('original', 'original'), ('masked', f"masked ({r['mask'].mean():.0%})"), ('reconstruction', 'reconstruction'),
+def draw_reconstruction(r: dict, path=None, title: str | None = None) -> Figure:
+    """The reconstruction figure from `reconstruction_panels` (or `mae_reconstruction`): original, masked, reconstruction,
+    reconstruction + visible; two labelled rows per image for a norm-pix model, captioned under the title."""
+    B, two = len(r['original']), bool(r['norm_pix'])
+    cols = [('original', 'original'), ('masked', f"masked ({np.mean(r['mask']):.0%})"), ('reconstruction', 'reconstruction'),
             ('pasted', 'reconstruction + visible')]
     rows = [('', "(a) true hidden\nmean, variance"), ('_visible_stats', "(b) visible-patch\nmean, variance")] if two else [('', '')]
     caption = RECONSTRUCTION_CAPTION if two else "the model predicts pixels (norm_pix=False): nothing about the hidden patches is used"
     n = B * len(rows)
-    fig = Figure(figsize=(1.8 * len(cols), 1.8 * n + 0.6)); axs = np.array(fig.subplots(n, len(cols), squeeze=False))
+    fig = Figure(figsize=(1.8 * len(cols), 1.8 * n + 0.6), layout='constrained')     # room for the caption
+    axs = np.array(fig.subplots(n, len(cols), squeeze=False))
     for b in range(B):
         for j, (suffix, label) in enumerate(rows):
             ax = axs[b * len(rows) + j]
@@ -346,5 +379,81 @@ def fig_reconstruction(model: nn.Module, images: Tensor, path=None, mean=None, s
     for c, (_, t) in enumerate(cols): axs[0, c].set_title(t, fontsize=8)
     for ax in axs.flat: ax.set_xticks([]); ax.set_yticks([])
     fig.suptitle('\n'.join(([title] if title else []) + textwrap.wrap(caption, 12 * len(cols) + 10)), fontsize=7)
-    fig.tight_layout()
     return _save(fig, path)
+
+def fig_reconstruction(model: nn.Module, images: Tensor, path=None, mean=None, std=None, seed: int = 0,
+                       max_images: int = 6, title: str | None = None) -> Figure:
+    """MAE reconstructions, as FB MAE's demo: original, masked, reconstruction, reconstruction + visible. For a norm-pix
+    model two rows per image, labelled and captioned: (a) de-normalized with each hidden patch's own statistics, (b) with
+    the visible patches' only (`reconstruction_panels`); a model that predicts pixels has one row, which uses neither."""
+    return draw_reconstruction(mae_reconstruction(model, images[:max_images], mean, std, seed), path, title)
+
+# %% ../nbs/12_figures.ipynb #bde5ffcf
+FIGURE_EXTRAS = ('seaborn', 'pacmap', 'numba', 'llvmlite')   # the `figures` extra and what pacmap brings
+
+def _extra_missing(e: ModuleNotFoundError) -> str | None:
+    root = (e.name or '').split('.')[0]
+    return root if root in FIGURE_EXTRAS else None
+
+@torch.no_grad()
+def figure_data(model: nn.Module, images: Tensor, mean=None, std=None, seed: int = 0, pacmap=None,
+                n_pca: int = 4, n_attention: int = 3, n_reconstruction: int = 6) -> dict:
+    """The arrays behind a run's model figures, from normalized evaluation `images`: `images` (uint8, as shown),
+    `layer_magma` (Fig. 3), `key_pca` (Fig. 5), `cls_attention` (Fig. 6), `rec_*` (an MAE-family model's reconstruction
+    panels) and, when `pacmap` = (features, labels, linear_acc) and the pacmap package imports, `pacmap_*` (Fig. 4)."""
+    enc, u8 = getattr(model, 'encoder', model), lambda a: np.round(np.asarray(a) * 255).astype(np.uint8)
+    d = dict(images=u8(_show_images(images, mean, std)), layer_magma=layer_magma_matrix(enc, images).numpy(),
+             key_pca=key_pca(enc, images[:n_pca]).astype(np.float32), cls_attention=cls_attention(enc, images[:n_attention]).numpy())
+    if hasattr(model, 'mask_ratio'):
+        r = mae_reconstruction(model, images[:n_reconstruction], mean, std, seed)
+        d.update({f'rec_{k}': np.asarray(v) if k in ('mask', 'norm_pix') else u8(v) for k, v in r.items()})
+    if pacmap is not None:
+        try: d.update({f'pacmap_{k}': np.asarray(v) for k, v in pacmap_panel(*pacmap, seed=seed).items()})
+        except ModuleNotFoundError as e:
+            if not _extra_missing(e): raise
+    return d
+
+def save_figure_data(path, data: dict) -> Path:
+    "`data` as a compressed `.npz` at `path`, written atomically (`checkpoints.atomic_path`)."
+    with atomic_path(Path(path)) as tmp, open(tmp, 'wb') as f: np.savez_compressed(f, **data)
+    return Path(path)
+
+def load_figure_data(path) -> dict:
+    "A `figure_data.npz` back as a dict of arrays; no pickled objects are read."
+    with np.load(path, allow_pickle=False) as z: return {k: z[k] for k in z.files}
+
+# %% ../nbs/12_figures.ipynb #3fd18bc2
+def draw_figure_data(d: dict, out, title: str | None = None, classes=None) -> list[str]:
+    """Draws into the folder `out` what `figure_data` `d` holds: `fig3_layer_magma.png`, `fig4_pacmap.png`,
+    `fig5_key_pca.png`, `fig6_attention.png`, `fig_reconstruction.png`. Returns the file names it skipped because
+    their optional extra (seaborn, pacmap) is not installed."""
+    out, skipped, imgs = Path(out), [], d['images']
+    rec = {k[4:]: v / 255 if v.dtype == np.uint8 else v for k, v in d.items() if k.startswith('rec_')}
+    pac = {k[7:]: v for k, v in d.items() if k.startswith('pacmap_')}
+    todo = [('fig3_layer_magma.png', lambda p: draw_layer_magma(d['layer_magma'], p)),
+            ('fig5_key_pca.png', lambda p: draw_key_pca(d['key_pca'], imgs, p)),
+            ('fig6_attention.png', lambda p: draw_attention(d['cls_attention'], imgs, p))]
+    if pac: todo.append(('fig4_pacmap.png', lambda p: draw_pacmap({'': pac}, p, classes, title)))
+    if rec: todo.append(('fig_reconstruction.png', lambda p: draw_reconstruction(rec, p, title)))
+    for name, draw in todo:
+        try: draw(out / name)
+        except ModuleNotFoundError as e:
+            if not _extra_missing(e): raise
+            skipped.append(name)
+    return skipped
+
+def run_figures(out, model: nn.Module | None = None, images: Tensor | None = None, mean=None, std=None, seed: int = 0,
+                pacmap=None, classes=None, components=(), title: str | None = None) -> list[str]:
+    """A run's figures, drawn into its directory `out` after its results: `fig2_training.png` from `metrics.csv` and,
+    with a `model` and `images`, `figure_data.npz` and the figures drawn from it. Figures whose optional extra is not
+    installed are skipped with one line saying which and how to get them; returns the skipped file names."""
+    out = Path(out)
+    d = figure_data(model, images, mean, std, seed, pacmap) if model is not None and images is not None else None
+    if d is not None: save_figure_data(out / 'figure_data.npz', d)
+    fig2_training(out / 'metrics.csv', out / 'fig2_training.png', components=components)
+    skipped = draw_figure_data(d, out, title, classes) if d is not None else []
+    if d is not None and pacmap is not None and 'pacmap_embedding' not in d: skipped.append('fig4_pacmap.png')
+    if skipped:
+        print(f"figures: skipped {', '.join(sorted(skipped))} in {out} (seaborn/pacmap not installed): "
+              f"pip install 'magma-ssl[figures]' draws them", flush=True)
+    return sorted(skipped)

@@ -24,7 +24,7 @@ def run(cfg: PretrainConfig | None = None, *, progress: bool = True, evaluate: b
     import torch, torch.distributed as dist     # imported here, not at the top: `--help` and `--print-config` need none of it
     from magma.train import train, build_method, pretraining_data_of, precision_flags
     from magma.checkpoints import write_json
-    from magma.figures import fig2_training, fig4_pacmap, fig_reconstruction
+    from magma.figures import run_figures
     from magma.base import method_spec
     import magma.datasets as _datasets, magma.loader as _loader, magma.evaluate as _evaluate
     cfg = cfg if isinstance(cfg, PretrainConfig) else resolve_config(**params)
@@ -43,19 +43,20 @@ def run(cfg: PretrainConfig | None = None, *, progress: bool = True, evaluate: b
             floor, _ = _evaluate.evaluate(build_method(cfg).to(device).encoder, bank_ds, test_ds, prefix='random_', **kw)
             res.update(ours, **floor, linear_mode=LINEAR_MODES[cfg.linear_mode],
                        n_bank=len(bank_ds), n_val=len(val_ds) if val_ds is not None else 0, n_test=len(test_ds))
-            fig4_pacmap((*feats['test']['cls'], ours['linear_acc']), out / 'fig4_pacmap.png', seed=cfg.seed, classes=test_ds.classes)
-            if hasattr(model, 'mask_ratio'):        # a masked autoencoder: reconstructions of 6 test images (seeded mask)
-                few = _datasets.subset(test_ds, torch.linspace(0, len(test_ds) - 1, 6).long())
-                x = next(iter(_loader.eval_loader(few, 6, device, img_size=cfg.img_size, mean=bank_ds.mean, std=bank_ds.std,
-                                                  num_workers=cfg.num_workers)))['img']
-                fig_reconstruction(model, x, out / 'fig_reconstruction.png', mean=bank_ds.mean, std=bank_ds.std, seed=cfg.seed, title=out.name)
-    fig2_training(out / 'metrics.csv', out / 'fig2_training.png', components=method_spec(cfg.method).components)
+            few = _datasets.subset(test_ds, torch.linspace(0, len(test_ds) - 1, 8).long())   # the figures' 8 test images
+            x = next(iter(_loader.eval_loader(few, 8, device, img_size=cfg.img_size, mean=bank_ds.mean, std=bank_ds.std,
+                                              num_workers=cfg.num_workers)))['img']
     res['eval_seconds'] = time.time() - t0
-    if logger is not None:                      # TensorBoard (and wandb): evaluation metrics, hyperparameters, figures
+    if logger is not None:                      # TensorBoard (and wandb): evaluation metrics, hyperparameters
         logger.summary({k: v for k, v in res.items() if k not in ('epochs', 'seed', 'epochs_done', 'world_size')})
+    write_json(out / 'results.json', res)                   # atomic, with the run's file mode; the figures come after
+    with precision_flags(cfg.precision, device):  # figure data and PNGs (figures.run_figures: without seaborn/pacmap, one line)
+        run_figures(out, model if evaluate else None, x if evaluate else None, bank_ds.mean, bank_ds.std, cfg.seed,
+                    (*feats['test']['cls'], ours['linear_acc']) if evaluate else None, test_ds.classes,
+                    method_spec(cfg.method).components, out.name)
+    if logger is not None:                      # and the figures
         for p in sorted(out.glob('*.png')): logger.figure(p.stem, p)
         logger.close()
-    write_json(out / 'results.json', res)                   # atomic, with the run's file mode
     return res
 
 # %% ../nbs/14_pretrain.ipynb #62f00a6f

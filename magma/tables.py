@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np, pandas as pd
 from .methods import METHODS
 from .paper import PAPER_TABLES, TABLE_METRICS
-from .runs import SMOKE_EVAL, SMOKE_PARAMS, as_dict, as_list, dataset_slug, default_runs_dir, launch_all, table_runs
+from .runs import SMOKE_EVAL, SMOKE_PARAMS, as_dict, as_list, dataset_slug, default_runs_dir, launch_all, table_runs, table_cells
 
 # %% auto #0
-__all__ = ['FLOOR_METRICS', 'ABLATION_METRICS', 'SELECT_ON', 'display_name', 'summarize', 'collect', 'aggregate',
-           'render_markdown', 'write_table', 'magma_pairs', 'floor_markdown', 'magma_effect', 'effect_markdown',
-           'switch_on', 'end_features', 'ablation_frame', 'choose_schedule', 'ablation_markdown', 'run_table']
+__all__ = ['BACKBONES', 'SETTING_HEADS', 'FLOOR_METRICS', 'ABLATION_METRICS', 'SELECT_ON', 'display_name', 'summarize',
+           'setting_label', 'paper_dataset', 'collect', 'aggregate', 'render_markdown', 'write_table', 'magma_pairs',
+           'floor_markdown', 'magma_effect', 'effect_markdown', 'switch_on', 'end_features', 'ablation_frame',
+           'choose_schedule', 'ablation_markdown', 'run_table']
 
 # %% ../nbs/17_tables.ipynb #09ab55b7
 def display_name(name: str) -> str:
@@ -33,19 +34,41 @@ def summarize(values) -> dict:
     return dict(n=n, mean=float(v.mean()), std=std, ci95=float(t.ppf(0.975, n - 1) * std / math.sqrt(n)))
 
 # %% ../nbs/17_tables.ipynb #a941081d
+BACKBONES = {'vit_tiny': 'ViT-T', 'vit_small': 'ViT-S', 'vit_base': 'ViT-B', 'vit_large': 'ViT-L'}
+SETTING_HEADS = dict(table1='Paper dataset', table2='λ, e_st, e_dur', table3='Backbone', table6='Target', table7='Target',
+                     table8='Paper dataset')
+
+def _setting(col: str) -> tuple:
+    "(λ, e_st, e_dur) of a Table 2 column name `lam<λ>-est<e_st>-edur<e_dur>` (the inverse of `magma.paper.table2_col`)."
+    lam, est, edur = col.replace('lam', '').replace('-est', ' ').replace('-edur', ' ').split()
+    return float(lam), int(est), int(edur)
+
+def setting_label(table: str, col: str) -> str:
+    "What a table's column means for a row: `λ=1, e_st=0, e_dur=10` (Table 2), `ViT-S` (Table 3), else the dataset."
+    if table == 'table2': return 'λ=0' if col == 'lam0' else "λ={:g}, e_st={}, e_dur={}".format(*_setting(col))
+    return BACKBONES.get(col, col) if table == 'table3' else str(col)
+
+def paper_dataset(table: str, col: str) -> str:
+    "The dataset the paper's number of (`table`, `col`) is on: the evaluation target, else the pretraining dataset."
+    for profile in ('paper', 'mini'):
+        for c in table_cells(table, profile):
+            if c.col == col: return dataset_slug(c.target or c.dataset)
+    return str(col)
+
 def collect(runs, metrics: dict) -> pd.DataFrame:
-    "One row per (finished run, metric): row, col, metric, seed, value, data. Runs without `results.json` are left out."
+    "One row per (finished run, metric): table, row, col, metric, seed, value, data. Runs without `results.json` are left out."
     rows = []
     for r in runs:
         if not r.results.exists(): continue
         res = json.loads(r.results.read_text())
         for m, key in metrics.items():
-            rows.append(dict(row=r.row, col=r.col, metric=m, seed=r.seed, value=res.get(key), data=dataset_slug(r.target or r.dataset),
+            rows.append(dict(table=r.table, row=r.row, col=r.col, metric=m, seed=r.seed, value=res.get(key), data=dataset_slug(r.target or r.dataset),
                              results=str(r.results)))
-    return pd.DataFrame(rows, columns=['row', 'col', 'metric', 'seed', 'value', 'data', 'results'])
+    return pd.DataFrame(rows, columns=['table', 'row', 'col', 'metric', 'seed', 'value', 'data', 'results'])
 
 def aggregate(runs, table: str, metrics: dict | None = None, paper: dict | None = None) -> pd.DataFrame:
-    "Per cell and metric: paper, mean, std, ci95 (half-width), ci_low, ci_high, n, diff = mean − paper, planned (runs asked for), seeds, data."
+    """Per cell and metric: paper, mean, std, ci95 (half-width), ci_low, ci_high, n, diff = mean − paper, planned (runs
+    asked for), seeds, data (what ran), setting (`setting_label`) and paper_data (`paper_dataset`)."""
     metrics = metrics or TABLE_METRICS[table]; paper = PAPER_TABLES[table] if paper is None else paper
     df = collect(runs, metrics)
     cells = list(dict.fromkeys((r.row, r.col) for r in runs))
@@ -56,32 +79,36 @@ def aggregate(runs, table: str, metrics: dict | None = None, paper: dict | None 
             sub = df[(df.row == row) & (df.col == col) & (df.metric == m)]
             s = summarize(sub.value.tolist())
             p = paper.get((row, col, m), math.nan)
-            out.append(dict(row=row, col=col, metric=m, paper=p, **s, ci_low=s['mean'] - s['ci95'], ci_high=s['mean'] + s['ci95'],
+            out.append(dict(table=table, row=row, col=col, setting=setting_label(table, col), metric=m, paper=p, **s, ci_low=s['mean'] - s['ci95'], ci_high=s['mean'] + s['ci95'],
                             diff=s['mean'] - p, planned=planned[(row, col)], seeds=' '.join(str(x) for x in sorted(sub.seed.tolist())),
-                            data=' '.join(sorted(set(sub.data)))))
+                            data=' '.join(sorted(set(sub.data))), paper_data=paper_dataset(table, col)))
     return pd.DataFrame(out)
 
 # %% ../nbs/17_tables.ipynb #7cf85a68
 def _f(x, d=1) -> str: return '–' if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{d}f}"
 
-def _same_data(col, data) -> bool:
-    "Whether the runs behind a cell used the paper column's own dataset (a cell not yet run counts as the column's)."
-    return not data or data == str(col)
+def _same_data(r) -> bool:
+    "Whether the runs behind a row used the dataset of the paper's number (a cell not yet run counts as the paper's)."
+    return not r.data or r.data == getattr(r, 'paper_data', r.col)
 
 def render_markdown(df: pd.DataFrame, title: str = '') -> str:
-    "The aggregated table as Markdown: the data we ran, paper, ours (mean ± std), 95% CI, n; Δ = ours − paper only on the paper's data."
-    ran_paper_data = any(r.n > 0 and _same_data(r.col, r.data) for r in df.itertuples())
-    head = ['Method', 'Data', 'Metric', 'Paper', 'Ours (mean ± std)', '95% CI', 'n'] + (['Δ (ours − paper)'] if ran_paper_data else [])
+    """The aggregated table as Markdown: method, the row's setting (the table's column: dataset, λ/e_st/e_dur, backbone),
+    the data we ran, paper, ours (mean ± std), 95% CI, n; Δ = ours − paper only on the paper's data."""
+    table = df.table.iloc[0] if 'table' in df and len(df) else ''
+    ran_paper_data = any(r.n > 0 and _same_data(r) for r in df.itertuples())
+    head = (['Method', SETTING_HEADS.get(table, 'Setting'), 'Data', 'Metric', 'Paper', 'Ours (mean ± std)', '95% CI', 'n']
+            + (['Δ (ours − paper)'] if ran_paper_data else []))
     lines = ([f"**{title}**", ''] if title else []) + ['| ' + ' | '.join(head) + ' |', '|' + '|'.join(['---'] * len(head)) + '|']
     for r in df.itertuples():
-        same = _same_data(r.col, r.data)
-        paper = _f(r.paper) + ('' if same or math.isnan(r.paper) else f" ({r.col})")
+        same = _same_data(r)
+        setting = getattr(r, 'setting', None) or setting_label(table, r.col)
+        paper = _f(r.paper) + ('' if same or math.isnan(r.paper) or setting == r.paper_data else f" ({r.paper_data})")
         if r.n == 0: ours, ci, d = 'not run', '–', '–'
         else:
             ours = _f(r.mean) + (f" ± {_f(r.std)}" if r.n > 1 else '')
             ci = f"[{_f(r.ci_low)}, {_f(r.ci_high)}]" if r.n > 1 else '–'
             d = ('+' if r.diff > 0 else '') + _f(r.diff) if same else '–'
-        cells = [display_name(r.row), r.data or str(r.col), r.metric, paper, ours, ci, str(r.n)] + ([d] if ran_paper_data else [])
+        cells = [display_name(r.row), setting, r.data or '–', r.metric, paper, ours, ci, str(r.n)] + ([d] if ran_paper_data else [])
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines) + '\n'
 
@@ -110,9 +137,11 @@ def floor_markdown(runs, metrics: dict | None = None) -> str:
     metrics = metrics or FLOOR_METRICS
     df = collect([r for r in runs if r.step == 'pretrain'], metrics)
     if df.empty: return ''
-    lines = ['| Method | Data | n | ' + ' | '.join(metrics) + ' |', '|' + '|'.join(['---'] * (len(metrics) + 3)) + '|']
+    table = df.table.iloc[0]
+    lines = [f'| Method | {SETTING_HEADS.get(table, "Setting")} | Data | n | ' + ' | '.join(metrics) + ' |',
+             '|' + '|'.join(['---'] * (len(metrics) + 4)) + '|']
     for (row, col), g in df.groupby(['row', 'col'], sort=False):
-        lines.append(f"| {display_name(row)} | {' '.join(sorted(set(g.data))) or col} | {g.seed.nunique()} | " +
+        lines.append(f"| {display_name(row)} | {setting_label(table, col)} | {' '.join(sorted(set(g.data))) or '–'} | {g.seed.nunique()} | " +
                      ' | '.join(_cell(g[g.metric == m].value.tolist()) for m in metrics) + ' |')
     return '\n'.join(lines) + '\n'
 
@@ -129,19 +158,19 @@ def magma_effect(runs, metrics: dict | None = None) -> pd.DataFrame:
                 both = sorted(set(a.index) & set(b.index))
                 s = summarize([a[x] - b[x] for x in both])
                 data = ' '.join(sorted(set(df[df.row.isin((m, base)) & (df.col == col)].data)))
-                out.append(dict(row=m, base=base, col=col, data=data, metric=k, **s, ci_low=s['mean'] - s['ci95'],
+                out.append(dict(row=m, base=base, col=col, setting=setting_label(df.table.iloc[0], col), data=data, metric=k, **s, ci_low=s['mean'] - s['ci95'],
                                 ci_high=s['mean'] + s['ci95'], seeds=' '.join(map(str, both))))
-    return pd.DataFrame(out, columns=['row', 'base', 'col', 'data', 'metric', 'n', 'mean', 'std', 'ci95', 'ci_low', 'ci_high', 'seeds'])
+    return pd.DataFrame(out, columns=['row', 'base', 'col', 'setting', 'data', 'metric', 'n', 'mean', 'std', 'ci95', 'ci_low', 'ci_high', 'seeds'])
 
 def effect_markdown(eff: pd.DataFrame) -> str:
     "The paired differences as Markdown ('' when no pair has a common seed)."
     eff = eff[eff.n > 0]
     if eff.empty: return ''
-    lines = ['| Pair | Data | Metric | Δ (mean ± std) | 95% CI | seeds |', '|---|---|---|---|---|---|']
+    lines = ['| Pair | Setting | Data | Metric | Δ (mean ± std) | 95% CI | seeds |', '|---|---|---|---|---|---|---|']
     for r in eff.itertuples():
         d = ('+' if r.mean > 0 else '') + _f(r.mean, 2) + (f" ± {_f(r.std, 2)}" if r.n > 1 else '')
         ci = f"[{_f(r.ci_low, 2)}, {_f(r.ci_high, 2)}]" if r.n > 1 else '–'
-        lines.append(f"| {display_name(r.row)} − {display_name(r.base)} | {r.data or r.col} | {r.metric} | {d} | {ci} | {r.seeds} |")
+        lines.append(f"| {display_name(r.row)} − {display_name(r.base)} | {r.setting} | {r.data or '–'} | {r.metric} | {d} | {ci} | {r.seeds} |")
     return '\n'.join(lines) + '\n'
 
 # %% ../nbs/17_tables.ipynb #172dafec
@@ -177,11 +206,6 @@ def ablation_frame(runs) -> pd.DataFrame:
         row['score'] = float(np.mean([res.get(k, math.nan) for k in SELECT_ON]))
         rows.append(row)
     return pd.DataFrame(rows)
-
-def _setting(col: str) -> tuple:
-    "(λ, e_st, e_dur) of a Table 2 column name `lam<λ>-est<e_st>-edur<e_dur>` (the inverse of `magma.paper.table2_col`)."
-    lam, est, edur = col.replace('lam', '').replace('-est', ' ').replace('-edur', ' ').split()
-    return float(lam), int(est), int(edur)
 
 def choose_schedule(frame: pd.DataFrame) -> dict:
     "The MAGMA cell of `frame` with the highest `score` (validation only): its column, score and (λ, e_st, e_dur)."

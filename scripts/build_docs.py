@@ -7,7 +7,8 @@
 2. The results pages filled in: the table and figures notebooks (`nbs/tables/`), committed without outputs, are executed
    in the staged copy with papermill (`profile mini`, `launch_runs False`, `runs_dir` a copy of the repository's
    `results/`), so they train nothing and show the committed mini tables and the figures drawn from the committed
-   `metrics.csv` and `results.json` files. The executed copies are cached in `_proc/.executed/`, keyed by the notebook,
+   `metrics.csv`, `results.json` and `figure_data.npz` files. The kernels talk to papermill over IPC (local sockets),
+   not TCP: ipykernel prints a warning for every kernel on unencrypted TCP (7 per build before). The executed copies are cached in `_proc/.executed/`, keyed by the notebook,
    `results/`, `magma/` and this script; `nbs/` is never written.
 3. `_proc/` (a Quarto website project: `nbs/_quarto.yml`) rendered to HTML. The renderer is Quarto when a `quarto`
    binary is on PATH (or in .venv/bin), else smalldocs (pure Python, from PyPI, in the dev extras), which reads the same
@@ -34,8 +35,9 @@ RESULT_PARAMS = dict(profile='mini', launch_runs=False)
 RESULT_NOTE = ("*This page was executed when the docs were built (`scripts/build_docs.py`) with `profile mini` and "
                "`launch_runs False`: it trained nothing and shows what the repository's committed `results/mini/` holds "
                "({what}).*")
-RESULT_WHAT = dict(figures="each run's `metrics.csv` and `results.json`: Fig. 2 and the Fig. 4 numbers; the PaCMAP panels "
-                           "and Figs. 3, 5 and 6 need the runs' checkpoints, which are not committed",
+RESULT_WHAT = dict(figures="each run's `metrics.csv` and `results.json`: Fig. 2 and the Fig. 4 numbers; Figs. 3 to 6 and the "
+                           "reconstructions from the `figure_data.npz` of the demo-sized runs in `results/demo-figures/` "
+                           "(the mini runs predate it; no checkpoint is read)",
                    table="`results/mini/{name}-mini.md`, re-rendered from the runs' `results.json`; a cell \"not run\" has "
                          "no committed run")
 
@@ -54,6 +56,7 @@ def _execute_results(stage: Path, root: Path, cache: Path, n_workers: int = 2):
     try: import papermill as pm
     except ImportError: sys.exit("docs: the results pages are executed with papermill, which is not installed: `make setup` "
                                  "(or pip install papermill ipykernel); `--no-results` builds the site without them")
+    from traitlets.config import Config
     results = root / 'results'
     if not results.is_dir(): sys.exit(f'docs: {results} is missing: the results pages are rendered from the committed results/')
     common = _digest([p for p in results.rglob('*') if p.is_file()] + sorted((root / 'magma').glob('*.py')) + [Path(__file__).resolve()])
@@ -73,7 +76,10 @@ def _execute_results(stage: Path, root: Path, cache: Path, n_workers: int = 2):
             name, nb, key = item
             try:
                 pm.execute_notebook(str(nb), str(nb), parameters=dict(RESULT_PARAMS, runs_dir=str(runs)), cwd=str(nb.parent),
-                                    kernel_name='python3', progress_bar=False)
+                                    kernel_name='python3', progress_bar=False,
+                                    # a local kernel over IPC, each with its own socket files (two run at once): on TCP,
+                                    # ipykernel warns once per kernel that the channel is not encrypted
+                                    config=Config({'KernelManager': {'transport': 'ipc', 'ip': str(Path(tmp) / f'{name}-ipc')}}))
             except pm.PapermillExecutionError as e:
                 sys.exit(f'docs: executing {nb.relative_to(stage)} on results/ failed in cell {e.exec_count}: {e.ename}: {e.evalue}')
             d = json.loads(nb.read_text(encoding='utf-8'))

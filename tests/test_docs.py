@@ -8,6 +8,11 @@
 * The results pages: every cell of the committed mini tables (`results/mini/table*-mini.md`) is a cell of an HTML table
   on its page (`tables/table1.html`, ...), Table 2's page shows its table in the browser and the figures page shows
   figures that loaded (`naturalWidth > 0`), with screenshots `table2.png` and `figures.png`.
+* Every show_doc signature fits the page (`test_signatures_fit_the_page`): none reaches past the text column or
+  scrolls (issue 28: 63 of 232 were cut off by the page grid, an inline-block output div growing to the longest line).
+* The table pages name each row's setting: Table 2's rows have distinct labels (method and λ, e_st, e_dur), in the
+  committed Markdown (always checked) and on its page; the figures page shows at least four figures drawn from
+  committed files, labels the demo-sized runs, and its subtitle is a whole sentence.
 * Search works on the site opened from disk (`file://`), where a browser refuses the `fetch` of `search.json`. They skip when `_docs/` or Chromium is absent (plain `make test` on a fresh
   clone); with `MAGMA_REQUIRE_DOCS=1` (`make docs-check`, run by `.ci/run`) a missing site or browser is a failure.
 """
@@ -232,6 +237,44 @@ def _md_cells(md: str):
 COMMITTED = sorted((ROOT / 'results' / 'mini').glob('table*-mini.md'))
 
 
+class _Rows(HTMLParser):
+    "Every HTML table of a page as a list of rows, each a list of its cells' texts (whitespace collapsed)."
+    def __init__(self):
+        super().__init__(); self.tables, self._stack, self._cell = [], [], None
+    def handle_starttag(self, tag, attrs):
+        if tag == 'table': self._stack.append([]); self.tables.append(self._stack[-1])
+        elif tag == 'tr' and self._stack: self._stack[-1].append([])
+        elif tag in ('td', 'th') and self._stack: self._cell = []
+    def handle_endtag(self, tag):
+        if tag == 'table' and self._stack: self._stack.pop()
+        elif tag in ('td', 'th') and self._cell is not None and self._stack and self._stack[-1]:
+            self._stack[-1][-1].append(re.sub(r'\s+', ' ', ''.join(self._cell)).strip()); self._cell = None
+    def handle_data(self, data):
+        if self._cell is not None: self._cell.append(data)
+
+
+def _html_tables(html):
+    p = _Rows(); p.feed(html); return [t for t in p.tables if t]
+
+
+def _labels(rows, head):
+    "The (Method, setting, Metric) label of every body row of a table whose header is `head`."
+    i = [head.index(c) for c in ('Method', 'λ, e_st, e_dur', 'Metric')]
+    return [tuple(r[j] for j in i) for r in rows]
+
+
+def test_committed_table2_names_every_row():
+    "results/mini/table2-mini.md: a setting column, and one distinct label (method, λ/e_st/e_dur, metric) per row."
+    md = (ROOT / 'results' / 'mini' / 'table2-mini.md').read_text(encoding='utf-8')
+    rows = [[c.strip() for c in l.strip().strip('|').split('|')] for l in md.split('\n\n**')[0].splitlines()
+            if l.startswith('|') and not re.fullmatch(r'\|[-:| ]+\|', l.strip())]
+    head, body = rows[0], rows[1:]
+    assert 'λ, e_st, e_dur' in head, head
+    labels = _labels(body, head)
+    assert len(body) == 9 and len(set(labels)) == len(labels), labels
+    assert ('M-MAE', 'λ=1, e_st=0, e_dur=10', 'linear') in labels and ('MAE', 'λ=0', 'linear') in labels, labels
+
+
 def test_results_pages_hold_the_committed_tables():
     "Every cell of every committed mini table is a cell of an HTML table on its page (the static HTML of `make docs`)."
     _need((DOCS / 'index.html').exists(), '_docs/ not built (run `make docs`)')
@@ -259,6 +302,10 @@ def test_table_page_in_the_browser(browser):
     cells = _table_cells(dom)
     assert '45.65' in cells, cells[:40]                  # the chosen schedule's validation score (results/mini/table2-mini.md)
     assert 'λ=1, e_st=0, e_dur=10' in cells and 'not run' not in cells, cells[:40]
+    main = next(t for t in _html_tables(dom) if t[0][:2] == ['Method', 'λ, e_st, e_dur'])   # the table itself, first
+    labels = _labels(main[1:], main[0])
+    assert len(labels) == 9 and len(set(labels)) == 9, labels              # one distinct label per row
+    assert 'class="dataframe"' not in dom, 'a raw pandas DataFrame on the page'   # it ends on the rendered tables
     assert 'launch_runs False' in _text(dom)             # the note saying how the page was made
     assert '/tmp/' not in dom and 'magma-docs-results' not in dom   # the build's scratch copy is written as results/
     _png_ok(SHOTS / 'table2.png')
@@ -274,10 +321,35 @@ def test_figures_page_in_the_browser(browser):
     assert m, 'the probe found no figures'
     imgs = json.loads(h.unescape(m.group(1)))
     assert imgs and all(ok and w > 0 and hgt > 0 for ok, w, hgt in imgs), imgs   # every figure loaded
-    assert any(w >= 1000 for _, w, _ in imgs), imgs      # Fig. 2: four panels side by side
+    assert len(imgs) >= 4, imgs                          # Figs. 2 to 6 and reconstructions, from committed files
+    assert any(w >= 1000 for _, w, _ in imgs), imgs      # Fig. 2, rendered large (a 2x2 grid)
     cells = _table_cells(dom)
     assert {'MAE', 'M-MAE', 'U-MAE', 'MU-MAE'} <= set(cells), cells   # the Fig. 4 numbers, one row per method
+    assert 'DBI' in cells and 'class="dataframe"' not in dom   # as a rendered table, not a raw DataFrame
+    text = _text(dom)
+    assert 'demo-sized runs on the synthetic set, not the mini protocol' in text, text[:2000]
+    for fig in ('Fig. 3', 'Fig. 4', 'Fig. 5', 'Fig. 6', 'MAE reconstructions'): assert fig in text, fig
+    desc = re.search(r'<div class="description">(.*?)</div>', dom, re.S)
+    assert desc and desc.group(1).strip().endswith('.'), desc and desc.group(1)   # the subtitle: a whole sentence
     _png_ok(SHOTS / 'figures.png')
+
+
+SIGS = ("const main = document.querySelector('main.content').getBoundingClientRect(); "
+        "const sigs = [...document.querySelectorAll('.cell-output-markdown pre')].filter((p) => /^(async def|def|class) /.test(p.textContent.trim())); "
+        "document.body.dataset.sigs = JSON.stringify(sigs.map((p) => { const r = p.getBoundingClientRect(); "
+        "return [p.textContent.trim().split('(')[0], r.right > main.right + 1 || p.scrollWidth > p.clientWidth + 1]; }));")
+
+
+def test_signatures_fit_the_page(browser):
+    "Every show_doc signature of the API pages lies inside the text column, whole (wrapped, not cut off nor scrolled)."
+    import html as h, json
+    n, cut = 0, []
+    for page in sorted(DOCS.glob('*.html')):
+        m = re.search(r'data-sigs="([^"]*)"', _probe(page, SIGS))
+        sigs = json.loads(h.unescape(m.group(1))) if m else []
+        n += len(sigs); cut += [f'{page.name}: {name}' for name, bad in sigs if bad]
+    assert n > 100, n                                   # the API pages' signatures were found
+    assert not cut, f'{len(cut)} of {n} signatures do not fit the page: {cut[:10]}'
 
 
 def test_search_works_from_disk(browser):
