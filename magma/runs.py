@@ -206,18 +206,31 @@ def launch(run: Run, device=None, data_dir=None, pretrain_params: dict | None = 
     nb = Path(notebook) if notebook else project_root() / 'nbs' / 'pretrain.ipynb'
     with _locked(run.out_dir):                  # two notebooks (or array tasks) on one run: the second waits, then skips
         if finished(run): return 'skipped'
-        execute(str(nb), str(Path(run.out_dir) / 'pretrain.ipynb'), parameters=pretrain_parameters(run, device, data_dir, pretrain_params),
+        execute(str(nb), str(_fresh(Path(run.out_dir) / 'pretrain.ipynb', 'executed notebook')), parameters=pretrain_parameters(run, device, data_dir, pretrain_params),
                 progress_bar=False, log_output=log_output, cwd=str(project_root()))
     if not finished(run): raise RuntimeError(f"{nb} finished without writing {run.results}")
     return 'ran'
+
+def _fresh(path: Path, what: str) -> Path:
+    "`path` made ready for a new file: a symlink or a non-file there is refused in one line; a regular file is unlinked."
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise FileExistsError(f"{path} is a symbolic link or not a regular file: the launcher writes its {what} only as a "
+                              f"new file, never through a link; remove it and launch again")
+    path.unlink(missing_ok=True); return path   # a previous launch's file; unlinking leaves any other hard link's data as it was
 
 class _locked:
     "An exclusive `flock` on `<dir>/.lock` (released by the OS once no process holds it open: it does not outlive them)."
     held = {}                                   # dir -> its open lock file, passed on to the run's process by `launch_all`
     def __init__(self, d): self.path = Path(d) / '.lock'
     def __enter__(self):
-        import fcntl
-        self.f = open(self.path, 'w'); fcntl.flock(self.f, fcntl.LOCK_EX); _locked.held[self.path.parent] = self.f; return self
+        import fcntl, stat
+        try: fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)   # never truncated
+        except OSError as e: fd, err = None, e.strerror
+        if fd is not None and not stat.S_ISREG(os.fstat(fd).st_mode): os.close(fd); fd, err = None, 'not a regular file'
+        if fd is None: raise FileExistsError(f"{self.path}: cannot open the run's lock ({err}); the launcher never opens it "
+                                             f"through a symbolic link: remove it and launch again")
+        self.f = os.fdopen(fd, 'rb+'); fcntl.flock(self.f, fcntl.LOCK_EX); _locked.held[self.path.parent] = self.f
+        return self
     def __exit__(self, *a):
         import fcntl
         _locked.held.pop(self.path.parent, None); fcntl.flock(self.f, fcntl.LOCK_UN); self.f.close()
@@ -252,7 +265,7 @@ def evaluate_run(run: Run, device=None, data_dir=None, pretrain_params: dict | N
         if finished(run): return 'skipped'
         import time
         t0, params = time.time(), evaluate_parameters(run, device, data_dir, pretrain_params, eval_params)
-        execute(str(nb), str(Path(run.out_dir) / 'evaluate.ipynb'), parameters=params, progress_bar=False,
+        execute(str(nb), str(_fresh(Path(run.out_dir) / 'evaluate.ipynb', 'executed notebook')), parameters=params, progress_bar=False,
                 log_output=log_output, cwd=str(project_root()))
         ev_path = Path(run.out_dir) / 'eval_results.json'
         if not ev_path.exists(): raise RuntimeError(f"{nb} finished without writing {ev_path}")
@@ -297,7 +310,8 @@ def _cli_execute(children: _Children, env: dict | None = None, log_name: str = '
         ps = yaml.safe_dump(json.loads(json.dumps(parameters, default=str)))   # tuples as lists; YAML keeps 1e-05 a float
         cmd = [sys.executable, '-m', 'papermill', str(nb), str(out), '-y', ps, '--log-output', '--no-progress-bar']
         log, lock = Path(out).parent / log_name, _locked.held.get(Path(out).parent)   # the run's lock, shared with its process
-        with open(log, 'w') as f: rc = children.run(cmd + (['--cwd', str(cwd)] if cwd else []), f, env, (lock.fileno(),) if lock else ())
+        fd = os.open(_fresh(log, 'log'), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, 'w') as f: rc = children.run(cmd + (['--cwd', str(cwd)] if cwd else []), f, env, (lock.fileno(),) if lock else ())
         if rc: raise RuntimeError(f"papermill exited with status {rc}: {_last_line(log)} (its output: {log})")
     return execute
 
