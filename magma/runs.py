@@ -169,11 +169,11 @@ def _papermill():
     import papermill as pm
     return pm.execute_notebook
 
-def finished(run: Run) -> bool:
+def finished(run: Run, pretrain_params: dict | None = None, eval_params: dict | None = None) -> bool:
     """Whether `run` has finished: its `results.json` is a regular file (not a symlink), parses as a JSON object and
-    is this run's (method, seed, profile, dataset and the cell's parameters in its `config`; an evaluation step's
-    method, seed, step and target). No file: False. A file that is not this run's is refused, naming it: a planted or
-    stray `results.json` must not make a run be skipped."""
+    is this run's (method, seed, profile, dataset, the cell's parameters and the given `pretrain_params` in its `config`;
+    an evaluation step's method, seed, step, target and the given `eval_params`). No file: False. A file that is not this
+    run's is refused, naming it: a planted, stray or stale `results.json` must not make a run be skipped."""
     import stat
     f = run.results
     try: st = f.lstat()
@@ -191,24 +191,38 @@ def finished(run: Run) -> bool:
         want, got = json.loads(json.dumps(want)), json.loads(json.dumps(got))      # tuples as lists, as config.json holds them
         if got != want or dataset_slug(str(c.get('dataset', ''))) != dataset_slug(run.dataset):
             raise bad(f"its config differs (dataset {c.get('dataset')!r}, {got} instead of {want})")
+        _same_params(f, pretrain_params, {**c, **(c.get('method_args') or {})}, 'pretrain_params')
     else:
         want = dict(method=run.method, seed=run.seed, step=run.step, target=run.target)
         if {k: res.get(k) for k in want} != want: raise bad(f"it is {({k: res.get(k) for k in want})}, not {want}")
+        _same_params(f, eval_params, res.get('eval_params') if isinstance(res.get('eval_params'), dict) else {}, 'eval_params')
     return True
+
+# how and where a run goes, not what it computes: never compared
+_NOT_COMPARED = ('out_dir', 'resume', 'overwrite', 'device', 'data_dir', 'download', 'log_every', 'save_every', 'num_workers',
+                 'compile', 'loggers', 'wandb_project', 'wandb_mode', 'progress')
+
+def _same_params(f: Path, given: dict | None, stored: dict, name: str):
+    "Refuse, in one line naming the differing keys, a finished run's `results.json` made with other `name` than `given`."
+    norm = lambda v: json.loads(json.dumps(v, default=str))     # tuples as lists, as the JSON files hold them
+    diff = [k for k, v in (given or {}).items() if k not in _NOT_COMPARED and v is not None and norm(v) != stored.get(k)]
+    if diff: raise ValueError(f"{f}: finished with other {name} ("
+                              + ', '.join(f'{k}={stored.get(k)!r}, not {norm(given[k])!r}' for k in diff) + f"), so its numbers "
+                              f"are not this call's; pass the same {name}, another runs_dir, or remove {f.parent} to run it again")
 
 def launch(run: Run, device=None, data_dir=None, pretrain_params: dict | None = None, notebook=None,
            log_output: bool = False, execute=None) -> str:
     "Run the pretraining notebook for `run` unless it has `finished`: 'skipped' or 'ran'."
     if run.step != 'pretrain': raise ValueError(f"launch runs pretraining; {run.cell} is a {run.step} step (use evaluate_run)")
-    if finished(run): return 'skipped'
+    if finished(run, pretrain_params): return 'skipped'
     Path(run.out_dir).mkdir(parents=True, exist_ok=True)
     execute = execute or _papermill()
     nb = Path(notebook) if notebook else project_root() / 'nbs' / 'pretrain.ipynb'
     with _locked(run.out_dir):                  # two notebooks (or array tasks) on one run: the second waits, then skips
-        if finished(run): return 'skipped'
-        execute(str(nb), str(_fresh(Path(run.out_dir) / 'pretrain.ipynb', 'executed notebook')), parameters=pretrain_parameters(run, device, data_dir, pretrain_params),
-                progress_bar=False, log_output=log_output, cwd=str(project_root()))
-    if not finished(run): raise RuntimeError(f"{nb} finished without writing {run.results}")
+        if finished(run, pretrain_params): return 'skipped'
+        execute(str(nb), str(_fresh(Path(run.out_dir) / 'pretrain.ipynb', 'executed notebook')),
+                parameters=pretrain_parameters(run, device, data_dir, pretrain_params), progress_bar=False, log_output=log_output, cwd=str(project_root()))
+    if not finished(run, pretrain_params): raise RuntimeError(f"{nb} finished without writing {run.results}")
     return 'ran'
 
 def _fresh(path: Path, what: str) -> Path:
@@ -255,14 +269,14 @@ def evaluate_run(run: Run, device=None, data_dir=None, pretrain_params: dict | N
                  notebook=None, log_output: bool = False, execute=None) -> str:
     "Run `nbs/evaluate.ipynb` for a transfer or fine-tuning step unless its `results.json` exists: 'skipped' or 'ran'."
     if run.step not in RESULT_KEYS: raise ValueError(f"evaluate_run handles transfer and finetune steps, not {run.step!r}")
-    if finished(run): return 'skipped'
+    if finished(run, eval_params=eval_params): return 'skipped'
     if not (Path(run.pretrain_dir) / 'checkpoint.safetensors').exists():
         raise FileNotFoundError(f"{run.cell}: no checkpoint in {run.pretrain_dir}; launch its pretraining run first")
     Path(run.out_dir).mkdir(parents=True, exist_ok=True)
     execute = execute or _papermill()
     nb = Path(notebook) if notebook else project_root() / 'nbs' / 'evaluate.ipynb'
     with _locked(run.out_dir):
-        if finished(run): return 'skipped'
+        if finished(run, eval_params=eval_params): return 'skipped'
         import time
         t0, params = time.time(), evaluate_parameters(run, device, data_dir, pretrain_params, eval_params)
         execute(str(nb), str(_fresh(Path(run.out_dir) / 'evaluate.ipynb', 'executed notebook')), parameters=params, progress_bar=False,
