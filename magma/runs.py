@@ -171,9 +171,9 @@ def _papermill():
 
 def finished(run: Run, pretrain_params: dict | None = None, eval_params: dict | None = None) -> bool:
     """Whether `run` has finished: its `results.json` is a regular file (not a symlink), parses as a JSON object and
-    is this run's (method, seed, profile, dataset, the cell's parameters and the given `pretrain_params` in its `config`;
-    an evaluation step's method, seed, step, target and the given `eval_params`). No file: False. A file that is not this
-    run's is refused, naming it: a planted, stray or stale `results.json` must not make a run be skipped."""
+    is this run's (method, seed, profile, dataset, the cell's parameters and the given `pretrain_params` in its
+    `config`; an evaluation step's method, seed, step, target and the given `eval_params`). No file: False. A file that
+    is not this run's is refused, naming it: a planted, stray or stale `results.json` must not make a run be skipped."""
     import stat
     f = run.results
     try: st = f.lstat()
@@ -195,20 +195,23 @@ def finished(run: Run, pretrain_params: dict | None = None, eval_params: dict | 
     else:
         want = dict(method=run.method, seed=run.seed, step=run.step, target=run.target)
         if {k: res.get(k) for k in want} != want: raise bad(f"it is {({k: res.get(k) for k in want})}, not {want}")
-        _same_params(f, eval_params, res.get('eval_params') if isinstance(res.get('eval_params'), dict) else {}, 'eval_params')
+        ep = res.get('eval_params')
+        _same_params(f, eval_params, ep if isinstance(ep, dict) else {}, 'eval_params')
     return True
 
 # how and where a run goes, not what it computes: never compared
-_NOT_COMPARED = ('out_dir', 'resume', 'overwrite', 'device', 'data_dir', 'download', 'log_every', 'save_every', 'num_workers',
-                 'compile', 'loggers', 'wandb_project', 'wandb_mode', 'progress')
+_NOT_COMPARED = ('out_dir', 'resume', 'overwrite', 'device', 'data_dir', 'download', 'log_every', 'save_every',
+                 'num_workers', 'compile', 'loggers', 'wandb_project', 'wandb_mode', 'progress')
 
 def _same_params(f: Path, given: dict | None, stored: dict, name: str):
-    "Refuse, in one line naming the differing keys, a finished run's `results.json` made with other `name` than `given`."
+    "Refuse, in one line naming the differing keys, a finished run's `results.json` made with other `name`."
     norm = lambda v: json.loads(json.dumps(v, default=str))     # tuples as lists, as the JSON files hold them
-    diff = [k for k, v in (given or {}).items() if k not in _NOT_COMPARED and v is not None and norm(v) != stored.get(k)]
-    if diff: raise ValueError(f"{f}: finished with other {name} ("
-                              + ', '.join(f'{k}={stored.get(k)!r}, not {norm(given[k])!r}' for k in diff) + f"), so its numbers "
-                              f"are not this call's; pass the same {name}, another runs_dir, or remove {f.parent} to run it again")
+    diff = [k for k, v in (given or {}).items()
+            if k not in _NOT_COMPARED and v is not None and norm(v) != stored.get(k)]
+    if diff:
+        what = ', '.join(f'{k}={stored.get(k)!r}, not {norm(given[k])!r}' for k in diff)
+        raise ValueError(f"{f}: finished with other {name} ({what}), so its numbers are not this call's; pass the same "
+                         f"{name}, another runs_dir, or remove {f.parent} to run it again")
 
 def launch(run: Run, device=None, data_dir=None, pretrain_params: dict | None = None, notebook=None,
            log_output: bool = False, execute=None) -> str:
@@ -221,16 +224,17 @@ def launch(run: Run, device=None, data_dir=None, pretrain_params: dict | None = 
     with _locked(run.out_dir):                  # two notebooks (or array tasks) on one run: the second waits, then skips
         if finished(run, pretrain_params): return 'skipped'
         execute(str(nb), str(_fresh(Path(run.out_dir) / 'pretrain.ipynb', 'executed notebook')),
-                parameters=pretrain_parameters(run, device, data_dir, pretrain_params), progress_bar=False, log_output=log_output, cwd=str(project_root()))
+                parameters=pretrain_parameters(run, device, data_dir, pretrain_params), progress_bar=False,
+                log_output=log_output, cwd=str(project_root()))
     if not finished(run, pretrain_params): raise RuntimeError(f"{nb} finished without writing {run.results}")
     return 'ran'
 
 def _fresh(path: Path, what: str) -> Path:
-    "`path` made ready for a new file: a symlink or a non-file there is refused in one line; a regular file is unlinked."
+    "`path` made ready for a new file: a symlink or a non-file there is refused in one line; a regular file unlinked."
     if path.is_symlink() or (path.exists() and not path.is_file()):
-        raise FileExistsError(f"{path} is a symbolic link or not a regular file: the launcher writes its {what} only as a "
-                              f"new file, never through a link; remove it and launch again")
-    path.unlink(missing_ok=True); return path   # a previous launch's file; unlinking leaves any other hard link's data as it was
+        raise FileExistsError(f"{path} is a symbolic link or not a regular file: the launcher writes its {what} only "
+                              f"as a new file, never through a link; remove it and launch again")
+    path.unlink(missing_ok=True); return path   # a previous launch's; another hard link to it keeps its bytes
 
 class _locked:
     "An exclusive `flock` on `<dir>/.lock` (released by the OS once no process holds it open: it does not outlive them)."
@@ -241,8 +245,8 @@ class _locked:
         try: fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)   # never truncated
         except OSError as e: fd, err = None, e.strerror
         if fd is not None and not stat.S_ISREG(os.fstat(fd).st_mode): os.close(fd); fd, err = None, 'not a regular file'
-        if fd is None: raise FileExistsError(f"{self.path}: cannot open the run's lock ({err}); the launcher never opens it "
-                                             f"through a symbolic link: remove it and launch again")
+        if fd is None: raise FileExistsError(f"{self.path}: cannot open the run's lock ({err}); the launcher never "
+                                             f"opens it through a symbolic link: remove it and launch again")
         self.f = os.fdopen(fd, 'rb+'); fcntl.flock(self.f, fcntl.LOCK_EX); _locked.held[self.path.parent] = self.f
         return self
     def __exit__(self, *a):
@@ -279,7 +283,8 @@ def evaluate_run(run: Run, device=None, data_dir=None, pretrain_params: dict | N
         if finished(run, eval_params=eval_params): return 'skipped'
         import time
         t0, params = time.time(), evaluate_parameters(run, device, data_dir, pretrain_params, eval_params)
-        execute(str(nb), str(_fresh(Path(run.out_dir) / 'evaluate.ipynb', 'executed notebook')), parameters=params, progress_bar=False,
+        execute(str(nb), str(_fresh(Path(run.out_dir) / 'evaluate.ipynb', 'executed notebook')), parameters=params,
+                progress_bar=False,
                 log_output=log_output, cwd=str(project_root()))
         ev_path = Path(run.out_dir) / 'eval_results.json'
         if not ev_path.exists(): raise RuntimeError(f"{nb} finished without writing {ev_path}")
@@ -325,7 +330,8 @@ def _cli_execute(children: _Children, env: dict | None = None, log_name: str = '
         cmd = [sys.executable, '-m', 'papermill', str(nb), str(out), '-y', ps, '--log-output', '--no-progress-bar']
         log, lock = Path(out).parent / log_name, _locked.held.get(Path(out).parent)   # the run's lock, shared with its process
         fd = os.open(_fresh(log, 'log'), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-        with os.fdopen(fd, 'w') as f: rc = children.run(cmd + (['--cwd', str(cwd)] if cwd else []), f, env, (lock.fileno(),) if lock else ())
+        with os.fdopen(fd, 'w') as f:
+            rc = children.run(cmd + (['--cwd', str(cwd)] if cwd else []), f, env, (lock.fileno(),) if lock else ())
         if rc: raise RuntimeError(f"papermill exited with status {rc}: {_last_line(log)} (its output: {log})")
     return execute
 
