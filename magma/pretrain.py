@@ -21,6 +21,11 @@ LINEAR_MODES = {'fast': 'fast (cached, standardized features; not the paper prot
 
 def run(cfg: PretrainConfig | None = None, *, progress: bool = True, evaluate: bool = True, **params) -> dict:
     "Pretrain, evaluate, plot and write `results.json` in `cfg.out_dir` (None: `configs.default_out_dir`); returns the results dict."
+    from contextlib import ExitStack
+    with ExitStack() as held:                   # the folder's lock: train() takes it, released after results.json
+        return _run(held, cfg, progress, evaluate, params)
+
+def _run(held, cfg, progress: bool, evaluate: bool, params: dict) -> dict:
     import torch, torch.distributed as dist     # imported here, not at the top: `--help` and `--print-config` need none of it
     from magma.train import train, build_method, pretraining_data_of, precision_flags
     from magma.checkpoints import write_json
@@ -28,7 +33,7 @@ def run(cfg: PretrainConfig | None = None, *, progress: bool = True, evaluate: b
     from magma.base import method_spec
     import magma.datasets as _datasets, magma.loader as _loader, magma.evaluate as _evaluate
     cfg = cfg if isinstance(cfg, PretrainConfig) else resolve_config(**params)
-    res, model, logger = train(cfg, progress=progress, keep_logger=True)   # sets cfg.out_dir when None (rank 0's under DDP)
+    res, model, logger = train(cfg, progress=progress, keep_logger=True, lock=held)   # sets cfg.out_dir when None (rank 0's under DDP)
     t0 = time.time()  # evaluation clock: `wall_seconds` spans every sitting of a resumed run, so never subtract it
     if dist.is_initialized() and dist.get_rank() != 0: return res
     out, device = Path(cfg.out_dir), next(model.parameters()).device

@@ -169,11 +169,11 @@ def _papermill():
     import papermill as pm
     return pm.execute_notebook
 
-def finished(run: Run) -> bool:
+def finished(run: Run, pretrain_params: dict | None = None, eval_params: dict | None = None) -> bool:
     """Whether `run` has finished: its `results.json` is a regular file (not a symlink), parses as a JSON object and
-    is this run's (method, seed, profile, dataset and the cell's parameters in its `config`; an evaluation step's
-    method, seed, step and target). No file: False. A file that is not this run's is refused, naming it: a planted or
-    stray `results.json` must not make a run be skipped."""
+    is this run's (method, seed, profile, dataset, the cell's parameters and the given `pretrain_params` in its
+    `config`; an evaluation step's method, seed, step, target and the given `eval_params`). No file: False. A file that
+    is not this run's is refused, naming it: a planted, stray or stale `results.json` must not make a run be skipped."""
     import stat
     f = run.results
     try: st = f.lstat()
@@ -191,33 +191,64 @@ def finished(run: Run) -> bool:
         want, got = json.loads(json.dumps(want)), json.loads(json.dumps(got))      # tuples as lists, as config.json holds them
         if got != want or dataset_slug(str(c.get('dataset', ''))) != dataset_slug(run.dataset):
             raise bad(f"its config differs (dataset {c.get('dataset')!r}, {got} instead of {want})")
+        _same_params(f, pretrain_params, {**c, **(c.get('method_args') or {})}, 'pretrain_params')
     else:
         want = dict(method=run.method, seed=run.seed, step=run.step, target=run.target)
         if {k: res.get(k) for k in want} != want: raise bad(f"it is {({k: res.get(k) for k in want})}, not {want}")
+        ep = res.get('eval_params')
+        _same_params(f, eval_params, ep if isinstance(ep, dict) else {}, 'eval_params')
     return True
+
+# how and where a run goes, not what it computes: never compared
+_NOT_COMPARED = ('out_dir', 'resume', 'overwrite', 'device', 'data_dir', 'download', 'log_every', 'save_every',
+                 'num_workers', 'compile', 'loggers', 'wandb_project', 'wandb_mode', 'progress')
+
+def _same_params(f: Path, given: dict | None, stored: dict, name: str):
+    "Refuse, in one line naming the differing keys, a finished run's `results.json` made with other `name`."
+    norm = lambda v: json.loads(json.dumps(v, default=str))     # tuples as lists, as the JSON files hold them
+    diff = [k for k, v in (given or {}).items()
+            if k not in _NOT_COMPARED and v is not None and norm(v) != stored.get(k)]
+    if diff:
+        what = ', '.join(f'{k}={stored.get(k)!r}, not {norm(given[k])!r}' for k in diff)
+        raise ValueError(f"{f}: finished with other {name} ({what}), so its numbers are not this call's; pass the same "
+                         f"{name}, another runs_dir, or remove {f.parent} to run it again")
 
 def launch(run: Run, device=None, data_dir=None, pretrain_params: dict | None = None, notebook=None,
            log_output: bool = False, execute=None) -> str:
     "Run the pretraining notebook for `run` unless it has `finished`: 'skipped' or 'ran'."
     if run.step != 'pretrain': raise ValueError(f"launch runs pretraining; {run.cell} is a {run.step} step (use evaluate_run)")
-    if finished(run): return 'skipped'
+    if finished(run, pretrain_params): return 'skipped'
     Path(run.out_dir).mkdir(parents=True, exist_ok=True)
     execute = execute or _papermill()
     nb = Path(notebook) if notebook else project_root() / 'nbs' / 'pretrain.ipynb'
     with _locked(run.out_dir):                  # two notebooks (or array tasks) on one run: the second waits, then skips
-        if finished(run): return 'skipped'
-        execute(str(nb), str(Path(run.out_dir) / 'pretrain.ipynb'), parameters=pretrain_parameters(run, device, data_dir, pretrain_params),
-                progress_bar=False, log_output=log_output, cwd=str(project_root()))
-    if not finished(run): raise RuntimeError(f"{nb} finished without writing {run.results}")
+        if finished(run, pretrain_params): return 'skipped'
+        execute(str(nb), str(_fresh(Path(run.out_dir) / 'pretrain.ipynb', 'executed notebook')),
+                parameters=pretrain_parameters(run, device, data_dir, pretrain_params), progress_bar=False,
+                log_output=log_output, cwd=str(project_root()))
+    if not finished(run, pretrain_params): raise RuntimeError(f"{nb} finished without writing {run.results}")
     return 'ran'
+
+def _fresh(path: Path, what: str) -> Path:
+    "`path` made ready for a new file: a symlink or a non-file there is refused in one line; a regular file unlinked."
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise FileExistsError(f"{path} is a symbolic link or not a regular file: the launcher writes its {what} only "
+                              f"as a new file, never through a link; remove it and launch again")
+    path.unlink(missing_ok=True); return path   # a previous launch's; another hard link to it keeps its bytes
 
 class _locked:
     "An exclusive `flock` on `<dir>/.lock` (released by the OS once no process holds it open: it does not outlive them)."
     held = {}                                   # dir -> its open lock file, passed on to the run's process by `launch_all`
     def __init__(self, d): self.path = Path(d) / '.lock'
     def __enter__(self):
-        import fcntl
-        self.f = open(self.path, 'w'); fcntl.flock(self.f, fcntl.LOCK_EX); _locked.held[self.path.parent] = self.f; return self
+        import fcntl, stat
+        try: fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)   # never truncated
+        except OSError as e: fd, err = None, e.strerror
+        if fd is not None and not stat.S_ISREG(os.fstat(fd).st_mode): os.close(fd); fd, err = None, 'not a regular file'
+        if fd is None: raise FileExistsError(f"{self.path}: cannot open the run's lock ({err}); the launcher never "
+                                             f"opens it through a symbolic link: remove it and launch again")
+        self.f = os.fdopen(fd, 'rb+'); fcntl.flock(self.f, fcntl.LOCK_EX); _locked.held[self.path.parent] = self.f
+        return self
     def __exit__(self, *a):
         import fcntl
         _locked.held.pop(self.path.parent, None); fcntl.flock(self.f, fcntl.LOCK_UN); self.f.close()
@@ -242,17 +273,18 @@ def evaluate_run(run: Run, device=None, data_dir=None, pretrain_params: dict | N
                  notebook=None, log_output: bool = False, execute=None) -> str:
     "Run `nbs/evaluate.ipynb` for a transfer or fine-tuning step unless its `results.json` exists: 'skipped' or 'ran'."
     if run.step not in RESULT_KEYS: raise ValueError(f"evaluate_run handles transfer and finetune steps, not {run.step!r}")
-    if finished(run): return 'skipped'
+    if finished(run, eval_params=eval_params): return 'skipped'
     if not (Path(run.pretrain_dir) / 'checkpoint.safetensors').exists():
         raise FileNotFoundError(f"{run.cell}: no checkpoint in {run.pretrain_dir}; launch its pretraining run first")
     Path(run.out_dir).mkdir(parents=True, exist_ok=True)
     execute = execute or _papermill()
     nb = Path(notebook) if notebook else project_root() / 'nbs' / 'evaluate.ipynb'
     with _locked(run.out_dir):
-        if finished(run): return 'skipped'
+        if finished(run, eval_params=eval_params): return 'skipped'
         import time
         t0, params = time.time(), evaluate_parameters(run, device, data_dir, pretrain_params, eval_params)
-        execute(str(nb), str(Path(run.out_dir) / 'evaluate.ipynb'), parameters=params, progress_bar=False,
+        execute(str(nb), str(_fresh(Path(run.out_dir) / 'evaluate.ipynb', 'executed notebook')), parameters=params,
+                progress_bar=False,
                 log_output=log_output, cwd=str(project_root()))
         ev_path = Path(run.out_dir) / 'eval_results.json'
         if not ev_path.exists(): raise RuntimeError(f"{nb} finished without writing {ev_path}")
@@ -297,7 +329,9 @@ def _cli_execute(children: _Children, env: dict | None = None, log_name: str = '
         ps = yaml.safe_dump(json.loads(json.dumps(parameters, default=str)))   # tuples as lists; YAML keeps 1e-05 a float
         cmd = [sys.executable, '-m', 'papermill', str(nb), str(out), '-y', ps, '--log-output', '--no-progress-bar']
         log, lock = Path(out).parent / log_name, _locked.held.get(Path(out).parent)   # the run's lock, shared with its process
-        with open(log, 'w') as f: rc = children.run(cmd + (['--cwd', str(cwd)] if cwd else []), f, env, (lock.fileno(),) if lock else ())
+        fd = os.open(_fresh(log, 'log'), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, 'w') as f:
+            rc = children.run(cmd + (['--cwd', str(cwd)] if cwd else []), f, env, (lock.fileno(),) if lock else ())
         if rc: raise RuntimeError(f"papermill exited with status {rc}: {_last_line(log)} (its output: {log})")
     return execute
 

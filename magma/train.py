@@ -185,12 +185,22 @@ def _components(res: dict) -> dict:
     return dict(out, loss=res['loss'].detach().float())
 
 def _probe_step(p: TrainParts, feats: torch.Tensor, y: torch.Tensor, has_unlabeled: bool = False) -> tuple:
-    "One step of the online probe on detached features, labels < 0 left out: (correct predictions, labelled images)."
-    y = y.to(feats.device)
+    """One step of the online probe on detached features, labels < 0 left out: (correct predictions, labelled images).
+    Under DDP its gradient is that of the mean loss over every process's labelled images (one all-reduce), so every
+    rank's probe and probe optimizer stay the same, and rank 0's checkpointed state is every rank's."""
+    y, world = y.to(feats.device), _world_size()
     if has_unlabeled: keep = y >= 0; feats, y = feats[keep], y[keep]
-    if not len(y): return 0, 0
+    if world == 1 and not len(y): return 0, 0
     logits = p.probe(feats)
-    p.probe_opt.zero_grad(set_to_none=True); F.cross_entropy(logits, y).backward(); p.probe_opt.step()
+    p.probe_opt.zero_grad(set_to_none=True)
+    F.cross_entropy(logits, y, reduction='mean' if world == 1 else 'sum').backward()
+    if world > 1:                                                    # sum the gradients and the counts, divide once
+        grads = [q.grad for q in p.probe.parameters()]
+        flat = torch.cat([g.flatten() for g in grads] + [logits.new_tensor([len(y)])])
+        dist.all_reduce(flat)
+        if has_unlabeled and flat[-1].item() == 0: return 0, 0        # no process saw a label: no step anywhere
+        for g, v in zip(grads, flat[:-1].split([g.numel() for g in grads])): g.copy_(v.view_as(g) / flat[-1])
+    p.probe_opt.step()
     return (logits.argmax(1) == y).sum(), len(y)
 
 def train_step(p: TrainParts, batch: dict, lr: float, step: int, total_steps: int, accum_steps: int = 1,
@@ -485,6 +495,15 @@ def _is_magma_file(path: Path) -> bool:
     try: load_checkpoint(path, keys=('epoch',)); return True
     except (CheckpointError, OSError): return False
 
+def _torn(ckpt: Path) -> str | None:
+    """Why `ckpt`, a regular file that starts as a safetensors file does (a header length, then '{'), is not a readable
+    checkpoint (truncated, damaged); None if it reads, is a link, or is of another format (not magma's)."""
+    if ckpt.is_symlink() or not ckpt.is_file(): return None
+    with open(ckpt, 'rb') as f: head = f.read(9)
+    if len(head) < 9 or head[8:9] != b'{': return None
+    try: load_checkpoint(ckpt, keys=('epoch',)); return None
+    except (CheckpointError, OSError) as e: return _line(e).removeprefix(f"{ckpt}: ")
+
 def _check_run_dir(cfg: PretrainConfig, out: Path) -> bool:
     """Whether this run resumes the one in `out`; refuses what `resume` and `overwrite` do not allow (see the prose), in one
     line naming the folder and the flag. Reads only."""
@@ -492,6 +511,12 @@ def _check_run_dir(cfg: PretrainConfig, out: Path) -> bool:
     if out.exists() and not out.is_dir(): raise NotADirectoryError(f"{where} is a file, not a folder; name a folder for the run")
     marks = [n for n in _MARKS if os.path.lexists(out / n)]
     foreign = [n for n in marks if not _is_magma_file(out / n)]
+    torn = _torn(ckpt) if 'checkpoint.safetensors' in foreign and len(foreign) < len(marks) else None
+    if torn: foreign.remove('checkpoint.safetensors')             # magma's by its name beside magma's other files
+    if torn and cfg.resume and not cfg.overwrite:
+        raise CheckpointError(f"{ckpt} is torn ({torn}), so resume cannot continue it: magma keeps one checkpoint per "
+                              f"run, so no earlier state is left (metrics.csv keeps the log); pass overwrite=True to "
+                              f"start {where} again")
     if foreign:
         raise FileExistsError(f"{where} holds {', '.join(foreign)} that magma did not write (not a magma run, or a link); "
                               f"a run never writes there, even with overwrite or resume: pick another out_dir")
@@ -517,19 +542,44 @@ def _check_run_dir(cfg: PretrainConfig, out: Path) -> bool:
                           f"overwrite=True to replace it, or another out_dir")
 
 def _start_run_dir(cfg: PretrainConfig, out: Path, resuming: bool):
-    """Rank 0, before the first epoch of this sitting: unless resuming, remove the files and trees magma writes, only
-    those, and only where a magma run is (a folder without one keeps its `tb/` and `wandb/`); remove temporary files a killed write left; write the
-    config snapshot `config.json`."""
+    """Rank 0, before the first epoch of this sitting: unless resuming, remove the files magma writes, only those, and
+    only where a magma run is, and in `tb/` and `wandb/` only what magma wrote (`_clear_trees`); remove temporary files
+    a killed write left; write the config snapshot `config.json`."""
     out.mkdir(parents=True, exist_ok=True)
-    if not resuming and any(os.path.lexists(out / n) for n in _MARKS):     # a magma run is there (no foreign file: checked)
-        for name in _RUN_FILES:
-            if os.path.lexists(out / name): (out / name).unlink()
-        for name in _RUN_TREES:
-            t = out / name
-            if t.is_symlink(): t.unlink()
-            elif t.is_dir(): shutil.rmtree(t)
+    if not resuming:
+        had_run = any(os.path.lexists(out / n) for n in _MARKS)      # a magma run is there (no foreign file: checked)
+        if had_run:
+            for name in _RUN_FILES:
+                if os.path.lexists(out / name): (out / name).unlink()
+        _clear_trees(out, _foreign(out) if had_run else None)
     remove_stray_temps(out)
     write_json(out / 'config.json', dict(asdict(cfg), versions=versions()))
+
+_FOREIGN = '.magma_foreign.json'   # what tb/ and wandb/ held before magma's first run in the folder: never deleted
+
+def _foreign(out: Path) -> dict | None:
+    "The record `_FOREIGN` of `out`: {tree: its entry names, or None: kept whole}; None if missing or malformed."
+    f = out / _FOREIGN
+    d = _json_dict(f) if f.is_file() and not f.is_symlink() else None
+    ok = d is not None and all(v is None or isinstance(v, list) and all(isinstance(n, str) for n in v)
+                               for v in d.values())
+    return d if ok else None
+
+def _clear_trees(out: Path, keep: dict | None):
+    """With no record `keep` (the folder's first magma run, or a lost record), record what `tb/` and `wandb/` hold now
+    and delete nothing; else delete in them what the record does not hold (a tree it does not name, magma made)."""
+    if keep is None:
+        keep = {t: None if (out / t).is_symlink() else sorted(os.listdir(out / t))
+                for t in _RUN_TREES if (out / t).is_dir()}
+        return write_json(out / _FOREIGN, keep)
+    for t in _RUN_TREES:
+        tree = out / t
+        if t in keep and (keep[t] is None or tree.is_symlink()): continue          # theirs, kept whole
+        if tree.is_symlink() or not tree.is_dir(): tree.unlink(missing_ok=True); continue
+        for e in os.scandir(tree):
+            if t in keep and e.name in keep[t]: continue
+            if e.is_dir(follow_symlinks=False): shutil.rmtree(e.path)
+            else: os.unlink(e.path)
 
 class RunLock:
     """An exclusive, non-blocking `flock` on `out_dir/.train.lock` while a run trains there: a second run on the same
@@ -631,8 +681,10 @@ def _lam(cfg: PretrainConfig, epoch: int) -> float:
     return magma_lambda(epoch, cfg.magma_schedule, cfg.magma_weight, cfg.magma_start, cfg.magma_epochs)
 
 def train(cfg: PretrainConfig | None = None, *, stop_after: int | None = None, progress: bool = True, keep_logger: bool = False,
-          **params) -> TrainResult:
-    "Pretrain `cfg` (or `resolve_config(**params)`) in `cfg.out_dir`: (summary, trained method, open logger or None)."
+          lock: contextlib.ExitStack | None = None, **params) -> TrainResult:
+    """Pretrain `cfg` (or `resolve_config(**params)`) in `cfg.out_dir`: (summary, trained method, open logger or None).
+    With `lock`, the folder's `RunLock` goes into that stack and stays held after `train` returns, until the caller
+    closes it."""
     cfg = cfg if isinstance(cfg, PretrainConfig) else resolve_config(**params)
     rank, world, local_rank = init_distributed(cfg.device)
     device = pick_device(cfg.device, local_rank)
@@ -645,7 +697,9 @@ def train(cfg: PretrainConfig | None = None, *, stop_after: int | None = None, p
     train_ds, loader, eval_dl = _run_data(cfg, rank, world, device, arith)   # a missing dataset fails here, before any model is built
     parse_backends(cfg.loggers)                                  # on every process: a missing wandb fails on all ranks
     if rank == 0: out.mkdir(parents=True, exist_ok=True)
-    with RunLock(out) if rank == 0 else contextlib.nullcontext(), StopOnSignal() as stop, precision_flags(cfg.precision, device):
+    held = RunLock(out) if rank == 0 else contextlib.nullcontext()
+    if lock is not None: lock.enter_context(held); held = contextlib.nullcontext()   # the caller's (run: results.json)
+    with held, StopOnSignal() as stop, precision_flags(cfg.precision, device):
         resuming = _check_run_dir(cfg, out)                      # again, under the lock: what this sitting does with the folder
         if world > 1: dist.barrier()                             # every rank has looked before rank 0 changes anything
         p = build_parts(cfg, device, len(train_ds.classes), world)

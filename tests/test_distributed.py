@@ -51,11 +51,12 @@ def _ddp_worker(rank, world, init, out):
     dist.destroy_process_group()
 
 
-def _spawn(fn, world=2):
+def _spawn(fn, world=2, extra=False):
+    "Run `fn` in `world` gloo processes: what rank 0 saved (and, with `extra`, the folder the ranks wrote in)."
     d = tempfile.mkdtemp()
     init, out = f"file://{os.path.join(d, 'store')}", os.path.join(d, 'out.pt')
     mp.spawn(fn, args=(world, init, out), nprocs=world, join=True)
-    return torch.load(out, weights_only=True)
+    return (torch.load(out, weights_only=True), out) if extra else torch.load(out, weights_only=True)
 
 
 def test_global_batch_magma_equals_single_process_on_concatenated_batch():
@@ -155,12 +156,26 @@ def _rows(run):
         return [(r['epoch'], r['step'], r['loss'], r['magma']) for r in csv.DictReader(f) if r['kind'] == 'step']
 
 
+def _epoch_rows(run):
+    "The epoch rows of a run's log, every column but the timings (the probe's online_train_acc and online_acc too)."
+    import csv
+    with open(os.path.join(run, 'metrics.csv')) as f:
+        return [{k: v for k, v in r.items() if k not in ('images_per_sec', 'epoch_seconds')}
+                for r in csv.DictReader(f) if r['kind'] == 'epoch']
+
+
 def _resume_worker(rank, world, init, out):
     """Two gloo processes: a straight 2-epoch M-MAE run, and the same run stopped after epoch 0 and resumed (`resume='auto'`)."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     dist.init_process_group('gloo', init_method=init, rank=rank, world_size=world)
     from magma.train import train
     from magma.checkpoints import load_checkpoint
+    import magma.train as T
+    probes, real_row = [], T.epoch_row
+    def spy(stats, p, *a, **k):                                            # this rank's probe at each epoch's end
+        probes.append({n: v.detach().clone() for n, v in p.probe.state_dict().items()})
+        return real_row(stats, p, *a, **k)
+    T.epoch_row = spy
     d = os.path.dirname(out)
     kw = dict(profile='smoke', method='m-mae', n_per_class=4, epochs=2, batch_size=8, img_size=16, magma_start=1, log_every=1,
               device='cpu', loggers='none', progress=False)
@@ -168,9 +183,12 @@ def _resume_worker(rank, world, init, out):
     train(out_dir=os.path.join(d, 'resumed'), stop_after=1, **kw)
     rng = load_checkpoint(os.path.join(d, 'resumed', 'checkpoint.safetensors'), keys=('rng',))['rng'] if rank == 0 else None
     b = train(out_dir=os.path.join(d, 'resumed'), resume='auto', **kw)
+    torch.save(probes, f"{out}.probes{rank}")                             # straight epochs 0, 1; resumed 0 (stopped), 1
     if rank == 0:
         torch.save(dict(a={k: v.clone() for k, v in a.model.state_dict().items()}, b={k: v.clone() for k, v in b.model.state_dict().items()},
-                        rows_a=_rows(os.path.join(d, 'straight')), rows_b=_rows(os.path.join(d, 'resumed')), rng=rng), out)
+                        rows_a=_rows(os.path.join(d, 'straight')), rows_b=_rows(os.path.join(d, 'resumed')), rng=rng,
+                        epochs_a=_epoch_rows(os.path.join(d, 'straight')),
+                        epochs_b=_epoch_rows(os.path.join(d, 'resumed'))), out)
     dist.destroy_process_group()
 
 
@@ -178,7 +196,20 @@ def test_ddp_resume_restores_every_ranks_generators():
     """Under DDP each rank draws its own masks; the checkpoint holds every rank's generator state and each rank restores
     its own, so the resumed run repeats the straight run's steps (losses averaged over the ranks) and weights exactly.
     (Before, every rank restored rank 0's state, so rank 1's masks in epoch 1 changed.)"""
-    res = _spawn(_resume_worker)
+    res, out = _spawn(_resume_worker, extra=True)
     assert len(res['rng']) == 2 and not torch.equal(res['rng'][0], res['rng'][1])     # two ranks, two different states
     assert res['rows_a'] == res['rows_b'] and len(res['rows_a']) == 10                   # 5 steps an epoch, every one logged
     for k in res['a']: torch.testing.assert_close(res['a'][k], res['b'][k], rtol=0, atol=0, msg=k)
+    # the online probe (issue 31, N58/N59): its gradient is averaged over the ranks, so both ranks hold one probe,
+    # the one rank 0 checkpoints; the resumed run's epoch rows (online_train_acc, online_acc) and probes are the
+    # straight run's.
+    # Before, each rank trained its own probe and the resume gave rank 1 rank 0's: its epoch-1 probe differed.
+    assert res['epochs_a'] == res['epochs_b'] and len(res['epochs_a']) == 2 and 'online_train_acc' in res['epochs_a'][0]
+    probes = [torch.load(f"{out}.probes{r}", weights_only=True) for r in range(2)]
+    assert all(len(p) == 4 for p in probes)
+    for r in range(2):
+        for k in probes[r][1]:
+            same = dict(rtol=0, atol=0, msg=f"rank {r} {k}")
+            torch.testing.assert_close(probes[r][3][k], probes[r][1][k], **same)      # resumed == straight
+            torch.testing.assert_close(probes[r][1][k], probes[0][1][k], **same)      # the ranks agree
+    assert not torch.equal(probes[0][0]['weight'], probes[0][1]['weight'])     # the probe trained: the checks can fail
