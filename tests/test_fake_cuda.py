@@ -22,10 +22,12 @@ dataset to the device, two blocking copies, made once per loader):
 | m-simclr, simclr | 0/0, 0/0 | 1 | 0 | 1 | 1 | 1688 | 1089, 1038 |
 | m-vicreg, vicreg | 0/0, 0/0 | 1 | 0 | 1 | 1 | 1800 | 1294, 1243 |
 
-Before the fixes of issue 27 (commit eca9c4a): every loader batch on CUDA raised (F1: `to_device` pinned a tensor
-already on the GPU); with that fixed alone, a SimCLR/VICReg/BYOL batch synced 34 times (F2: 16 `nonzero()` per jittered
-view and the hue constant's copy), a SimCLR step 2 (F3: targets copied), a VICReg step 3 (F3: boolean mask), an
-evaluation 11 (F5: a copy per tap per batch, then one per tap), and BYOL's EMA was 3 aten ops per parameter (F4).
+Before the fixes of issue 27 (measured on commit 5c30875, tests run there from /tmp): every loader batch on CUDA over
+a tensor dataset raised (F1: `to_device` pinned the batch already on the GPU: "cannot pin 'CUDAByteType' ..."); with
+only that patched, a SimCLR, VICReg or BYOL batch synced 40 times (F2: 32 `nonzero()` and 8 copies of the hue
+constant, 2184/2122/2106 aten ops against 1688/1800/1894 now), the SimCLR loss once (F3: targets copied, so a step 2),
+the VICReg loss twice (F3: boolean mask, a step 3), an evaluation of 2 batches with 2 taps 9 times (F5: a copy per
+tap per batch, then three per tap), and BYOL's EMA was 474 aten ops for its 156 parameters (F4; now 5).
 """
 import argparse, importlib.util, sys
 from pathlib import Path
