@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import torch, torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['DRAW_COLS', 'ViewAug', 'as_views', 'sample_crops', 'resized_crop', 'gray', 'adjust_hue', 'color_jitter', 'solarize',
-           'pil_box_radius', 'blur_kernel_size', 'gaussian_blur', 'to_device', 'TensorAugment']
+__all__ = ['DRAW_COLS', 'ViewAug', 'as_views', 'sample_crops', 'resized_crop', 'gray', 'adjust_hue', 'jitter_groups',
+           'color_jitter', 'solarize', 'pil_box_radius', 'blur_kernel_size', 'gaussian_blur', 'to_device',
+           'TensorAugment']
 
 # %% ../nbs/08a_augment.ipynb #252f691e
 @dataclass(frozen=True)
@@ -81,7 +82,8 @@ def adjust_hue(x, shift):
     h = torch.where(x[:, 0] == v, b - g, torch.where(x[:, 1] == v, 2 + r - b, 4 + g - r))
     h = torch.where(c == 0, torch.zeros_like(h), h)
     h = (h / 6 + shift.view(-1, 1, 1)) % 1.0
-    k = (torch.tensor([5., 3., 1.], device=x.device).view(1, 3, 1, 1) + 6 * h.unsqueeze(1)) % 6  # HSV -> RGB
+    k5 = torch.arange(5., 0., -2., device=x.device, dtype=x.dtype).view(1, 3, 1, 1)  # (5, 3, 1): made there, no copy
+    k = (k5 + 6 * h.unsqueeze(1)) % 6  # HSV -> RGB
     return (v.unsqueeze(1) * (1 - s.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1))).clamp(0, 1)
 
 _JITTER = (lambda x, f: (x * f.view(-1, 1, 1, 1)).clamp(0, 1),
@@ -89,12 +91,17 @@ _JITTER = (lambda x, f: (x * f.view(-1, 1, 1, 1)).clamp(0, 1),
            lambda x, f: _blend(x, gray(x), f),
            adjust_hue)
 
-def color_jitter(x, factors, order):
-    "Per-sample ColorJitter: `factors` (B,4) = brightness, contrast, saturation, hue shift; `order` (B,4) a permutation of 0..3 per sample."
-    x = x.clone()
+def jitter_groups(order) -> list:
+    "The 16 index lists of a jitter `order` (B,4): for each position, then each op, the images applying that op there."
+    return [(order[:, pos] == op).nonzero()[:, 0] for pos in range(4) for op in range(4)]
+
+def color_jitter(x, factors, order=None, groups=None):
+    """Per-sample ColorJitter: `factors` (B,4) = brightness, contrast, saturation, hue shift; `order` (B,4) a
+    permutation of 0..3 per sample, or `groups` its `jitter_groups` (on x's device: then nothing waits for it)."""
+    x, groups = x.clone(), jitter_groups(order) if groups is None else groups
     for pos in range(4):
         for op in range(4):
-            i = (order[:, pos] == op).nonzero()[:, 0]
+            i = groups[4 * pos + op]
             if len(i): x.index_copy_(0, i, _JITTER[op](x[i], factors[i, op]))
     return x
 
@@ -128,11 +135,18 @@ def gaussian_blur(x, sigma, sigma_max: float = 2.0):
 # %% ../nbs/08a_augment.ipynb #88f08ac4
 DRAW_COLS = 16   # per image: crop box (4), flip, jitter order (4), jitter factors (4), gray, blur sigma, solarize
 
+def _is_on(t: torch.Tensor, dev: torch.device) -> bool:
+    "Whether `t` is on `dev` already (a CUDA device named without an index is the current one)."
+    if t.device.type != dev.type: return False
+    if dev.index is None: return dev.type != 'cuda' or t.device.index == torch.cuda.current_device()
+    return t.device.index == dev.index
+
 def to_device(t: torch.Tensor, dev) -> torch.Tensor:
-    "A CPU tensor on `dev`: itself on the CPU; on an accelerator one pinned, non-blocking copy, so the host does not wait."
+    """`t` on `dev`: itself when it is there already (on the CPU, or an accelerator tensor on its device); a CPU
+    tensor in one pinned, non-blocking copy, so the host does not wait; any other tensor by an ordinary copy."""
     dev = torch.device(dev)
-    if dev.type == 'cpu': return t
-    return t.pin_memory().to(dev, non_blocking=True)
+    if _is_on(t, dev): return t
+    return t.pin_memory().to(dev, non_blocking=True) if t.device.type == 'cpu' else t.to(dev)
 
 class TensorAugment:
     "Batched augmentation of `views` (one ViewAug or dict per view, as a method declares them; 'eval': none) to `img_size`, normalized."
@@ -156,36 +170,40 @@ class TensorAugment:
         if x.shape[-2:] == (self.img_size, self.img_size): return x
         return F.interpolate(x, size=(self.img_size,) * 2, mode='bicubic', antialias=True, align_corners=False).clamp(0, 1)
 
-    def draws(self, B: int, H: int, W: int, v: ViewAug, g=None) -> tuple[torch.Tensor, int, int]:
+    def draws(self, B: int, H: int, W: int, v: ViewAug, g=None) -> tuple[torch.Tensor, int, int, list]:
         """Every random number of one view of `B` images of H x W, drawn on the CPU in a fixed order (crop boxes, flip,
         jitter on / order / factors, gray, blur on / sigma, solarize), packed into one float32 tensor: `B` rows of
-        `DRAW_COLS` columns, then the indices of the jittered images, then those of the blurred ones; and the two counts."""
+        `DRAW_COLS` columns, the indices of the jittered images, their 16 `jitter_groups` (4 x their number), the
+        indices of the blurred images; and the number of jittered and of blurred images, and the 16 groups' sizes."""
         rand = lambda *s: torch.rand(B, *s, generator=g)
         c = torch.zeros(B, DRAW_COLS)
         c[:, 0:4] = sample_crops(B, H, W, v.scale, v.ratio, g).float()      # exact: image sides are far below 2**24
         c[:, 4] = (rand() < v.flip_p).float()
-        ij = ib = torch.zeros(0, dtype=torch.long)
+        ij = ib = torch.zeros(0, dtype=torch.long); groups = []
         if v.jitter_p:
             on, order = rand() < v.jitter_p, rand(4).argsort(1)
             lo = torch.tensor([max(0, 1 - v.jitter[0]), max(0, 1 - v.jitter[1]), max(0, 1 - v.jitter[2]), -v.jitter[3]])
             hi = torch.tensor([1 + v.jitter[0], 1 + v.jitter[1], 1 + v.jitter[2], v.jitter[3]])
             c[:, 5:9], c[:, 9:13], ij = order.float(), lo + rand(4) * (hi - lo), on.nonzero()[:, 0]
+            groups = jitter_groups(order[ij])                                  # on the CPU: no nonzero() on the device
         if v.gray_p: c[:, 13] = (rand() < v.gray_p).float()
         if v.blur_p:
             on, c[:, 14] = rand() < v.blur_p, v.blur_sigma[0] + rand() * (v.blur_sigma[1] - v.blur_sigma[0])
             ib = on.nonzero()[:, 0]
         if v.solarize_p: c[:, 15] = (rand() < v.solarize_p).float()
-        return torch.cat([c.flatten(), ij.float(), ib.float()]), len(ij), len(ib)
+        packed = torch.cat([c.flatten(), ij.float(), *(i.float() for i in groups), ib.float()])
+        return packed, len(ij), len(ib), [len(i) for i in groups]
 
     def view(self, x, v: ViewAug, g=None, crop=True):
         "One augmented view of float `x` in [0,1]: the draws copied to x's device in one non-blocking copy, then applied."
         B, dev = len(x), x.device
-        packed, nj, nb = self.draws(B, x.shape[-2], x.shape[-1], v, g)
+        packed, nj, nb, sizes = self.draws(B, x.shape[-2], x.shape[-1], v, g)
         p = to_device(packed, dev)
-        c, ij, ib = p[:B * DRAW_COLS].view(B, DRAW_COLS), p[B * DRAW_COLS:B * DRAW_COLS + nj].long(), p[B * DRAW_COLS + nj:].long()
+        c, ij, *groups, ib = p.split([B * DRAW_COLS, nj, *sizes, nb]); c = c.view(B, DRAW_COLS)
+        ij, ib, groups = ij.long(), ib.long(), [i.long() for i in groups]
         x = resized_crop(x, c[:, 0:4], self.img_size).clamp(0, 1) if crop else self.resize(x)
         x = torch.where(c[:, 4].view(-1, 1, 1, 1) > 0.5, x.flip(-1), x)  # a new tensor: safe to modify in place below
-        if nj: x.index_copy_(0, ij, color_jitter(x[ij], c[ij, 9:13], c[ij, 5:9].long()))
+        if nj: x.index_copy_(0, ij, color_jitter(x[ij], c[ij, 9:13], groups=groups))
         if v.gray_p: x = torch.where(c[:, 13].view(-1, 1, 1, 1) > 0.5, gray(x).expand_as(x), x)
         if nb: x.index_copy_(0, ib, gaussian_blur(x[ib], c[ib, 14].to(x.dtype), v.blur_sigma[1]))
         if v.solarize_p: x = torch.where(c[:, 15].view(-1, 1, 1, 1) > 0.5, solarize(x), x)

@@ -33,7 +33,7 @@ def simclr_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) ->
     n = z1.shape[0]
     logits = z @ z.T / temperature
     logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float('-inf'))
-    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    targets = torch.arange(2 * n, device=z.device).roll(n)          # n..2n-1, 0..n-1: made on z's device, no copy
     return F.cross_entropy(logits, targets)
 
 # %% ../nbs/02_losses.ipynb #f9b27c22
@@ -44,8 +44,7 @@ def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_weight: float = 25.0, va
     n, d = z1.shape
     inv = F.mse_loss(z1, z2)
     var = sum(F.relu(1 - torch.sqrt(z.var(0) + 1e-4)).mean() for z in (z1, z2))
-    off = ~torch.eye(d, dtype=torch.bool, device=z1.device)
-    def cov(z):
+    def cov(z):                        # off-diagonal entries in row order, by a view (a boolean mask syncs on CUDA)
         z = z - z.mean(0)
-        return ((z.T @ z) / (n - 1))[off].pow(2).sum() / d
+        return ((z.T @ z) / (n - 1)).flatten()[:-1].view(d - 1, d + 1)[:, 1:].pow(2).sum() / d
     return sim_weight * inv + var_weight * var + cov_weight * (cov(z1) + cov(z2))

@@ -46,10 +46,12 @@ def magma_lambda(epoch: int, schedule: str = 'warmup', weight: float = 1.0, star
 
 # %% ../nbs/10_train.ipynb #4ae2d7ff
 def init_distributed(device: str = 'auto') -> tuple[int, int, int]:
-    "(rank, world_size, local_rank); initializes torch.distributed when launched by torchrun with WORLD_SIZE > 1."
+    """(rank, world_size, local_rank); initializes torch.distributed when launched by torchrun with WORLD_SIZE > 1,
+    on CUDA after making GPU `local_rank` this process's current device (NCCL's, and any `torch.cuda` call's)."""
     world = int(os.environ.get('WORLD_SIZE', 1))
     if world > 1 and not dist.is_initialized():
         use_cuda = torch.cuda.is_available() and device != 'cpu'
+        if use_cuda: torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
         dist.init_process_group('nccl' if use_cuda else 'gloo')
     if dist.is_initialized(): return dist.get_rank(), dist.get_world_size(), int(os.environ.get('LOCAL_RANK', 0))
     return 0, 1, 0
@@ -151,12 +153,14 @@ def build_parts(cfg: PretrainConfig, device: torch.device, num_classes: int, wor
 def precision_flags(precision: str, device):
     """On CUDA, TF32 for matmuls and cuDNN convolutions exactly when `precision='tf32'` (off for fp32, which means IEEE
     fp32, and for the fp32 parts of a bf16/fp16 run, such as the MAGMA kernel); the old flags are restored after.
+    Set through torch's `fp32_precision` API (the legacy `allow_tf32` flags raise once that API has been used).
     Elsewhere nothing changes (TF32 is a GPU format)."""
     if torch.device(device).type != 'cuda': yield; return
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == 'tf32'
+    mm, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    old = mm.fp32_precision, conv.fp32_precision
+    mm.fp32_precision = conv.fp32_precision = 'tf32' if precision == 'tf32' else 'ieee'
     try: yield
-    finally: torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+    finally: mm.fp32_precision, conv.fp32_precision = old
 
 def wrap_parts(p: TrainParts, world: int, device: torch.device, compile: bool = False) -> TrainParts:
     "DDP around the method under several processes, then `torch.compile` if asked."
@@ -425,23 +429,27 @@ def _probe_accuracy(encoder, probe, loader, device, autocast, taps=()) -> dict:
     block b the mean L2 norm `tap{b}_norm` and the spread `tap{b}_spread` (RMS distance to the mean) of its features."""
     was = encoder.training; encoder.eval()
     counts = torch.zeros(2, dtype=torch.int64, device=device)        # correct, labelled: summed on the device
-    stats = {b: torch.zeros(3, dtype=torch.float64, device=device) for b in taps}  # sum ||x||, sum ||x||^2, count
-    sums = {b: 0.0 for b in taps}
+    stats = {b: torch.zeros(2, dtype=torch.float64, device=device) for b in taps}  # sum ||x||, sum ||x||^2
+    sums, seen = {b: 0.0 for b in taps}, {b: 0 for b in taps}        # sum of x (device); rows (host: no copy)
     for batch in loader:
         with autocast: tokens, feats = encoder.encode(batch['img'].to(device, non_blocking=True), taps=taps)
         y = batch['label'].to(device, non_blocking=True); keep = y >= 0
         counts += torch.stack([((probe(tokens[:, 0].float()).argmax(1) == y) & keep).sum(), keep.sum()])
         for b, f in feats.items():
             f = f.double(); n = f.norm(dim=1)
-            stats[b] += torch.stack([n.sum(), (n * n).sum(), n.new_tensor(float(len(f)))])
-            sums[b] = sums[b] + f.sum(0)
+            stats[b] += torch.stack([n.sum(), (n * n).sum()])
+            sums[b], seen[b] = sums[b] + f.sum(0), seen[b] + len(f)
     encoder.train(was)
-    correct, total = counts.tolist()                                 # the one host copy of the evaluation
+    def mean_sq(b):                                                   # |mean of x|^2, on the device
+        mu = sums[b] / max(seen[b], 1)
+        return (mu @ mu).view(1) if torch.is_tensor(mu) else stats[b][:1] * 0
+    host = torch.cat([counts.double(), *(torch.cat([stats[b], mean_sq(b)]) for b in taps)]).tolist()  # one host copy
+    correct, total = host[:2]
     out = dict(online_acc=100.0 * correct / max(total, 1))
-    for b, (s1, s2, n) in ((b, v.tolist()) for b, v in stats.items()):
-        mu = (sums[b] / max(n, 1)).cpu()
+    for k, b in enumerate(taps):
+        s1, s2, m2 = host[2 + 3 * k:5 + 3 * k]; n = seen[b]
         out[f'tap{b}_norm'] = s1 / max(n, 1)
-        out[f'tap{b}_spread'] = max(s2 / max(n, 1) - float(mu @ mu), 0.0) ** 0.5
+        out[f'tap{b}_spread'] = max(s2 / max(n, 1) - m2, 0.0) ** 0.5
     return out
 
 def _tap_blocks(model) -> tuple:
