@@ -27,7 +27,10 @@ SPLITS = ('train', 'train_labeled', 'test')  # 'val' is accepted as an alias of 
 IMG_SIZE = dict(cifar10=32, cifar100=32, stl10=96, tinyimagenet=64, imagenet100=224, imagenet=224, synthetic=32)
 
 def _project_root():
-    p = Path(magma.__file__).resolve().parent.parent
+    """The checkout holding this module (its settings.ini), else the working directory. Not `magma.__file__`: it is None
+    when a `magma/` folder in the working directory makes `magma` a namespace package; this module's file is known."""
+    import importlib.util
+    p = Path(importlib.util.find_spec('magma.datasets').origin).resolve().parent.parent
     return p if (p/'settings.ini').exists() else Path.cwd()
 
 def data_root(root=None) -> Path:
@@ -111,7 +114,8 @@ def scan_images(files, desc: str = 'scanning images', progress: bool | None = No
     from tqdm.auto import tqdm
     show = len(files) >= 1000 if progress is None else progress
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as ex:
-        res = list(tqdm(ex.map(_probe, files), total=len(files), desc=desc, disable=not show, leave=False))
+        res = list(tqdm(ex.map(_probe, files), total=len(files), desc=desc, leave=False,
+                        disable=None if show else True))
     return dict(sizes=torch.tensor([r if isinstance(r, tuple) else (-1, -1) for r in res], dtype=torch.long).view(-1, 2),
                 bad=[[str(f), r] for f, r in zip(files, res) if isinstance(r, str)])
 

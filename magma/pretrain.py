@@ -7,13 +7,15 @@ from __future__ import annotations
 import argparse, functools, json, os, re, sys, time, typing
 from dataclasses import asdict, fields
 from pathlib import Path
-from .configs import PretrainConfig, PARAMS, resolve_config, _CHOICES
+from .configs import PretrainConfig, PARAMS, resolve_config, _CHOICES, _coerce
 from .methods import METHODS
+from .ssl.mae import DECODERS
 
 # %% auto #0
-__all__ = ['LINEAR_MODES', 'PAPER_PRECISION_RULE', 'OUT_DIR_RULE', 'PAPER_HELP_DATASET', 'CONFIG_MAX_BYTES', 'SNAPSHOT_KEYS',
-           'RUN_KEYS', 'REFUSALS', 'run', 'resolved_defaults', 'profile_defaults', 'parser', 'notebook_config',
-           'cli_message', 'main', 'notebook_parameters']
+__all__ = ['LINEAR_MODES', 'PAPER_PRECISION_RULE', 'OUT_DIR_RULE', 'PAPER_HELP_DATASET', 'CONFIG_MAX_BYTES', 'CONFIG_MAX_DEPTH',
+           'SNAPSHOT_KEYS', 'RUN_KEYS', 'REFUSALS', 'run', 'resolved_defaults', 'profile_defaults', 'cli_prog',
+           'decoder_preset', 'method_keys', 'parser', 'expand_decoder', 'notebook_config', 'cli_message', 'main',
+           'notebook_parameters']
 
 # %% ../nbs/14_pretrain.ipynb #9eea4b7a
 LINEAR_MODES = {'fast': 'fast (cached, standardized features; not the paper protocol)',
@@ -108,13 +110,33 @@ def profile_defaults(name: str) -> str:
     if len(set(vals.values())) == 1: return f"default {vals['smoke']}"
     return 'defaults: ' + ', '.join(f"{p} {v}" + (f" on {PAPER_HELP_DATASET}" if p == 'paper' and name != 'dataset' else '') for p, v in vals.items())
 
-def parser(profile: str = 'smoke', method: str | None = None, dataset: str | None = None) -> argparse.ArgumentParser:
+def cli_prog(argv0: str | None = None) -> str:
+    "The name the CLI was invoked by, `magma-pretrain` (the console script) or `python -m magma.pretrain`"
+    name = Path(argv0 or sys.argv[0] or '').name
+    return 'magma-pretrain' if name.startswith('magma-pretrain') else 'python -m magma.pretrain'
+
+def decoder_preset(d: dict) -> str:
+    "The MAE decoder preset whose width, blocks and heads `d` (a config as a dict) holds, or those numbers."
+    dims = {k: d[k] for k in DECODERS['paper']}
+    custom = 'custom ({decoder_dim}-d, {decoder_depth} blocks, {decoder_heads} heads)'.format(**dims)
+    return next((n for n, v in DECODERS.items() if v == dims), custom)
+
+def method_keys() -> dict:
+    "Every registered method's own keys without a `PretrainConfig` field: {key: (type, help, {method: its default})}."
+    own = {}
+    for name, spec in METHODS.items():
+        for k, (typ, hlp, *_) in spec.config_help.items():
+            if k not in PARAMS: own.setdefault(k, (typ, hlp, {}))[2][name] = spec.config.get(k)
+    return own
+
+def parser(profile: str = 'smoke', method: str | None = None, dataset: str | None = None,
+           prog: str | None = None) -> argparse.ArgumentParser:
     """The CLI, built from `PretrainConfig` (types, help, choices) and from every registered method's own keys. Each
     flag's help ends with ONE default: the value it resolves to under `profile` (`--profile paper --help` shows the
-    paper's numbers, for `dataset` or cifar100)."""
+    paper's numbers, for `dataset` or cifar100). `prog`: the name in its messages (default: `cli_prog()`)."""
     d = resolved_defaults(profile, method, dataset)
     at = f"--profile {profile}" + (f" --method {d['method']}" if profile == 'paper' or method else '') + (f" --dataset {d['dataset']}" if profile == 'paper' or dataset else '')
-    p = argparse.ArgumentParser(prog='python -m magma.pretrain', allow_abbrev=False,
+    p = argparse.ArgumentParser(prog=prog or cli_prog(), allow_abbrev=False,
                                 description=f"Pretrain a ViT with MAGMA (the parameters of nbs/pretrain.ipynb). A flag not given takes its "
                                             f"profile's value: each help line shows it for {at} (--profile mini --help or --profile paper "
                                             f"--dataset stl10 --help shows theirs). --config replays a run's config.json or a YAML file; "
@@ -134,25 +156,24 @@ def parser(profile: str = 'smoke', method: str | None = None, dataset: str | Non
         elif base in (int, float, str): kw['type'] = base
         if f.name in _CHOICES: kw['choices'] = [c for c in _CHOICES[f.name] if c is not None]
         p.add_argument(f'--{f.name}', **kw)
-    own = {}                                    # every registered method's keys that have no field of their own
-    for name, spec in METHODS.items():
-        for k, (typ, hlp, *_) in spec.config_help.items():
-            if k not in PARAMS: own.setdefault(k, (typ, hlp, {}))[2][name] = spec.config.get(k)
-    for k, (typ, hlp, names) in own.items():
+    for k, (typ, hlp, names) in method_keys().items():
         vals = {n: v for n, v in names.items() if d['method'] == n} or names    # the chosen method's, or each method's
         dflt = _shown(next(iter(vals.values()))) if len(set(map(str, vals.values()))) == 1 else ', '.join(f"{n} {v}" for n, v in sorted(vals.items()))
+        if k == 'decoder': dflt = decoder_preset(d)    # the preset of the profile's decoder_* (smoke, mini: light)
         p.add_argument(f'--{k}', type=_bool if typ is bool else typ, default=None, help=f"{hlp} (only {', '.join(sorted(names))}) [default: {dflt}]")
     return p
 
 #| export
 CONFIG_MAX_BYTES = 1 << 20          # a parameter file is a few KB; a bigger one is not one
+CONFIG_MAX_DEPTH = 8                # a config.json nests 2 levels (method_args); 3,000 levels ended in a RecursionError
 SNAPSHOT_KEYS = ('versions',)       # in a run's config.json, not parameters: ignored by --config and the notebook
 RUN_KEYS = ('out_dir', 'resume', 'overwrite')   # where a replayed run went and how: never reused
 
 def _load_params(path) -> dict:
     """Parameters from a run's `config.json` or a YAML/JSON file; snapshot-only (versions) and run-specific entries (out_dir,
     resume, overwrite) are left out. Refused in one line naming the file: more than `CONFIG_MAX_BYTES`, YAML aliases
-    (a 491-byte file of nested aliases expanded to a 322 MB message), invalid YAML, not a mapping."""
+    (a 491-byte file of nested aliases expanded to a 322 MB message), nesting deeper than `CONFIG_MAX_DEPTH` (3,000
+    levels ended in a 3,000-line RecursionError), invalid YAML, not a mapping."""
     import yaml
     def bad(why): return ValueError(f"--config {path}: {why}")
     class NoAliases(yaml.SafeLoader):
@@ -160,7 +181,13 @@ def _load_params(path) -> dict:
             if self.check_event(yaml.AliasEvent):
                 ev = self.peek_event()
                 raise bad(f"YAML aliases are not accepted (*{ev.anchor} at line {ev.start_mark.line + 1}); write the values out")
-            return super().compose_node(parent, index)
+            self.depth = getattr(self, 'depth', 0) + 1            # the composer recurses once per level: bound it
+            if self.depth > CONFIG_MAX_DEPTH:
+                line = self.peek_event().start_mark.line + 1
+                raise bad(f"nested deeper than {CONFIG_MAX_DEPTH} levels (line {line}); "
+                          "a parameter file is a mapping of values")
+            try: return super().compose_node(parent, index)
+            finally: self.depth -= 1
     try:
         with open(path, 'rb') as f: raw = f.read(CONFIG_MAX_BYTES + 1)
     except OSError as e: raise bad(f"cannot be read ({e.strerror}); give a run's config.json or a YAML/JSON file") from None
@@ -173,15 +200,32 @@ def _load_params(path) -> dict:
     if not isinstance(d, dict): raise bad(f"expected a mapping of parameters, got {type(d).__name__}")
     return {k: v for k, v in d.items() if k not in SNAPSHOT_KEYS + RUN_KEYS}
 
+def expand_decoder(params: dict) -> dict:
+    """A `decoder` preset (the MAE family's key, as a parameter or in `method_args`) written out as `decoder_dim`,
+    `decoder_depth` and `decoder_heads`, each unless given away from `PretrainConfig`'s default (the method's own rule):
+    `--decoder paper` under smoke (whose profile sets the light decoder's numbers) is the paper decoder, and
+    `--print-config` and config.json show the decoder that runs."""
+    p, ma = dict(params), _coerce('method_args', params.get('method_args'), 'dict', True) or {}   # a dict or its JSON
+    spec = METHODS.get(p.get('method') or PretrainConfig.method)   # an unknown method: resolve_config names it
+    if spec is None or 'decoder' not in spec.config_help: return p
+    name = p.pop('decoder', None) or ma.pop('decoder', None); ma.pop('decoder', None)
+    if name is None: return params
+    if name not in DECODERS: raise ValueError(f"decoder={name!r} is not a decoder preset; valid: {', '.join(DECODERS)}")
+    dflt = {f.name: f.default for f in fields(PretrainConfig)}
+    p.update({k: v for k, v in DECODERS[name].items() if p.get(k) is None or p[k] == dflt[k]})
+    if 'method_args' in p: p['method_args'] = ma or None
+    return p
+
 def notebook_config(params: dict) -> PretrainConfig:
     """The config of `nbs/pretrain.ipynb` from its parameters (papermill's `-p` values go through the same coercion as
     the CLI's). A run's `config.json` given with `-f` is a replay: its snapshot-only keys (versions) are ignored and,
-    as its out_dir holds that run, the replay goes into a new directory (`configs.default_out_dir`)."""
-    p = dict(params)
+    as its out_dir holds that run, the replay goes into a new directory (`configs.default_out_dir`). The methods' own
+    keys are declared in the parameters cell (None: not given) so that papermill knows them."""
+    p = {k: v for k, v in params.items() if v is not None or k in PARAMS}
     snapshot = any(p.pop(k, None) is not None for k in SNAPSHOT_KEYS)
     if snapshot and p.get('out_dir') is not None and (Path(str(p['out_dir'])) / 'config.json').is_file():
         for k in RUN_KEYS: p.pop(k, None)
-    return resolve_config(**p)
+    return resolve_config(**expand_decoder(p))
 
 _FLAG_NAMES = None
 def cli_message(e: BaseException) -> str:
@@ -194,17 +238,19 @@ def cli_message(e: BaseException) -> str:
 
 REFUSALS = (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ModuleNotFoundError)
 
-def main(argv=None):
-    "`python -m magma.pretrain`: parse, resolve, then `--print-config` or `run`; a refusal is one line naming the flag (MAGMA_TRACEBACK=1 shows the traceback)."
+def main(argv=None, prog: str | None = None):
+    """`python -m magma.pretrain` (or `magma-pretrain`): parse, resolve, then `--print-config` or `run`; a refusal is
+    one line naming the flag, under the invoked name (`prog`, default `cli_prog()`); MAGMA_TRACEBACK=1 raises it."""
     argv = sys.argv[1:] if argv is None else list(argv)
     pre = argparse.ArgumentParser(add_help=False)
     for k in ('--profile', '--method', '--dataset'): pre.add_argument(k)
     k = pre.parse_known_args(argv)[0]
-    p = parser(k.profile or 'smoke', k.method, k.dataset)
+    p = parser(k.profile or 'smoke', k.method, k.dataset, prog=prog)
     a = vars(p.parse_args(argv))
     cfg_file, show = a.pop('config'), a.pop('print_config')
     try:
-        a = {**(_load_params(cfg_file) if cfg_file else {}), **{k: v for k, v in a.items() if v is not None}}
+        given = {k: v for k, v in a.items() if v is not None}
+        a = expand_decoder({**(_load_params(cfg_file) if cfg_file else {}), **given})
         profile = a.pop('profile', None) or 'smoke'
         cfg = resolve_config(profile, **a)
         if show: print(json.dumps(asdict(cfg), indent=1)); return
@@ -229,17 +275,26 @@ def _end_distributed():
 # %% ../nbs/14_pretrain.ipynb #724ca204
 def notebook_parameters() -> str:
     """The parameters cell of `nbs/pretrain.ipynb`, generated from `PretrainConfig`: one line per field, `None` meaning
-    the profile's value (papermill's help shows the comment, which lists each profile's value in numbers), plus
-    `progress`. A comment holds no `=` (papermill skips a line with two) and no parentheses (its parser refuses them)."""
-    hints, lines = typing.get_type_hints(PretrainConfig), []
+    the profile's value (papermill's help shows the comment, which lists each profile's value in numbers), then every
+    method's own keys (`proj_hidden_dim`, `decoder`, ...), `versions` (a run's config.json holds it; ignored) and
+    `progress`, so that papermill knows every name it is given. A comment holds no `=` (papermill skips a line with two)
+    and no parentheses (its parser refuses them)."""
+    hints, lines, pro = typing.get_type_hints(PretrainConfig), [], ('smoke', 'mini', 'paper')
+    def clean(s):
+        return s.replace('(', '- ').replace(')', '').replace('λ', 'lambda').replace(' = ', ': ').replace('=', ' ')
     for f in fields(PretrainConfig):
         args = [a for a in typing.get_args(hints[f.name]) if a is not type(None)] or [hints[f.name]]
         t = {tuple: 'list', dict: 'dict'}.get(args[0], args[0].__name__)
         default = {'method': repr(f.default), 'profile': repr(f.default)}.get(f.name, 'None')
         note = f"{f.metadata.get('help', '')}; {profile_defaults(f.name)}"
-        note = note.replace('(', '- ').replace(')', '').replace('λ', 'lambda').replace(' = ', ': ').replace('=', ' ')
-        lines.append(f"{f.name}: {t} = {default}  # {note}")
-    return '\n'.join(lines + ["progress: bool = True  # show the tqdm progress bar"])
+        lines.append(f"{f.name}: {t} = {default}  # {clean(note)}")
+    for k, (typ, hlp, names) in method_keys().items():
+        if k == 'decoder': dflt = 'defaults: ' + ', '.join(f"{p} {decoder_preset(resolved_defaults(p))}" for p in pro)
+        elif len(set(map(str, names.values()))) == 1: dflt = f"default {_shown(next(iter(names.values())))}"
+        else: dflt = 'defaults: ' + ', '.join(f"{n} {v}" for n, v in sorted(names.items()))
+        lines.append(f"{k}: {typ.__name__} = None  # {clean(hlp)}; only {', '.join(sorted(names))}; {clean(dflt)}")
+    return '\n'.join(lines + ["versions: dict = None  # a run's config.json records its versions; ignored",
+                               "progress: bool = True  # the tqdm progress bar: a widget in Jupyter; in a log, none"])
 
 # %% ../nbs/14_pretrain.ipynb #a2c34504
 #| eval: false

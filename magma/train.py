@@ -732,7 +732,7 @@ def train(cfg: PretrainConfig | None = None, *, stop_after: int | None = None, p
                 lam = _lam(cfg, epoch)
                 p.model.magma_weight = lam
                 loader.set_epoch(epoch); p.net.train(); p.probe.train()
-                stats, bar = EpochStats(), tqdm(loader, desc=f"epoch {epoch}", disable=not progress or rank != 0, leave=False)
+                stats, bar = EpochStats(), tqdm(loader, desc=f"epoch {epoch}", disable=None if progress and rank == 0 else True, leave=False)
                 for i, batch in enumerate(bar):
                     step = epoch * steps_per_epoch + i
                     lr = lr_at(step, total, warmup, arith['lr'])

@@ -130,30 +130,53 @@ print('ok', float(ns['loss']))
 """
 
 
+TORCH_VERSION = "import torch, torchvision; print(torch.__version__, torchvision.__version__)"
+
+
 @pytest.mark.skipif(os.environ.get('MAGMA_FRESH_VENV') != '1',
-                    reason='opt-in (MAGMA_FRESH_VENV=1): installs magma-ssl, torch included (about 6 GB, minutes), into a fresh venv')
-def test_fresh_venv_install_has_no_extras_and_runs_the_readme_example():
-    """`pip install magma-ssl` (a fresh clone of this repository's HEAD, its committed files) into a fresh venv brings
-    none of jupyterlab, papermill, pacmap, seaborn, numba (the extras), and the README's tap-helper example runs there.
-    Opt-in and never part of `make test`: it installs torch with its CUDA libraries (6.0 GB on 2026-12-04). pip resolves
-    from the indexes it is configured with (`MAGMA_FRESH_VENV_PIP` adds arguments, e.g. `--no-index --find-links DIR`
-    for an offline wheel folder); on a machine whose indexes are local and whose pip cache holds torch nothing is
-    downloaded. The venv and the clone live in a temporary folder that is removed afterwards, pass or fail."""
+                    reason='opt-in (MAGMA_FRESH_VENV=1): installs torch and magma-ssl (about 6 GB, minutes) into a fresh venv')
+def test_fresh_venv_install_keeps_torch_has_no_extras_and_runs_the_readme_example_and_the_cli():
+    """The README's install, measured: a fresh venv gets torch and torchvision first, together (constraints.txt's pins,
+    or `MAGMA_FRESH_VENV_TORCH`, e.g. "torch==2.13.0 torchvision==0.28.0 --index-url URL"), then `pip install magma-ssl`
+    (a fresh clone of this repository's HEAD, its committed files). pip keeps that torch (same version before and
+    after, nothing uninstalled), brings none of the extras (jupyterlab, papermill, pacmap, seaborn, numba), the README's
+    tap-helper example runs, and a CLI smoke run (`magma-pretrain --profile smoke ...`) writes results.json without
+    the figure extras. Opt-in and never part of `make test`: it installs torch with its CUDA libraries (6.0 GB on
+    2026-12-07). pip resolves from the indexes it is configured with (`MAGMA_FRESH_VENV_PIP` adds arguments, e.g.
+    `--no-index --find-links DIR`); on a machine whose indexes are local nothing is downloaded. The venv and the clone
+    live in a temporary folder that is removed afterwards, pass or fail."""
     import shlex, tempfile
+    pins = constraints()
+    first = shlex.split(os.environ.get('MAGMA_FRESH_VENV_TORCH', f"torch=={pins['torch']} torchvision=={pins['torchvision']}"))
     with tempfile.TemporaryDirectory(prefix='magma-fresh-venv-') as tmp:
         tmp = Path(tmp); clone, venv = tmp / 'clone', tmp / 'venv'
         subprocess.run(['git', 'clone', '-q', str(ROOT), str(clone)], check=True, timeout=300)
         subprocess.run([sys.executable, '-m', 'venv', str(venv)], check=True, timeout=300)
         py = venv / 'bin' / 'python'
         extra = shlex.split(os.environ.get('MAGMA_FRESH_VENV_PIP', ''))
-        p = subprocess.run([str(py), '-m', 'pip', 'install', '-q', *extra, str(clone)], capture_output=True, text=True, timeout=3600)
+        pip = lambda *a: subprocess.run([str(py), '-m', 'pip', 'install', *extra, *a], capture_output=True, text=True, timeout=3600)
+        p = pip(*first)
         assert p.returncode == 0, p.stderr[-3000:]
+        before = subprocess.run([str(py), '-c', TORCH_VERSION], capture_output=True, text=True, check=True, timeout=300).stdout
+        p = pip(str(clone))
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert 'Uninstalling torch' not in p.stdout, p.stdout[-3000:]
+        after = subprocess.run([str(py), '-c', TORCH_VERSION], capture_output=True, text=True, check=True, timeout=300).stdout
+        assert after == before, (before, after)                         # torch and torchvision kept
         names = subprocess.run([str(py), '-m', 'pip', 'list', '--format=freeze'], capture_output=True, text=True, check=True).stdout
         installed = {re.sub(r'[-_.]+', '-', l.split('==')[0]).lower() for l in names.splitlines() if l.strip()}
         assert 'magma-ssl' in installed and 'torch' in installed, sorted(installed)
         assert not NEVER_IN_BASE & installed, f'installed without extras: {sorted(NEVER_IN_BASE & installed)}'
         p = subprocess.run([str(py), '-c', FRESH_VENV, str(clone / 'README.md')], cwd=tmp, capture_output=True, text=True, timeout=600)
         assert p.returncode == 0 and p.stdout.startswith('ok'), p.stderr[-3000:]
+        run_dir = tmp / 'run'
+        p = subprocess.run([str(venv / 'bin' / 'magma-pretrain'), '--profile', 'smoke', '--method', 'm-mae', '--n_per_class', '4',
+                            '--batch_size', '16', '--epochs', '1', '--linear_epochs', '2', '--loggers', 'none',
+                            '--out_dir', str(run_dir)], cwd=tmp, capture_output=True, text=True, timeout=1200)
+        assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-3000:])
+        res = __import__('json').loads((run_dir / 'results.json').read_text(encoding='utf-8'))
+        assert res['method'] == 'm-mae' and 0 <= res['knn_acc'] <= 100, res
+        assert not (run_dir / 'fig4_pacmap.png').exists()                 # PaCMAP is the figures extra: skipped
 
 
 def test_make_demo_prints_pretrained_floor_and_margin_and_the_committed_demo_is_above_the_floor():

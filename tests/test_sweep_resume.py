@@ -1,7 +1,7 @@
 """The sweep scripts of `scripts/sweep_commands.py` survive preemption: a run killed by the scheduler's signal and
 started again by the same generated command ends with the step rows of a straight run; node mode goes on past a
 failed command and lists the failures."""
-import csv, importlib.util, os, signal, stat, subprocess, sys, time
+import csv, importlib.util, os, shlex, signal, stat, subprocess, sys, time
 from pathlib import Path
 
 import pytest
@@ -23,7 +23,7 @@ def _run(out_dir) -> Run:
 
 
 def _env(tmp):
-    "This interpreter's `python` first on PATH (the generated commands call `python`), and a stand-in `scontrol`."
+    "This interpreter's directory first on PATH (the commands call it by its path), and a stand-in `scontrol`."
     bin_ = tmp / 'bin'; bin_.mkdir(exist_ok=True)
     fake = bin_ / 'scontrol'; fake.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp / 'scontrol.log'}\n")
     fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
@@ -52,7 +52,7 @@ def test_killed_run_rerun_by_the_same_command_equals_a_straight_run(tmp_path):
     train(resolve_config('smoke', method='m-mae', dataset='synthetic', seed=0, out_dir=str(tmp_path / 'straight'), **PARAMS),
           progress=False)                                              # the straight run, in this process
     cmd = sweep.pretrain_command(_run(tmp_path / 'killed'))
-    assert '--resume auto' in cmd and 'exec python -m magma.pretrain' in cmd
+    assert '--resume auto' in cmd and f'exec {shlex.quote(sys.executable)} -m magma.pretrain' in cmd   # this environment's python
     proc = subprocess.Popen(['bash', '-c', cmd], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_epoch(tmp_path / 'killed', 1, proc)
     proc.send_signal(signal.SIGTERM)                                   # what a scheduler sends on preemption
@@ -103,7 +103,8 @@ def test_node_mode_goes_on_past_failures_and_lists_them(tmp_path):
     assert r.returncode == 0 and 'every run and table done' in r.stdout
 
 
-@pytest.mark.parametrize('gpus,launcher', [(1, 'exec python -m magma.pretrain'), (8, 'exec torchrun --standalone --nproc_per_node=8')])
+@pytest.mark.parametrize('gpus,launcher', [(1, f'exec {shlex.quote(sys.executable)} -m magma.pretrain'),
+                                           (8, f'exec {shlex.quote(sys.executable)} -m torch.distributed.run --standalone --nproc_per_node=8')])
 def test_command_execs_its_launcher(gpus, launcher):
     "The run replaces the shell (`exec`), so the signal a scheduler sends the task's processes reaches the trainer."
     assert launcher in sweep.pretrain_command(_run('runs/x'), gpus)
