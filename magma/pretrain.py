@@ -127,7 +127,7 @@ def method_keys() -> dict:
     for name, spec in METHODS.items():
         for k, (typ, hlp, *_) in spec.config_help.items():
             if k not in PARAMS: own.setdefault(k, (typ, hlp, {}))[2][name] = spec.config.get(k)
-    return own
+    return dict(sorted(own.items()))   # by name: the registry's order depends on which modules were imported first
 
 def parser(profile: str = 'smoke', method: str | None = None, dataset: str | None = None,
            prog: str | None = None) -> argparse.ArgumentParser:
