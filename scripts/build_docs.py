@@ -17,9 +17,10 @@
 4. The site made self-contained: nbdev's doc links to the published site (`doc_host` + `doc_baseurl`, e.g.
    `https://magma-ssl.github.io/magma/manifold.html#...`) become relative links, and when Debian's `libjs-katex` is
    installed KaTeX is copied into `site_libs/katex/` so that the equations render offline (else the CDN is used).
-   Search works from disk too (smalldocs): a browser refuses `fetch('search.json')` on a `file://` page, so the index is
-   also written as `search.js` and the search script loads that when the page is opened from disk (`make docs-serve`
-   serves the site on http://127.0.0.1:8000 for Quarto's search, which fetches).
+   Both are our output, not a patch of a third party's code: the links are nbdev's doc links in our pages, and the
+   KaTeX URL is the one smalldocs (and Quarto) writes in the HTML of every page with maths.
+5. Search fetches `search.json`, which a browser refuses on a page opened from disk (`file://`): `make docs-serve`
+   serves `_docs/` on http://127.0.0.1:8000, where the search box works (`make docs-check` tests it so).
 
 README.md is never written here: nbdev_readme is not called, and settings.ini's readme_nb names no notebook.
 """
@@ -185,24 +186,6 @@ def _postprocess(site: Path, doc_url: str, katex: bool):
     return n_links, n_fallback
 
 
-SEARCH_FETCH = 'const r = await fetch(offset + "search.json");\n      index = await r.json();'
-SEARCH_DISK = ('if (location.protocol === "file:") {  // magma: a file:// page may not fetch; search.js holds the same index\n'
-               '        index = await new Promise((ok) => { const s = document.createElement("script");\n'
-               '          s.src = offset + "search.js"; s.onload = () => ok(window.MAGMA_SEARCH || []); s.onerror = () => ok([]);\n'
-               '          document.head.appendChild(s); });\n'
-               '      } else { ' + SEARCH_FETCH.replace('\n      ', ' ') + ' }')
-
-
-def _search_from_disk(site: Path) -> bool:
-    """smalldocs' search fetches `search.json`, which a browser refuses on a `file://` page: write the index as
-    `search.js` too, and make the script load it from there when the page was opened from disk."""
-    idx, js = site / 'search.json', sorted(site.glob('site_libs/**/smalldocs.js'))
-    if not idx.exists() or not js or SEARCH_FETCH not in js[0].read_text(encoding='utf-8'): return False
-    (site / 'search.js').write_text('window.MAGMA_SEARCH = ' + idx.read_text(encoding='utf-8') + ';\n', encoding='utf-8')
-    js[0].write_text(js[0].read_text(encoding='utf-8').replace(SEARCH_FETCH, SEARCH_DISK), encoding='utf-8')
-    return True
-
-
 def _vendor_katex(site: Path):
     if not (DEBIAN_KATEX / 'katex.min.js').exists(): return False
     dst = site / 'site_libs' / 'katex'
@@ -253,14 +236,13 @@ def main(argv=None):
         out = src / doc_path.name
         if not (out / 'index.html').exists(): sys.exit(f'docs: {renderer} wrote no {out}/index.html')
         katex = _vendor_katex(out)
-        disk_search = _search_from_disk(out)
         n_links, n_fallback = _postprocess(out, cfg.doc_host + cfg.doc_baseurl, katex)
         shutil.rmtree(doc_path, ignore_errors=True)
         shutil.move(str(out), str(doc_path))
     n = sum(1 for _ in doc_path.rglob('*.html'))
     print(f'docs: {renderer} rendered {n} pages into {doc_path.relative_to(root)}/ in {time.time() - t1:.1f}s '
-          f'({n_links} doc links made relative, {n_fallback} of them to the section of their class or page; KaTeX {"vendored from libjs-katex" if katex else "from the CDN"}; search {"works from disk" if disk_search else "needs `make docs-serve`"}); '
-          f'total {time.time() - t0:.1f}s; open {doc_path / "index.html"}')
+          f'({n_links} doc links made relative, {n_fallback} of them to the section of their class or page; KaTeX {"vendored from libjs-katex" if katex else "from the CDN"}); '
+          f'total {time.time() - t0:.1f}s; `make docs-serve` to browse it with search')
 
 
 if __name__ == '__main__': main()

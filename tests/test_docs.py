@@ -13,10 +13,16 @@
 * The table pages name each row's setting: Table 2's rows have distinct labels (method and λ, e_st, e_dur), in the
   committed Markdown (always checked) and on its page; the figures page shows at least four figures drawn from
   committed files, labels the demo-sized runs, and its subtitle is a whole sentence.
-* Search works on the site opened from disk (`file://`), where a browser refuses the `fetch` of `search.json`. They skip when `_docs/` or Chromium is absent (plain `make test` on a fresh
-  clone); with `MAGMA_REQUIRE_DOCS=1` (`make docs-check`, run by `.ci/run`) a missing site or browser is a failure.
+* Search: typing in the search box lists the section it names (smalldocs' own script, which fetches `search.json`).
+
+The browser loads the pages over http, as `make docs-serve` serves them: the fixture `served` serves `_docs/` on a free
+port of 127.0.0.1 for the module's tests (a browser refuses `fetch` on a `file://` page, so search needs a server).
+The browser tests skip when `_docs/` or Chromium is absent (plain `make test` on a fresh clone); with
+`MAGMA_REQUIRE_DOCS=1` (`make docs-check`, run by `.ci/run`) a missing site or browser is a failure.
 """
-import os, re, shutil, subprocess, tempfile, warnings
+import os, re, shutil, subprocess, tempfile, threading, warnings
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -106,30 +112,53 @@ def _chromium():
         if name and shutil.which(name): return shutil.which(name)
 
 
-def _browse(page: Path, screenshot: Path | None = None) -> str:
-    "The DOM of `page` after its scripts ran (KaTeX included), from headless Chromium; optionally a screenshot too."
+class _Quiet(SimpleHTTPRequestHandler):
+    "http.server's handler (`make docs-serve`), without a log line per request."
+    def log_message(self, *args): pass
+
+
+@pytest.fixture(scope='module')
+def served():
+    """`_docs/` served over http on a free port of 127.0.0.1 while the module's tests run, as `make docs-serve` serves
+    it (the same http.server, in a thread): the site's base URL."""
+    _need((DOCS / 'index.html').exists(), '_docs/ not built (run `make docs`)')
+    _need(_chromium() is not None, 'no chromium binary (apt-get install -y chromium)')
+    httpd = ThreadingHTTPServer(('127.0.0.1', 0), partial(_Quiet, directory=str(DOCS)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try: yield f'http://127.0.0.1:{httpd.server_address[1]}/'
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+
+
+def _browse(base: str, page: Path, screenshot: Path | None = None) -> str:
+    """The DOM of `page` loaded from the server at `base` (the fixture `served`) after its scripts ran (KaTeX included),
+    from headless Chromium; optionally a screenshot too."""
     exe = _chromium()
     with tempfile.TemporaryDirectory() as prof:
-        base = [exe, '--headless', '--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage', '--no-first-run',
-                '--hide-scrollbars', f'--user-data-dir={prof}', '--window-size=1280,2000', '--virtual-time-budget=10000']
-        url = page.resolve().as_uri()
-        dom = subprocess.run(base + ['--dump-dom', url], capture_output=True, text=True, timeout=120)
+        base_args = [exe, '--headless', '--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage', '--no-first-run',
+                     '--hide-scrollbars', f'--user-data-dir={prof}', '--window-size=1280,2000',
+                     '--virtual-time-budget=10000']
+        url = base + page.resolve().relative_to(DOCS.resolve()).as_posix()
+        dom = subprocess.run(base_args + ['--dump-dom', url], capture_output=True, text=True, timeout=120)
         assert dom.returncode == 0 and '<html' in dom.stdout, dom.stderr[-2000:]
         if screenshot:
             screenshot.parent.mkdir(parents=True, exist_ok=True); screenshot.unlink(missing_ok=True)
-            r = subprocess.run(base + [f'--screenshot={screenshot}', url], capture_output=True, text=True, timeout=120)
+            r = subprocess.run(base_args + [f'--screenshot={screenshot}', url], capture_output=True, text=True, timeout=120)
             assert r.returncode == 0 and screenshot.exists(), r.stderr[-2000:]
     return dom.stdout
 
 
-def _probe(page: Path, script: str, screenshot: Path | None = None) -> str:
+def _probe(base: str, page: Path, script: str, screenshot: Path | None = None) -> str:
     """The DOM of `page` after `script` ran in it (on load): a copy of the page beside it, so that its relative links
     are the page's own, removed afterwards. What the script finds goes in the DOM (e.g. a `data-` attribute)."""
     probe = page.with_name(f'_probe-{page.name}')
     html = page.read_text(encoding='utf-8')
     probe.write_text(html.replace('</body>', f"<script>window.addEventListener('load', () => {{ {script} }});</script></body>", 1),
                      encoding='utf-8')
-    try: return _browse(probe, screenshot)
+    try: return _browse(base, probe, screenshot)
     finally: probe.unlink(missing_ok=True)
 
 
@@ -155,12 +184,10 @@ def _magma_equation(tex):
 
 
 @pytest.fixture(scope='module')
-def site():
-    _need((DOCS / 'index.html').exists(), '_docs/ not built (run `make docs`)')
-    _need(_chromium() is not None, 'no chromium binary (apt-get install -y chromium)')
+def site(served):
     pages = {'index': DOCS / 'index.html', 'manifold': DOCS / 'manifold.html'}
     assert pages['manifold'].exists(), sorted(p.name for p in DOCS.glob('*.html'))
-    return {k: (p, _browse(p, SHOTS / f'{k}.png')) for k, p in pages.items()}
+    return {k: (p, _browse(served, p, SHOTS / f'{k}.png')) for k, p in pages.items()}
 
 
 def _png_ok(p: Path):
@@ -289,16 +316,10 @@ def test_results_pages_hold_the_committed_tables():
         assert not missing, f'{page.relative_to(DOCS)} lacks {len(missing)} cells of {md.relative_to(ROOT)}: {missing[:10]}'
 
 
-@pytest.fixture(scope='module')
-def browser():
-    _need((DOCS / 'index.html').exists(), '_docs/ not built (run `make docs`)')
-    _need(_chromium() is not None, 'no chromium binary (apt-get install -y chromium)')
-
-
-def test_table_page_in_the_browser(browser):
+def test_table_page_in_the_browser(served):
     page = DOCS / 'tables' / 'table2.html'
     assert page.exists(), sorted(p.name for p in (DOCS / 'tables').glob('*.html'))
-    dom = _browse(page, SHOTS / 'table2.png')
+    dom = _browse(served, page, SHOTS / 'table2.png')
     cells = _table_cells(dom)
     assert '45.65' in cells, cells[:40]                  # the chosen schedule's validation score (results/mini/table2-mini.md)
     assert 'λ=1, e_st=0, e_dur=10' in cells and 'not run' not in cells, cells[:40]
@@ -311,10 +332,10 @@ def test_table_page_in_the_browser(browser):
     _png_ok(SHOTS / 'table2.png')
 
 
-def test_figures_page_in_the_browser(browser):
+def test_figures_page_in_the_browser(served):
     page = DOCS / 'tables' / 'figures.html'
     assert page.exists(), sorted(p.name for p in (DOCS / 'tables').glob('*.html'))
-    dom = _probe(page, "document.body.dataset.imgs = JSON.stringify([...document.querySelectorAll('.cell-output img')]"
+    dom = _probe(served, page, "document.body.dataset.imgs = JSON.stringify([...document.querySelectorAll('.cell-output img')]"
                        ".map((i) => [i.complete, i.naturalWidth, i.naturalHeight]));", SHOTS / 'figures.png')
     import html as h, json
     m = re.search(r'data-imgs="([^"]*)"', dom)
@@ -340,24 +361,26 @@ SIGS = ("const main = document.querySelector('main.content').getBoundingClientRe
         "return [p.textContent.trim().split('(')[0], r.right > main.right + 1 || p.scrollWidth > p.clientWidth + 1]; }));")
 
 
-def test_signatures_fit_the_page(browser):
+def test_signatures_fit_the_page(served):
     "Every show_doc signature of the API pages lies inside the text column, whole (wrapped, not cut off nor scrolled)."
     import html as h, json
     n, cut = 0, []
     for page in sorted(DOCS.glob('*.html')):
-        m = re.search(r'data-sigs="([^"]*)"', _probe(page, SIGS))
+        m = re.search(r'data-sigs="([^"]*)"', _probe(served, page, SIGS))
         sigs = json.loads(h.unescape(m.group(1))) if m else []
         n += len(sigs); cut += [f'{page.name}: {name}' for name, bad in sigs if bad]
     assert n > 100, n                                   # the API pages' signatures were found
     assert not cut, f'{len(cut)} of {n} signatures do not fit the page: {cut[:10]}'
 
 
-def test_search_works_from_disk(browser):
-    "Typing in the search box of `index.html` opened as a file:// page lists the magma_loss section of the manifold page."
-    if not (DOCS / 'search.js').exists():
-        pytest.skip('this renderer\'s search fetches search.json: use `make docs-serve` (http://127.0.0.1:8000)')
-    dom = _probe(DOCS / 'index.html', "const i = document.querySelector('.smalldocs-search input'); "
-                                      "i.value = 'magma_loss'; i.dispatchEvent(new Event('input'));")
+def test_search_finds_a_section(served):
+    """Typing `magma_loss` in the search box of the served home page lists the magma_loss section of the manifold page:
+    smalldocs' own search script, which fetches `search.json` (a Quarto build has another search box: it fails here)."""
+    page = DOCS / 'index.html'
+    _need('smalldocs-search' in page.read_text(encoding='utf-8'), 'no smalldocs search box on index.html (another renderer)')
+    dom = _probe(served, page, "const i = document.querySelector('.smalldocs-search input'); "
+                               "i.value = 'magma_loss'; i.dispatchEvent(new Event('input'));")
     hits = re.findall(r'<a class="search-result" href="([^"]*)"', dom)
-    assert hits, 'search found nothing from disk: ' + ('"No results"' if 'search-none' in dom else 'no results box')
+    assert hits, 'search found nothing: ' + ('"No results"' if 'search-none' in dom else 'no results box')
     assert any(x.split('#')[0].endswith('manifold.html') for x in hits), hits
+    assert any(x.endswith('#magma_loss') for x in hits), hits
