@@ -75,15 +75,15 @@ sweep: $(STAMP)  ## print the commands that run every paper table on a multi-GPU
 
 # The docs site: nbdev processes the notebooks (show_doc, doc links) into _proc/, smalldocs (or Quarto, when a quarto
 # binary is on PATH) renders them into _docs/. README.md is hand-written and never touched (settings.ini: readme_nb).
-docs: $(STAMP)  ## build the docs site from the notebooks into _docs/ (open _docs/index.html, or `make docs-serve`)
+docs: $(STAMP)  ## build the docs site from the notebooks into _docs/ (browse it with `make docs-serve`)
 	$(BIN)/python scripts/build_docs.py
 
 .PHONY: docs-serve
-docs-serve: docs  ## build the docs, then serve _docs/ on http://127.0.0.1:8000 (this machine only; PORT=8001 for another)
+docs-serve: docs  ## build the docs, serve _docs/ on http://127.0.0.1:8000 (search needs http; PORT=8001: another)
 	@echo "docs: http://127.0.0.1:$(or $(PORT),8000)/  (Ctrl-C stops)"
 	$(BIN)/python -m http.server $(or $(PORT),8000) --bind 127.0.0.1 --directory _docs
 
-docs-check: docs  ## build the docs, then check them in headless Chromium (needs `apt-get install chromium libjs-katex`)
+docs-check: docs  ## build the docs, check them served on 127.0.0.1 in headless Chromium (apt: chromium libjs-katex)
 	MAGMA_REQUIRE_DOCS=1 $(BIN)/pytest -q tests/test_docs.py
 	@echo "screenshots: $(addprefix $(CURDIR)/_docs/screenshots/,index.png manifold.png table2.png figures.png)"
 

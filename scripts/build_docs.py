@@ -8,12 +8,13 @@
    in the staged copy with papermill (`profile mini`, `launch_runs False`, `runs_dir` a copy of the repository's
    `results/`), so they train nothing and show the committed mini tables and the figures drawn from the committed
    `metrics.csv`, `results.json` and `figure_data.npz` files. The kernels talk to papermill over IPC (local sockets),
-   not TCP: ipykernel prints a warning for every kernel on unencrypted TCP (7 per build before). The executed copies are cached in `_proc/.executed/`, keyed by the notebook,
-   `results/`, `magma/` and this script; `nbs/` is never written.
+   not TCP: ipykernel prints a warning for every kernel on unencrypted TCP (7 per build before). The executed copies
+   are cached in `_proc/.executed/`, keyed by the notebook, `results/`, `magma/` and this script; `nbs/` is never
+   written.
 3. `_proc/` (a Quarto website project: `nbs/_quarto.yml`) rendered to HTML. The renderer is Quarto when a `quarto`
-   binary is on PATH (or in .venv/bin), else smalldocs (pure Python, from PyPI, in the dev extras), which reads the same
-   `_quarto.yml`. The `quarto-cli` package on PyPI cannot be the default: it is an sdist whose build downloads the Quarto
-   binary from GitHub, so it does not install from the package index alone.
+   binary is on PATH (or in .venv/bin), else smalldocs (pure Python, from PyPI, in the dev extras), which reads the
+   same `_quarto.yml`. The `quarto-cli` package on PyPI cannot be the default: it is an sdist whose build downloads the
+   Quarto binary from GitHub, so it does not install from the package index alone.
 4. The site made self-contained: nbdev's doc links to the published site (`doc_host` + `doc_baseurl`, e.g.
    `https://magma-ssl.github.io/magma/manifold.html#...`) become relative links, and when Debian's `libjs-katex` is
    installed KaTeX is copied into `site_libs/katex/` so that the equations render offline (else the CDN is used).
@@ -34,75 +35,81 @@ DEBIAN_KATEX = Path('/usr/share/javascript/katex')
 RESULT_NBS = ('table1', 'table2', 'table3', 'table6', 'table7', 'table8', 'figures')
 RESULT_PARAMS = dict(profile='mini', launch_runs=False)
 RESULT_NOTE = ("*This page was executed when the docs were built (`scripts/build_docs.py`) with `profile mini` and "
-               "`launch_runs False`: it trained nothing and shows what the repository's committed `results/mini/` holds "
-               "({what}).*")
-RESULT_WHAT = dict(figures="each run's `metrics.csv` and `results.json`: Fig. 2 and the Fig. 4 numbers; Figs. 3 to 6 and the "
-                           "reconstructions from the `figure_data.npz` of the demo-sized runs in `results/demo-figures/` "
-                           "(the mini runs predate it; no checkpoint is read)",
-                   table="`results/mini/{name}-mini.md`, re-rendered from the runs' `results.json`; a cell \"not run\" has "
-                         "no committed run")
+               "`launch_runs False`: it trained nothing and shows what the repository's committed `results/mini/` "
+               "holds ({what}).*")
+RESULT_WHAT = dict(figures="each run's `metrics.csv` and `results.json`: Fig. 2 and the Fig. 4 numbers; Figs. 3 to 6 "
+                           "and the reconstructions from the `figure_data.npz` of the demo-sized runs in "
+                           "`results/demo-figures/` (the mini runs predate it; no checkpoint is read)",
+                   table="`results/mini/{name}-mini.md`, re-rendered from the runs' `results.json`; a cell \"not run\" "
+                         "has no committed run")
 
 
 def _digest(paths) -> str:
     h = hashlib.sha256()
     for p in sorted(paths):
-        h.update(p.as_posix().encode()); h.update(b'\0'); h.update(p.read_bytes()); h.update(b'\0')
+        for part in (p.as_posix().encode(), b'\0', p.read_bytes(), b'\0'): h.update(part)
     return h.hexdigest()[:16]
 
 
-def _execute_results(stage: Path, root: Path, cache: Path, n_workers: int = 2):
-    """Execute the table and figures notebooks of `stage/tables/` in place on a copy of `root/results` (papermill,
-    `RESULT_PARAMS`), the copy's path written as `results` in their outputs; papermill's injected-parameters cell becomes
-    a note saying how the page was made. Cached in `cache` by content. Returns the names executed (not from the cache)."""
-    try: import papermill as pm
-    except ImportError: sys.exit("docs: the results pages are executed with papermill, which is not installed: `make setup` "
-                                 "(or pip install papermill ipykernel); `--no-results` builds the site without them")
+def _as_page(nb: Path, name: str, runs: Path) -> str:
+    """The executed notebook `nb` as its page shows it: papermill's injected-parameters cell becomes a note saying how
+    the page was made, and the scratch copy `runs` of results/ is written `results` wherever the outputs name it."""
+    d = json.loads(nb.read_text(encoding='utf-8'))
+    what = RESULT_WHAT['figures'] if name == 'figures' else RESULT_WHAT['table'].format(name=name)
+    note = RESULT_NOTE.format(what=what)
+    d['cells'] = [dict(cell_type='markdown', id=c.get('id', 'injected'), metadata={}, source=note)
+                  if 'injected-parameters' in c.get('metadata', {}).get('tags', []) else c for c in d['cells']]
+    return json.dumps(d, indent=1, ensure_ascii=False).replace(str(runs), 'results')
+
+
+def _execute(pm, nb: Path, runs: Path, ipc: Path):
+    "Run `nb` in place with papermill on the results copy `runs`, its kernel on IPC sockets at `ipc`."
     from traitlets.config import Config
+    try:
+        pm.execute_notebook(str(nb), str(nb), parameters=dict(RESULT_PARAMS, runs_dir=str(runs)), cwd=str(nb.parent),
+                            kernel_name='python3', progress_bar=False,
+                            # a local kernel over IPC, each with its own socket files (two run at once): on TCP,
+                            # ipykernel warns once per kernel that the channel is not encrypted
+                            config=Config({'KernelManager': {'transport': 'ipc', 'ip': str(ipc)}}))
+    except pm.PapermillExecutionError as e:
+        sys.exit(f'docs: executing {nb.parent.name}/{nb.name} on results/ failed in cell {e.exec_count}: '
+                 f'{e.ename}: {e.evalue}')
+
+
+def _execute_results(stage: Path, root: Path, cache: Path, n_workers: int = 2):
+    """Execute the table and figures notebooks of `stage/tables/` in place on a copy of `root/results` (`_execute`),
+    each made a page (`_as_page`). Cached in `cache` by content. Returns the names executed (not from the cache)."""
+    try: import papermill as pm
+    except ImportError: sys.exit("docs: the results pages are executed with papermill, which is not installed: "
+                                 "`make setup` (or pip install papermill ipykernel); `--no-results` builds the site "
+                                 "without them")
     results = root / 'results'
-    if not results.is_dir(): sys.exit(f'docs: {results} is missing: the results pages are rendered from the committed results/')
-    common = _digest([p for p in results.rglob('*') if p.is_file()] + sorted((root / 'magma').glob('*.py')) + [Path(__file__).resolve()])
+    if not results.is_dir(): sys.exit(f'docs: {results} is missing: the results pages are rendered from the committed '
+                                      'results/')
+    common = _digest([p for p in results.rglob('*') if p.is_file()] + sorted((root / 'magma').glob('*.py'))
+                     + [Path(__file__).resolve()])
     cache.mkdir(parents=True, exist_ok=True)
-    todo, ran = [], []
+    todo = []
     for name in RESULT_NBS:
         nb = stage / 'tables' / f'{name}.ipynb'
-        if not nb.exists(): sys.exit(f'docs: {nb.relative_to(stage)} not in the processed notebooks (RESULT_NBS in {Path(__file__).name})')
+        if not nb.exists(): sys.exit(f'docs: {nb.relative_to(stage)} not in the processed notebooks (RESULT_NBS in '
+                                     f'{Path(__file__).name})')
         key = cache / f"{name}-{hashlib.sha256(nb.read_bytes() + common.encode()).hexdigest()[:16]}.ipynb"
         if key.exists(): shutil.copy(key, nb)
         else: todo.append((name, nb, key))
-    if not todo: return ran
+    if not todo: return []
     with tempfile.TemporaryDirectory(prefix='magma-docs-results-') as tmp:
         runs = Path(tmp) / 'results'
         shutil.copytree(results, runs)
         def one(item):
             name, nb, key = item
-            try:
-                pm.execute_notebook(str(nb), str(nb), parameters=dict(RESULT_PARAMS, runs_dir=str(runs)), cwd=str(nb.parent),
-                                    kernel_name='python3', progress_bar=False,
-                                    # a local kernel over IPC, each with its own socket files (two run at once): on TCP,
-                                    # ipykernel warns once per kernel that the channel is not encrypted
-                                    config=Config({'KernelManager': {'transport': 'ipc', 'ip': str(Path(tmp) / f'{name}-ipc')}}))
-            except pm.PapermillExecutionError as e:
-                sys.exit(f'docs: executing {nb.relative_to(stage)} on results/ failed in cell {e.exec_count}: {e.ename}: {e.evalue}')
-            d = json.loads(nb.read_text(encoding='utf-8'))
-            what = RESULT_WHAT['figures'] if name == 'figures' else RESULT_WHAT['table'].format(name=name)
-            cells = []
-            for c in d['cells']:
-                if 'injected-parameters' in c.get('metadata', {}).get('tags', []):
-                    c = dict(cell_type='markdown', id=c.get('id', 'injected'), metadata={}, source=RESULT_NOTE.format(what=what))
-                elif c['cell_type'] == 'code':
-                    for o in c.get('outputs', []):
-                        if 'text' in o: o['text'] = ''.join(o['text']).replace(str(runs), 'results')
-                        for m in ('text/plain', 'text/markdown', 'text/html'):
-                            if m in o.get('data', {}): o['data'][m] = ''.join(o['data'][m]).replace(str(runs), 'results')
-                cells.append(c)
-            d['cells'] = cells
-            text = json.dumps(d, indent=1, ensure_ascii=False)
+            _execute(pm, nb, runs, Path(tmp) / f'{name}-ipc')
+            text = _as_page(nb, name, runs)
             nb.write_text(text, encoding='utf-8')
             for old in cache.glob(f'{name}-*.ipynb'): old.unlink()
             key.write_text(text, encoding='utf-8')
             return name
-        with ThreadPoolExecutor(max(1, n_workers)) as ex: ran = list(ex.map(one, todo))
-    return ran
+        with ThreadPoolExecutor(max(1, n_workers)) as ex: return list(ex.map(one, todo))
 
 
 def _front_cell(nb: dict):
@@ -112,11 +119,18 @@ def _front_cell(nb: dict):
 
 
 def _stage(cache: Path, stage: Path, keep_output_file: bool = True):
-    """Copy `_proc/` to `stage`, each notebook named as its page will be (`output-file`: 00_manifold -> manifold), so that
-    the file names are the pages' names for any renderer (smalldocs does not read `output-file`). Two notebooks that
-    claim one page (11_evaluate.ipynb and evaluate.ipynb both want evaluate.html) are told apart: the module notebook,
-    which nbdev's doc links point to, keeps the name and the other becomes `<name>-notebook.html`."""
+    """Copy `_proc/` to `stage`, each notebook named as its page will be (`output-file`: 00_manifold -> manifold), so
+    that the file names are the pages' names for any renderer (smalldocs does not read `output-file`). Two notebooks
+    that claim one page (11_evaluate.ipynb and evaluate.ipynb both want evaluate.html) are told apart: the module
+    notebook, which nbdev's doc links point to, keeps the name and the other becomes `<name>-notebook.html`."""
     shutil.copytree(cache, stage, ignore=shutil.ignore_patterns('_docs', '_site', '.executed'))
+    renames = _rename_pages(stage, keep_output_file)
+    if (stage / 'sidebar.yml').exists() and renames: _rename_in_sidebar(stage, renames)
+    return renames
+
+
+def _rename_pages(stage: Path, keep_output_file: bool) -> dict:
+    "Rename the notebooks of `stage` after their pages (see `_stage`): {old: new}, paths relative to `stage`."
     nbs = sorted(stage.rglob('*.ipynb'), key=lambda p: (p.parent.as_posix(), not re.match(r'\d+_', p.name), p.name))
     taken, renames = set(), {}
     for nb in nbs:
@@ -134,39 +148,42 @@ def _stage(cache: Path, stage: Path, keep_output_file: bool = True):
         if stem != nb.stem: renames[nb] = nb.with_name(stem + '.ipynb')
     for i, nb in enumerate(renames): nb.rename(nb.with_name(f'.rename{i}'))     # two steps: a target may be a source
     for i, (nb, new) in enumerate(renames.items()): nb.with_name(f'.rename{i}').rename(new)
-    renames = {a.relative_to(stage).as_posix(): b.relative_to(stage).as_posix() for a, b in renames.items()}
+    return {a.relative_to(stage).as_posix(): b.relative_to(stage).as_posix() for a, b in renames.items()}
+
+
+def _notebook_title(nb: Path) -> str:
+    "The sidebar entry of a `-notebook` page: its front matter's title (else its name) and ` (notebook)`."
+    fm = _front_cell(json.loads(nb.read_text(encoding='utf-8')))
+    m = re.search(r'(?m)^title:\s*(.+?)\s*$', ''.join(fm['source'])) if fm else None
+    return (m.group(1).strip('"\'') if m else nb.stem.replace('-notebook', '')) + ' (notebook)'
+
+
+def _rename_in_sidebar(stage: Path, renames: dict):
+    "nbdev's `sidebar.yml` in `stage` told the new names; a `-notebook` page gets a title saying so."
+    import yaml
+    def walk(items):
+        for i, it in enumerate(items):
+            if isinstance(it, str) and it in renames:
+                new = renames[it]
+                notebook = new.endswith('-notebook.ipynb')
+                items[i] = {'text': _notebook_title(stage / new), 'href': new} if notebook else new
+            elif isinstance(it, dict):
+                if isinstance(it.get('href'), str) and it['href'] in renames: it['href'] = renames[it['href']]
+                if isinstance(it.get('contents'), list): walk(it['contents'])
     sb = stage / 'sidebar.yml'
-    if sb.exists() and renames:
-        import yaml
-        def title(rel):
-            fm = _front_cell(json.loads((stage / rel).read_text(encoding='utf-8')))
-            m = re.search(r'(?m)^title:\s*(.+?)\s*$', ''.join(fm['source'])) if fm else None
-            return (m.group(1).strip('"\'') if m else Path(rel).stem.replace('-notebook', '')) + ' (notebook)'
-        def walk(items):
-            for i, it in enumerate(items):
-                if isinstance(it, str) and it in renames:
-                    new = renames[it]
-                    items[i] = {'text': title(new), 'href': new} if new.endswith('-notebook.ipynb') else new
-                elif isinstance(it, dict):
-                    if isinstance(it.get('href'), str) and it['href'] in renames: it['href'] = renames[it['href']]
-                    if isinstance(it.get('contents'), list): walk(it['contents'])
-        y = yaml.safe_load(sb.read_text(encoding='utf-8'))
-        walk(y['website']['sidebar']['contents'])
-        sb.write_text(yaml.safe_dump(y, sort_keys=False), encoding='utf-8')
-    return renames
-
-
-def _ids(html: str):
-    return set(re.findall(r'\sid="([^"]+)"', html))
+    y = yaml.safe_load(sb.read_text(encoding='utf-8'))
+    walk(y['website']['sidebar']['contents'])
+    sb.write_text(yaml.safe_dump(y, sort_keys=False), encoding='utf-8')
 
 
 def _postprocess(site: Path, doc_url: str, katex: bool):
-    """Relative links instead of links to the published site; KaTeX from site_libs when vendored. nbdev links every
-    symbol of the index, also methods that have no show_doc section of their own (`SSLMethod.encode_views`): such a
-    link goes to its class's section (`#sslmethod`), else to the top of its page, instead of a missing anchor."""
+    """Relative links instead of links to the published site; KaTeX from site_libs when vendored (both rewrite our
+    pages' HTML, not a third party's code). nbdev links every symbol of the index, also methods that have no show_doc
+    section of their own (`SSLMethod.encode_views`): such a link goes to its class's section (`#sslmethod`), else to the
+    top of its page, instead of a missing anchor."""
     pat = re.compile(r'(href|src)="' + re.escape(doc_url.rstrip('/') + '/') + r'([^"#]*)(?:#([^"]*))?"')
     pages = {p: p.read_text(encoding='utf-8') for p in site.rglob('*.html')}
-    ids = {p.resolve(): _ids(h) for p, h in pages.items()}
+    ids = {p.resolve(): set(re.findall(r'\sid="([^"]+)"', h)) for p, h in pages.items()}
     n_links = n_fallback = 0
     for page, s in pages.items():
         up = '../' * (len(page.relative_to(site).parts) - 1)
@@ -187,6 +204,7 @@ def _postprocess(site: Path, doc_url: str, katex: bool):
 
 
 def _vendor_katex(site: Path):
+    "Debian's libjs-katex copied into `site_libs/katex/` (fonts and auto-render included), when it is installed."
     if not (DEBIAN_KATEX / 'katex.min.js').exists(): return False
     dst = site / 'site_libs' / 'katex'
     shutil.rmtree(dst, ignore_errors=True)
@@ -198,10 +216,12 @@ def _vendor_katex(site: Path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument('--renderer', choices=['auto', 'quarto', 'smalldocs'], default=os.environ.get('MAGMA_DOCS_RENDERER', 'auto'))
+    ap.add_argument('--renderer', choices=['auto', 'quarto', 'smalldocs'],
+                    default=os.environ.get('MAGMA_DOCS_RENDERER', 'auto'))
     ap.add_argument('--n_workers', type=int, default=2)
     ap.add_argument('--force', action='store_true', help='re-process every notebook (ignore the _proc cache)')
-    ap.add_argument('--no-results', action='store_true', help='do not execute the table and figures notebooks (empty results pages)')
+    ap.add_argument('--no-results', action='store_true',
+                    help='do not execute the table and figures notebooks (empty results pages)')
     a = ap.parse_args(argv)
     t0 = time.time()
     from nbdev.config import get_config
@@ -226,8 +246,9 @@ def main(argv=None):
         if not a.no_results:
             t2 = time.time()
             ran = _execute_results(src, root, cache / '.executed', a.n_workers)
-            print(f'docs: results pages {", ".join(RESULT_NBS)} ' + (f'executed on results/ ({", ".join(ran)}) in {time.time() - t2:.1f}s'
-                  if ran else 'from the cache (_proc/.executed)'), flush=True)
+            how = f'executed on results/ ({", ".join(ran)}) in {time.time() - t2:.1f}s' if ran else \
+                'from the cache (_proc/.executed)'
+            print(f'docs: results pages {", ".join(RESULT_NBS)} {how}', flush=True)
         if renderer == 'quarto':
             if not quarto: sys.exit('docs: --renderer quarto but no quarto binary on PATH')
             subprocess.run([quarto, 'render', '--no-cache'], cwd=src, check=True)
@@ -241,7 +262,8 @@ def main(argv=None):
         shutil.move(str(out), str(doc_path))
     n = sum(1 for _ in doc_path.rglob('*.html'))
     print(f'docs: {renderer} rendered {n} pages into {doc_path.relative_to(root)}/ in {time.time() - t1:.1f}s '
-          f'({n_links} doc links made relative, {n_fallback} of them to the section of their class or page; KaTeX {"vendored from libjs-katex" if katex else "from the CDN"}); '
+          f'({n_links} doc links made relative, {n_fallback} of them to the section of their class or page; '
+          f'KaTeX {"vendored from libjs-katex" if katex else "from the CDN"}); '
           f'total {time.time() - t0:.1f}s; `make docs-serve` to browse it with search')
 
 

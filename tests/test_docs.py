@@ -146,7 +146,8 @@ def _browse(base: str, page: Path, screenshot: Path | None = None) -> str:
         assert dom.returncode == 0 and '<html' in dom.stdout, dom.stderr[-2000:]
         if screenshot:
             screenshot.parent.mkdir(parents=True, exist_ok=True); screenshot.unlink(missing_ok=True)
-            r = subprocess.run(base_args + [f'--screenshot={screenshot}', url], capture_output=True, text=True, timeout=120)
+            r = subprocess.run(base_args + [f'--screenshot={screenshot}', url], capture_output=True, text=True,
+                               timeout=120)
             assert r.returncode == 0 and screenshot.exists(), r.stderr[-2000:]
     return dom.stdout
 
@@ -156,8 +157,8 @@ def _probe(base: str, page: Path, script: str, screenshot: Path | None = None) -
     are the page's own, removed afterwards. What the script finds goes in the DOM (e.g. a `data-` attribute)."""
     probe = page.with_name(f'_probe-{page.name}')
     html = page.read_text(encoding='utf-8')
-    probe.write_text(html.replace('</body>', f"<script>window.addEventListener('load', () => {{ {script} }});</script></body>", 1),
-                     encoding='utf-8')
+    on_load = f"<script>window.addEventListener('load', () => {{ {script} }});</script></body>"
+    probe.write_text(html.replace('</body>', on_load, 1), encoding='utf-8')
     try: return _browse(base, probe, screenshot)
     finally: probe.unlink(missing_ok=True)
 
@@ -218,7 +219,8 @@ def test_manifold_page(site):
     i = compact.find('defmagma_loss(')
     assert i >= 0, 'no magma_loss signature on the page'
     sig = compact[i:compact.find(')->Tensor', i) + 9]
-    assert sig.startswith('defmagma_loss(z_ref:Tensor,z_target:Tensor,bandwidth:') and 'normalized:bool=True' in sig, sig
+    assert sig.startswith('defmagma_loss(z_ref:Tensor,z_target:Tensor,bandwidth:'), sig
+    assert 'normalized:bool=True' in sig, sig
     assert 'trace(Y^T L Y) / B^2' in text                # its docstring
     _png_ok(SHOTS / 'manifold.png')
 
@@ -257,7 +259,8 @@ def _table_cells(html):
 
 def _md_cells(md: str):
     "Every cell of the Markdown tables of `md` (separator rows left out); `**` bold marks dropped."
-    rows = [l.strip() for l in md.splitlines() if l.strip().startswith('|') and not re.fullmatch(r'\|[-:| ]+\|', l.strip())]
+    rows = [l.strip() for l in md.splitlines()
+            if l.strip().startswith('|') and not re.fullmatch(r'\|[-:| ]+\|', l.strip())]
     return [c.strip().replace('**', '') for r in rows for c in r.strip('|').split('|')]
 
 
@@ -313,7 +316,8 @@ def test_results_pages_hold_the_committed_tables():
         want = _md_cells(md.read_text(encoding='utf-8'))
         assert len(want) > 50, (md, want)
         missing = [c for c in dict.fromkeys(want) if c not in have]
-        assert not missing, f'{page.relative_to(DOCS)} lacks {len(missing)} cells of {md.relative_to(ROOT)}: {missing[:10]}'
+        assert not missing, (f'{page.relative_to(DOCS)} lacks {len(missing)} cells of {md.relative_to(ROOT)}: '
+                             f'{missing[:10]}')
 
 
 def test_table_page_in_the_browser(served):
@@ -321,7 +325,7 @@ def test_table_page_in_the_browser(served):
     assert page.exists(), sorted(p.name for p in (DOCS / 'tables').glob('*.html'))
     dom = _browse(served, page, SHOTS / 'table2.png')
     cells = _table_cells(dom)
-    assert '45.65' in cells, cells[:40]                  # the chosen schedule's validation score (results/mini/table2-mini.md)
+    assert '45.65' in cells, cells[:40]      # the chosen schedule's validation score (results/mini/table2-mini.md)
     assert 'λ=1, e_st=0, e_dur=10' in cells and 'not run' not in cells, cells[:40]
     main = next(t for t in _html_tables(dom) if t[0][:2] == ['Method', 'λ, e_st, e_dur'])   # the table itself, first
     labels = _labels(main[1:], main[0])
@@ -335,8 +339,9 @@ def test_table_page_in_the_browser(served):
 def test_figures_page_in_the_browser(served):
     page = DOCS / 'tables' / 'figures.html'
     assert page.exists(), sorted(p.name for p in (DOCS / 'tables').glob('*.html'))
-    dom = _probe(served, page, "document.body.dataset.imgs = JSON.stringify([...document.querySelectorAll('.cell-output img')]"
-                       ".map((i) => [i.complete, i.naturalWidth, i.naturalHeight]));", SHOTS / 'figures.png')
+    dom = _probe(served, page, "document.body.dataset.imgs = JSON.stringify("
+                               "[...document.querySelectorAll('.cell-output img')]"
+                               ".map((i) => [i.complete, i.naturalWidth, i.naturalHeight]));", SHOTS / 'figures.png')
     import html as h, json
     m = re.search(r'data-imgs="([^"]*)"', dom)
     assert m, 'the probe found no figures'
@@ -356,9 +361,11 @@ def test_figures_page_in_the_browser(served):
 
 
 SIGS = ("const main = document.querySelector('main.content').getBoundingClientRect(); "
-        "const sigs = [...document.querySelectorAll('.cell-output-markdown pre')].filter((p) => /^(async def|def|class) /.test(p.textContent.trim())); "
+        "const sigs = [...document.querySelectorAll('.cell-output-markdown pre')]"
+        ".filter((p) => /^(async def|def|class) /.test(p.textContent.trim())); "
         "document.body.dataset.sigs = JSON.stringify(sigs.map((p) => { const r = p.getBoundingClientRect(); "
-        "return [p.textContent.trim().split('(')[0], r.right > main.right + 1 || p.scrollWidth > p.clientWidth + 1]; }));")
+        "return [p.textContent.trim().split('(')[0], "
+        "r.right > main.right + 1 || p.scrollWidth > p.clientWidth + 1]; }));")
 
 
 def test_signatures_fit_the_page(served):
@@ -377,7 +384,8 @@ def test_search_finds_a_section(served):
     """Typing `magma_loss` in the search box of the served home page lists the magma_loss section of the manifold page:
     smalldocs' own search script, which fetches `search.json` (a Quarto build has another search box: it fails here)."""
     page = DOCS / 'index.html'
-    _need('smalldocs-search' in page.read_text(encoding='utf-8'), 'no smalldocs search box on index.html (another renderer)')
+    _need('smalldocs-search' in page.read_text(encoding='utf-8'),
+          'no smalldocs search box on index.html (another renderer)')
     dom = _probe(served, page, "const i = document.querySelector('.smalldocs-search input'); "
                                "i.value = 'magma_loss'; i.dispatchEvent(new Event('input'));")
     hits = re.findall(r'<a class="search-result" href="([^"]*)"', dom)

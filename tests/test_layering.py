@@ -1,10 +1,10 @@
 """The package is layered as the notebooks are ordered: no module of `magma/` imports a module of a later notebook.
 
-The notebooks `nbs/[0-9]*.ipynb`, sorted by file name, are the pipeline a reader follows (`00_manifold` ... `17_tables`),
-and each names the module it exports with `#| default_exp` (`04_mae` -> `magma.ssl.mae`). A module may import the
-modules of its own and earlier notebooks, never a later one's: an import that points back up the pipeline (at top
-level or inside a function, where a lazy import would hide it from a plain import test) is a back-edge, and the test
-prints every such edge as `importer (notebook) -> imported (notebook)`.
+The notebooks `nbs/[0-9]*.ipynb`, sorted by file name, are the pipeline a reader follows (`00_manifold` to
+`17_tables`), and each names the module it exports with `#| default_exp` (`04_mae` -> `magma.ssl.mae`). A module may
+import the modules of its own and earlier notebooks, never a later one's: an import that points back up the pipeline
+(at top level or inside a function, where a lazy import would hide it from a plain import test) is a back-edge, and
+the test prints every such edge as `importer (notebook) -> imported (notebook)`.
 
 Read with `ast`, nothing imported (no torch). Counted: `import magma.x`, `from magma.x import y`, `from magma import x`,
 the relative forms (`from .x import y`, `from ..x import y`, `from . import x`), and `importlib.import_module` with a
@@ -15,8 +15,6 @@ registry) cannot be read statically.
 import ast, json, re
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / 'magma'
 
@@ -26,7 +24,8 @@ def notebook_order(nbs: Path = ROOT / 'nbs') -> dict:
     order = {}
     for i, nb in enumerate(sorted(nbs.glob('[0-9]*.ipynb'))):
         for c in json.loads(nb.read_text(encoding='utf-8'))['cells']:
-            m = re.search(r'^#\|\s*default_exp\s+(\S+)', ''.join(c['source']), re.M) if c['cell_type'] == 'code' else None
+            if c['cell_type'] != 'code': continue
+            m = re.search(r'^#\|\s*default_exp\s+(\S+)', ''.join(c['source']), re.M)
             if m:
                 order[f'magma.{m.group(1)}'] = (i, nb.stem)
                 break
@@ -37,6 +36,11 @@ def module_name(path: Path, pkg: Path = PKG) -> str:
     "`magma/ssl/mae.py` -> `magma.ssl.mae` (`__init__.py` names its package)."
     parts = path.relative_to(pkg.parent).with_suffix('').parts
     return '.'.join(parts[:-1] if parts[-1] == '__init__' else parts)
+
+
+def _called(call: ast.Call):
+    "The name a call calls: `f` of `f(...)` and of `mod.f(...)`."
+    return getattr(call.func, 'attr', getattr(call.func, 'id', None))
 
 
 def imported_names(path: Path, pkg: Path = PKG) -> set:
@@ -51,9 +55,9 @@ def imported_names(path: Path, pkg: Path = PKG) -> set:
             base = package.split('.')[:len(package.split('.')) - node.level + 1] if node.level else []
             base = '.'.join(base + ([node.module] if node.module else []))
             out |= {base} | {f'{base}.{a.name}' for a in node.names}
-        elif (isinstance(node, ast.Call) and getattr(node.func, 'attr', getattr(node.func, 'id', None)) == 'import_module'
-              and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
-            out.add(node.args[0].value)
+        elif isinstance(node, ast.Call) and _called(node) == 'import_module' and node.args:
+            if isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+                out.add(node.args[0].value)
     return out
 
 
@@ -94,8 +98,8 @@ def test_imports_resolve(tmp_path):
 
 def test_no_back_edges():
     edges = back_edges()
-    assert not edges, (f'{len(edges)} import(s) of a later notebook\'s module (the modules follow the notebooks\' order; '
-                       'move the code down the pipeline or the shared part up):\n' + '\n'.join(edges))
+    assert not edges, (f'{len(edges)} import(s) of a later notebook\'s module (the modules follow the notebooks\' '
+                       'order; move the code down the pipeline or the shared part up):\n' + '\n'.join(edges))
 
 
 def test_a_planted_back_edge_is_found(tmp_path):
@@ -104,6 +108,6 @@ def test_a_planted_back_edge_is_found(tmp_path):
     pkg = tmp_path / 'magma'
     shutil.copytree(PKG, pkg, ignore=shutil.ignore_patterns('__pycache__', '*.txt'))
     src = pkg / 'manifold.py'
-    src.write_text(src.read_text(encoding='utf-8') + '\n\ndef _late():\n    from .train import train\n    return train\n',
-                   encoding='utf-8')
+    late = '\n\ndef _late():\n    from .train import train\n    return train\n'
+    src.write_text(src.read_text(encoding='utf-8') + late, encoding='utf-8')
     assert back_edges(pkg) == ['magma.manifold (00_manifold) -> magma.train (10_train)']
