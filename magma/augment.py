@@ -30,13 +30,19 @@ class ViewAug:
 def as_views(views) -> tuple:
     "`views` (ViewAug objects, or dicts of ViewAug fields, one per view; 'eval' or () for none) as a tuple of ViewAug."
     if isinstance(views, str):
-        if views != 'eval': raise ValueError(f"augmentation {views!r}: pass a method's views (magma.methods.METHODS[name].views), a tuple of ViewAug, or 'eval'")
+        if views != 'eval':
+            raise ValueError(f"augmentation {views!r}: pass a method's views (magma.methods.METHODS[name].views), "
+                             f"a tuple of ViewAug, or 'eval'")
         return ()
     out = []
     for v in views:
-        if isinstance(v, ViewAug): out.append(v); continue
+        if isinstance(v, ViewAug):
+            out.append(v)
+            continue
         bad = sorted(set(v) - set(ViewAug.__dataclass_fields__))
-        if bad: raise ValueError(f"unknown augmentation parameter(s) {bad}; valid: {', '.join(ViewAug.__dataclass_fields__)}")
+        if bad:
+            raise ValueError(f"unknown augmentation parameter(s) {bad}; "
+                             f"valid: {', '.join(ViewAug.__dataclass_fields__)}")
         out.append(ViewAug(**{k: tuple(x) if isinstance(x, list) else x for k, x in v.items()}))
     return tuple(out)
 
@@ -53,7 +59,9 @@ def sample_crops(n, height, width, scale=(0.08, 1.0), ratio=(3/4, 4/3), generato
     u = torch.rand(n, 2, generator=g)
     top, left = (u[:, 0] * (height - h + 1)).floor(), (u[:, 1] * (width - w + 1)).floor()
     r = width / height  # torchvision's fallback: the central crop with the ratio clamped into range
-    fw, fh = (width, round(width / min(ratio))) if r < min(ratio) else (round(height * max(ratio)), height) if r > max(ratio) else (width, height)
+    if r < min(ratio): fw, fh = width, round(width / min(ratio))
+    elif r > max(ratio): fw, fh = round(height * max(ratio)), height
+    else: fw, fh = width, height
     h, w = torch.where(found, h, fh), torch.where(found, w, fw)
     top, left = torch.where(found, top, (height - fh) // 2), torch.where(found, left, (width - fw) // 2)
     return torch.stack([top, left, h, w], 1).long()
@@ -148,8 +156,43 @@ def to_device(t: torch.Tensor, dev) -> torch.Tensor:
     if _is_on(t, dev): return t
     return t.pin_memory().to(dev, non_blocking=True) if t.device.type == 'cpu' else t.to(dev)
 
+# %% ../nbs/08a_augment.ipynb #76e2ac8c
+def _draw_jitter(c: torch.Tensor, v: ViewAug, rand) -> tuple[torch.Tensor, list]:
+    "Fill in the jitter's order and factors of draws `c`; the indices of the jittered images and their `jitter_groups`."
+    on, order = rand() < v.jitter_p, rand(4).argsort(1)
+    lo = torch.tensor([max(0, 1 - v.jitter[0]), max(0, 1 - v.jitter[1]), max(0, 1 - v.jitter[2]), -v.jitter[3]])
+    hi = torch.tensor([1 + v.jitter[0], 1 + v.jitter[1], 1 + v.jitter[2], v.jitter[3]])
+    c[:, 5:9], c[:, 9:13], ij = order.float(), lo + rand(4) * (hi - lo), on.nonzero()[:, 0]
+    return ij, jitter_groups(order[ij])                                  # on the CPU: no nonzero() on the device
+
+def _draws(B: int, H: int, W: int, v: ViewAug, g=None) -> tuple[torch.Tensor, int, int, list]:
+    "`TensorAugment.draws`: every random number of one view, on the CPU, packed."
+    rand = lambda *s: torch.rand(B, *s, generator=g)
+    c = torch.zeros(B, DRAW_COLS)
+    c[:, 0:4] = sample_crops(B, H, W, v.scale, v.ratio, g).float()      # exact: image sides are far below 2**24
+    c[:, 4] = (rand() < v.flip_p).float()
+    ij = ib = torch.zeros(0, dtype=torch.long)
+    groups = []
+    if v.jitter_p: ij, groups = _draw_jitter(c, v, rand)
+    if v.gray_p: c[:, 13] = (rand() < v.gray_p).float()
+    if v.blur_p:
+        on, c[:, 14] = rand() < v.blur_p, v.blur_sigma[0] + rand() * (v.blur_sigma[1] - v.blur_sigma[0])
+        ib = on.nonzero()[:, 0]
+    if v.solarize_p: c[:, 15] = (rand() < v.solarize_p).float()
+    packed = torch.cat([c.flatten(), ij.float(), *(i.float() for i in groups), ib.float()])
+    return packed, len(ij), len(ib), [len(i) for i in groups]
+
+def _unpack(p: torch.Tensor, B: int, nj: int, nb: int, sizes: list) -> tuple:
+    "The packed draws `p` (on the device) split back: the (B, DRAW_COLS) table, jittered, groups, blurred indices."
+    c, ij, *groups, ib = p.split([B * DRAW_COLS, nj, *sizes, nb])
+    c = c.view(B, DRAW_COLS)
+    ij, ib, groups = ij.long(), ib.long(), [i.long() for i in groups]
+    return c, ij, groups, ib
+
+# %% ../nbs/08a_augment.ipynb #9c0fb933
 class TensorAugment:
-    "Batched augmentation of `views` (one ViewAug or dict per view, as a method declares them; 'eval': none) to `img_size`, normalized."
+    """Batched augmentation of `views` (one ViewAug or dict per view, as a method declares them; 'eval': none) to
+    `img_size`, normalized."""
     def __init__(self, views, img_size, mean=(0.5,)*3, std=(0.25,)*3, crop=True):
         self.views, self.img_size, self.crop = as_views(views), img_size, crop
         self.mean, self.std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
@@ -168,39 +211,22 @@ class TensorAugment:
     def resize(self, x):
         "Eval geometry: a (square) batch is resized to `img_size` if it is not that size already."
         if x.shape[-2:] == (self.img_size, self.img_size): return x
-        return F.interpolate(x, size=(self.img_size,) * 2, mode='bicubic', antialias=True, align_corners=False).clamp(0, 1)
+        x = F.interpolate(x, size=(self.img_size,) * 2, mode='bicubic', antialias=True, align_corners=False)
+        return x.clamp(0, 1)
 
     def draws(self, B: int, H: int, W: int, v: ViewAug, g=None) -> tuple[torch.Tensor, int, int, list]:
         """Every random number of one view of `B` images of H x W, drawn on the CPU in a fixed order (crop boxes, flip,
         jitter on / order / factors, gray, blur on / sigma, solarize), packed into one float32 tensor: `B` rows of
         `DRAW_COLS` columns, the indices of the jittered images, their 16 `jitter_groups` (4 x their number), the
         indices of the blurred images; and the number of jittered and of blurred images, and the 16 groups' sizes."""
-        rand = lambda *s: torch.rand(B, *s, generator=g)
-        c = torch.zeros(B, DRAW_COLS)
-        c[:, 0:4] = sample_crops(B, H, W, v.scale, v.ratio, g).float()      # exact: image sides are far below 2**24
-        c[:, 4] = (rand() < v.flip_p).float()
-        ij = ib = torch.zeros(0, dtype=torch.long); groups = []
-        if v.jitter_p:
-            on, order = rand() < v.jitter_p, rand(4).argsort(1)
-            lo = torch.tensor([max(0, 1 - v.jitter[0]), max(0, 1 - v.jitter[1]), max(0, 1 - v.jitter[2]), -v.jitter[3]])
-            hi = torch.tensor([1 + v.jitter[0], 1 + v.jitter[1], 1 + v.jitter[2], v.jitter[3]])
-            c[:, 5:9], c[:, 9:13], ij = order.float(), lo + rand(4) * (hi - lo), on.nonzero()[:, 0]
-            groups = jitter_groups(order[ij])                                  # on the CPU: no nonzero() on the device
-        if v.gray_p: c[:, 13] = (rand() < v.gray_p).float()
-        if v.blur_p:
-            on, c[:, 14] = rand() < v.blur_p, v.blur_sigma[0] + rand() * (v.blur_sigma[1] - v.blur_sigma[0])
-            ib = on.nonzero()[:, 0]
-        if v.solarize_p: c[:, 15] = (rand() < v.solarize_p).float()
-        packed = torch.cat([c.flatten(), ij.float(), *(i.float() for i in groups), ib.float()])
-        return packed, len(ij), len(ib), [len(i) for i in groups]
+        return _draws(B, H, W, v, g)
 
     def view(self, x, v: ViewAug, g=None, crop=True):
-        "One augmented view of float `x` in [0,1]: the draws copied to x's device in one non-blocking copy, then applied."
+        """One augmented view of float `x` in [0,1]: the draws copied to x's device in one non-blocking copy, then
+        applied."""
         B, dev = len(x), x.device
         packed, nj, nb, sizes = self.draws(B, x.shape[-2], x.shape[-1], v, g)
-        p = to_device(packed, dev)
-        c, ij, *groups, ib = p.split([B * DRAW_COLS, nj, *sizes, nb]); c = c.view(B, DRAW_COLS)
-        ij, ib, groups = ij.long(), ib.long(), [i.long() for i in groups]
+        c, ij, groups, ib = _unpack(to_device(packed, dev), B, nj, nb, sizes)
         x = resized_crop(x, c[:, 0:4], self.img_size).clamp(0, 1) if crop else self.resize(x)
         x = torch.where(c[:, 4].view(-1, 1, 1, 1) > 0.5, x.flip(-1), x)  # a new tensor: safe to modify in place below
         if nj: x.index_copy_(0, ij, color_jitter(x[ij], c[ij, 9:13], groups=groups))

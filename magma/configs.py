@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_configs.ipynb #923088c5
 from __future__ import annotations
-import os, re, tempfile
+import json, math, numbers, os, re, tempfile
 from pathlib import Path
 from dataclasses import dataclass, field, fields
 from .methods import METHODS, method_spec, default_method
@@ -35,7 +35,8 @@ PAPER_TABLE5 = {  # SimCLR- and VICReg-based methods
 # (i) common parameters, (ii) MAE family, (iii) joint-embedding family (appendix A), and the official code's defaults
 PAPER_COMMON = dict(weight_decay=0.05, warmup_epochs=10, magma_weight=1.0, magma_epochs=100, magma_layers=(10,),
                     magma_target=-1, magma_schedule='warmup')
-PAPER_MAE = dict(mask_ratio=0.75, uniformity_weight=0.01, **DECODERS['paper'])   # the decoder presets live with the MAE (04_mae)
+# the decoder presets live with the MAE (04_mae)
+PAPER_MAE = dict(mask_ratio=0.75, uniformity_weight=0.01, **DECODERS['paper'])
 PAPER_JE = dict(temperature=0.2)
 # the paper's tables by method family; each method declares its family on its class (`MethodSpec.family`)
 PAPER_BY_FAMILY = {'mae': (PAPER_TABLE4, PAPER_MAE), 'joint-embedding': (PAPER_TABLE5, PAPER_JE)}
@@ -43,74 +44,173 @@ PAPER_BY_FAMILY = {'mae': (PAPER_TABLE4, PAPER_MAE), 'joint-embedding': (PAPER_T
 def paper_table(method: str) -> dict:
     "Table 4 for the MAE family, Table 5 for the joint-embedding family, as the method's registered family says."
     fam = method_spec(method).family
-    if fam not in PAPER_BY_FAMILY: raise ValueError(f"method {method!r} has family {fam!r}, which no table of the paper covers; use profile='mini' or 'smoke'")
+    if fam not in PAPER_BY_FAMILY:
+        raise ValueError(f"method {method!r} has family {fam!r}, which no table of the paper covers; "
+                         f"use profile='mini' or 'smoke'")
     return PAPER_BY_FAMILY[fam][0]
 
 # %% ../nbs/09_configs.ipynb #120f9cd3
 def _p(default, help: str): return field(default=default, metadata={'help': help})
 
+# %% ../nbs/09_configs.ipynb #a3022399
+_HELP = dict(
+    method="a registered method: any name in magma.methods.METHODS, listed by --help and in the error for an unknown "
+           "one",
+    dataset="cifar10, cifar100, stl10, tinyimagenet, imagenet100, imagenet, synthetic or folder:<path>",
+    data_dir="data root (default: data/ at the project root, or $MAGMA_DATA)",
+    backbone="vit_tiny, vit_small, vit_base or vit_large",
+    backbone_flavour="mae (fixed sin-cos pos-embed, MAE init, 12-head tiny and small) or timm (learned pos-embed, "
+                     "timm init, 3-head tiny); None: the method's official one",
+    img_size="input resolution in pixels",
+    patch_size="ViT patch size; must divide img_size",
+    epochs="pretraining epochs",
+    batch_size="global batch size, split evenly across processes under DDP (Tables 4 and 5 give the global batch)",
+    accum_steps="gradient accumulation: split each process's batch into this many micro-batches, one optimizer step "
+                "per batch (MAE's accum_iter); each micro-batch builds its own MAGMA graph",
+    lr="base learning rate, scaled by batch_size / 256 (the global batch)",
+    weight_decay="AdamW weight decay",
+    exclude_bias_norm_wd="exempt biases, norms and other 1-D parameters from weight decay (FB MAE); False decays "
+                         "every parameter, as the official code does",
+    warmup_epochs="linear learning-rate warmup, in epochs, then cosine to 0",
+)
+
+# %% ../nbs/09_configs.ipynb #79dbbc71
+_HELP.update(
+    mask_ratio="MAE mask ratio, in (0, 1)",
+    decoder_dim="MAE decoder width (paper 512, light 128)",
+    decoder_depth="MAE decoder blocks (paper 8, light 2)",
+    decoder_heads="MAE decoder heads (paper 16, light 4)",
+    magma_weight="λ, the MAGMA weight while the schedule is on (M- methods only)",
+    magma_start="e_st: the epoch at which λ switches on",
+    magma_epochs="e_dur: for how many epochs λ stays on (warmup and triangle schedules)",
+    magma_layers="reference blocks, each paired with magma_target",
+    magma_target="the regularized block (-1 = last)",
+    magma_schedule="warmup (official), constant, step or triangle",
+    magma_global="build the MAGMA graph over the global batch across processes; None: yes under DDP, as one process "
+                 "would",
+    uniformity_weight="uniformity weight of the methods that have one (the U-MAE family; a method whose own default "
+                      "differs keeps it unless this is set)",
+    temperature="SimCLR temperature",
+)
+
+# %% ../nbs/09_configs.ipynb #867d5793
+_HELP.update(
+    seed="random seed",
+    device="auto, cpu, cuda or cuda:N",
+    precision="fp32 (IEEE: TF32 off), tf32 (fp32 weights, TF32 matmuls and convolutions: CUDA), bf16 (autocast) or "
+              "fp16 (autocast + GradScaler, CUDA); the paper profile gives bf16 on CUDA, fp32 elsewhere",
+    compile="wrap the model in torch.compile",
+    out_dir="run directory: checkpoints, logs, plots, results.json; None: a fresh runs/<method>-<dataset>-s<seed>, "
+            "with -2, -3 ... when taken, in a private temp folder for smoke; with resume, the last one taken",
+    resume="continue from out_dir's last checkpoint: true (an error if it has none), auto (continue a checkpoint of "
+           "the same config, else start: what a requeued sweep job runs), or false",
+    overwrite="replace the run already in out_dir (its checkpoint, logs and results); without it, or resume, such a "
+              "run is refused",
+    profile="smoke, mini or paper: fills in every parameter left as None",
+)
+
+# %% ../nbs/09_configs.ipynb #ad505200
+_HELP.update(
+    n_per_class="synthetic dataset: images per class (train split)",
+    skip_unreadable="folder datasets: leave out unreadable image files (their count is printed) instead of refusing "
+                    "them",
+    download="fetch dataset (and eval_dataset) if missing: cifar10, cifar100, stl10, tinyimagenet (ImageNet cannot be "
+             "downloaded)",
+    eval_dataset="the labelled dataset kNN, probes, validation and test are scored on (same names as dataset); None: "
+                 "dataset itself; needed for an unlabeled folder",
+    train_fraction="pretrain on this stratified fraction of each class of the training split (and of its unlabeled "
+                   "images); 1 = all",
+    train_per_class="pretrain on this many images of each class (unlabeled images left out); None = off; not with "
+                    "train_fraction",
+    subset_seed="seed of the train_fraction / train_per_class draw; fixed across training seeds, so a seed sweep "
+                "pretrains on the same images",
+    val_fraction="hold out this stratified fraction of the training split (never pretrained on) to score kNN and "
+                 "probes on; 0 = none",
+)
+
+# %% ../nbs/09_configs.ipynb #5ca08331
+_HELP.update(
+    online_lr="learning rate of the online linear probe (AdamW, no weight decay)",
+    log_every="steps between per-step CSV rows",
+    save_every="checkpoint every N epochs (2) or after N seconds of training since the last one (600s); the last "
+               "epoch is always saved",
+    loggers="where the run logs: tensorboard, wandb, both comma-separated (tensorboard,wandb), or none",
+    wandb_project="wandb project (default: magma); only with loggers including wandb",
+    wandb_mode="wandb mode: online, offline or disabled (default: wandb's, from WANDB_MODE)",
+    num_workers="DataLoader workers for the 224 px ImageFolder path",
+    knn_k="k of the final kNN evaluation",
+    linear_epochs="epochs of the final linear probe",
+    method_args="the method's own keys that have no field here (its config_help), e.g. {'proj_hidden_dim': 512}; also "
+                "accepted as plain parameters",
+    linear_mode="final linear probe: fast (cached, standardized features) or paper (augmented, frozen encoder: the "
+                "protocol; 'protocol' is an alias)",
+)
+
+# %% ../nbs/09_configs.ipynb #73cb9b99
 @dataclass
 class PretrainConfig:
-    method: str = _p(default_method(), "a registered method: any name in magma.methods.METHODS, listed by --help and in the error for an unknown one")
-    dataset: str = _p('synthetic', "cifar10, cifar100, stl10, tinyimagenet, imagenet100, imagenet, synthetic or folder:<path>")
-    data_dir: str | None = _p(None, "data root (default: data/ at the project root, or $MAGMA_DATA)")
-    backbone: str = _p('vit_tiny', "vit_tiny, vit_small, vit_base or vit_large")
-    backbone_flavour: str | None = _p(None, "mae (fixed sin-cos pos-embed, MAE init, 12-head tiny and small) or timm (learned pos-embed, timm init, 3-head tiny); None: the method's official one")
-    img_size: int = _p(32, "input resolution in pixels")
-    patch_size: int = _p(4, "ViT patch size; must divide img_size")
-    epochs: int = _p(2, "pretraining epochs")
-    batch_size: int = _p(256, "global batch size, split evenly across processes under DDP (Tables 4 and 5 give the global batch)")
-    accum_steps: int = _p(1, "gradient accumulation: split each process's batch into this many micro-batches, one optimizer step per batch (MAE's accum_iter); each micro-batch builds its own MAGMA graph")
-    lr: float = _p(1.5e-4, "base learning rate, scaled by batch_size / 256 (the global batch)")
-    weight_decay: float = _p(0.05, "AdamW weight decay")
-    exclude_bias_norm_wd: bool = _p(False, "exempt biases, norms and other 1-D parameters from weight decay (FB MAE); False decays every parameter, as the official code does")
-    warmup_epochs: float = _p(10, "linear learning-rate warmup, in epochs, then cosine to 0")
-    mask_ratio: float = _p(0.75, "MAE mask ratio, in (0, 1)")
-    decoder_dim: int = _p(512, "MAE decoder width (paper 512, light 128)")
-    decoder_depth: int = _p(8, "MAE decoder blocks (paper 8, light 2)")
-    decoder_heads: int = _p(16, "MAE decoder heads (paper 16, light 4)")
-    magma_weight: float = _p(1.0, "λ, the MAGMA weight while the schedule is on (M- methods only)")
-    magma_start: int = _p(10, "e_st: the epoch at which λ switches on")
-    magma_epochs: int = _p(100, "e_dur: for how many epochs λ stays on (warmup and triangle schedules)")
-    magma_layers: tuple = _p((10,), "reference blocks, each paired with magma_target")
-    magma_target: int = _p(-1, "the regularized block (-1 = last)")
-    magma_schedule: str = _p('warmup', "warmup (official), constant, step or triangle")
-    magma_global: bool | None = _p(None, "build the MAGMA graph over the global batch across processes; None: yes under DDP, as one process would")
-    uniformity_weight: float = _p(0.01, "uniformity weight of the methods that have one (the U-MAE family; a method whose own default differs keeps it unless this is set)")
-    temperature: float = _p(0.2, "SimCLR temperature")
-    seed: int = _p(0, "random seed")
-    device: str = _p('auto', "auto, cpu, cuda or cuda:N")
-    precision: str = _p('fp32', "fp32 (IEEE: TF32 off), tf32 (fp32 weights, TF32 matmuls and convolutions: CUDA), bf16 (autocast) or fp16 (autocast + GradScaler, CUDA); the paper profile gives bf16 on CUDA, fp32 elsewhere")
-    compile: bool = _p(False, "wrap the model in torch.compile")
-    out_dir: str | None = _p(None, "run directory: checkpoints, logs, plots, results.json; None: a fresh runs/<method>-<dataset>-s<seed>, with -2, -3 ... when taken, in a private temp folder for smoke; with resume, the last one taken")
-    resume: bool | str = _p(False, "continue from out_dir's last checkpoint: true (an error if it has none), auto (continue a checkpoint of the same config, else start: what a requeued sweep job runs), or false")
-    overwrite: bool = _p(False, "replace the run already in out_dir (its checkpoint, logs and results); without it, or resume, such a run is refused")
-    profile: str = _p('smoke', "smoke, mini or paper: fills in every parameter left as None")
-    n_per_class: int | None = _p(None, "synthetic dataset: images per class (train split)")
-    skip_unreadable: bool = _p(False, "folder datasets: leave out unreadable image files (their count is printed) instead of refusing them")
-    download: bool = _p(False, "fetch dataset (and eval_dataset) if missing: cifar10, cifar100, stl10, tinyimagenet (ImageNet cannot be downloaded)")
-    eval_dataset: str | None = _p(None, "the labelled dataset kNN, probes, validation and test are scored on (same names as dataset); None: dataset itself; needed for an unlabeled folder")
-    train_fraction: float = _p(1.0, "pretrain on this stratified fraction of each class of the training split (and of its unlabeled images); 1 = all")
-    train_per_class: int | None = _p(None, "pretrain on this many images of each class (unlabeled images left out); None = off; not with train_fraction")
-    subset_seed: int = _p(0, "seed of the train_fraction / train_per_class draw; fixed across training seeds, so a seed sweep pretrains on the same images")
-    val_fraction: float = _p(0.0, "hold out this stratified fraction of the training split (never pretrained on) to score kNN and probes on; 0 = none")
-    online_lr: float = _p(1e-3, "learning rate of the online linear probe (AdamW, no weight decay)")
-    log_every: int = _p(10, "steps between per-step CSV rows")
-    save_every: str = _p('1', "checkpoint every N epochs (2) or after N seconds of training since the last one (600s); the last epoch is always saved")
-    loggers: str = _p('tensorboard', "where the run logs: tensorboard, wandb, both comma-separated (tensorboard,wandb), or none")
-    wandb_project: str | None = _p(None, "wandb project (default: magma); only with loggers including wandb")
-    wandb_mode: str | None = _p(None, "wandb mode: online, offline or disabled (default: wandb's, from WANDB_MODE)")
-    num_workers: int = _p(4, "DataLoader workers for the 224 px ImageFolder path")
-    knn_k: int = _p(10, "k of the final kNN evaluation")
-    linear_epochs: int = _p(100, "epochs of the final linear probe")
-    method_args: dict | None = _p(None, "the method's own keys that have no field here (its config_help), e.g. {'proj_hidden_dim': 512}; also accepted as plain parameters")
-    linear_mode: str = _p('fast', "final linear probe: fast (cached, standardized features) or paper (augmented, frozen encoder: the protocol; 'protocol' is an alias)")
+    method: str = _p(default_method(), _HELP['method'])
+    dataset: str = _p('synthetic', _HELP['dataset'])
+    data_dir: str | None = _p(None, _HELP['data_dir'])
+    backbone: str = _p('vit_tiny', _HELP['backbone'])
+    backbone_flavour: str | None = _p(None, _HELP['backbone_flavour'])
+    img_size: int = _p(32, _HELP['img_size'])
+    patch_size: int = _p(4, _HELP['patch_size'])
+    epochs: int = _p(2, _HELP['epochs'])
+    batch_size: int = _p(256, _HELP['batch_size'])
+    accum_steps: int = _p(1, _HELP['accum_steps'])
+    lr: float = _p(1.5e-4, _HELP['lr'])
+    weight_decay: float = _p(0.05, _HELP['weight_decay'])
+    exclude_bias_norm_wd: bool = _p(False, _HELP['exclude_bias_norm_wd'])
+    warmup_epochs: float = _p(10, _HELP['warmup_epochs'])
+    mask_ratio: float = _p(0.75, _HELP['mask_ratio'])
+    decoder_dim: int = _p(512, _HELP['decoder_dim'])
+    decoder_depth: int = _p(8, _HELP['decoder_depth'])
+    decoder_heads: int = _p(16, _HELP['decoder_heads'])
+    magma_weight: float = _p(1.0, _HELP['magma_weight'])
+    magma_start: int = _p(10, _HELP['magma_start'])
+    magma_epochs: int = _p(100, _HELP['magma_epochs'])
+    magma_layers: tuple = _p((10,), _HELP['magma_layers'])
+    magma_target: int = _p(-1, _HELP['magma_target'])
+    magma_schedule: str = _p('warmup', _HELP['magma_schedule'])
+    magma_global: bool | None = _p(None, _HELP['magma_global'])
+    uniformity_weight: float = _p(0.01, _HELP['uniformity_weight'])
+    temperature: float = _p(0.2, _HELP['temperature'])
+    seed: int = _p(0, _HELP['seed'])
+    device: str = _p('auto', _HELP['device'])
+    precision: str = _p('fp32', _HELP['precision'])
+    compile: bool = _p(False, _HELP['compile'])
+    out_dir: str | None = _p(None, _HELP['out_dir'])
+    resume: bool | str = _p(False, _HELP['resume'])
+    overwrite: bool = _p(False, _HELP['overwrite'])
+    profile: str = _p('smoke', _HELP['profile'])
+    n_per_class: int | None = _p(None, _HELP['n_per_class'])
+    skip_unreadable: bool = _p(False, _HELP['skip_unreadable'])
+    download: bool = _p(False, _HELP['download'])
+    eval_dataset: str | None = _p(None, _HELP['eval_dataset'])
+    train_fraction: float = _p(1.0, _HELP['train_fraction'])
+    train_per_class: int | None = _p(None, _HELP['train_per_class'])
+    subset_seed: int = _p(0, _HELP['subset_seed'])
+    val_fraction: float = _p(0.0, _HELP['val_fraction'])
+    online_lr: float = _p(1e-3, _HELP['online_lr'])
+    log_every: int = _p(10, _HELP['log_every'])
+    save_every: str = _p('1', _HELP['save_every'])
+    loggers: str = _p('tensorboard', _HELP['loggers'])
+    wandb_project: str | None = _p(None, _HELP['wandb_project'])
+    wandb_mode: str | None = _p(None, _HELP['wandb_mode'])
+    num_workers: int = _p(4, _HELP['num_workers'])
+    knn_k: int = _p(10, _HELP['knn_k'])
+    linear_epochs: int = _p(100, _HELP['linear_epochs'])
+    method_args: dict | None = _p(None, _HELP['method_args'])
+    linear_mode: str = _p('fast', _HELP['linear_mode'])
 
+# %% ../nbs/09_configs.ipynb #62722b6e
 PARAMS = tuple(f.name for f in fields(PretrainConfig))
 
 # %% ../nbs/09_configs.ipynb #334ba75f
 LIGHT_DECODER = DECODERS['light']   # 128-d, 2 blocks, 4 heads
-MINI_MAGMA = dict(magma_weight=1.0, magma_start=0, magma_epochs=10)   # chosen by the mini ablation on validation (see prose)
+# chosen by the mini ablation on validation (see prose)
+MINI_MAGMA = dict(magma_weight=1.0, magma_start=0, magma_epochs=10)
 PROFILES = {
     'smoke': dict(dataset='synthetic', n_per_class=16, backbone='vit_tiny', img_size=32, patch_size=4, epochs=2,
                   batch_size=32, lr=1.5e-4, warmup_epochs=1, magma_start=0, magma_epochs=100, linear_epochs=10,
@@ -119,6 +219,7 @@ PROFILES = {
                  warmup_epochs=2, **MINI_MAGMA, precision='fp32', val_fraction=0.1, **LIGHT_DECODER),
 }
 
+# %% ../nbs/09_configs.ipynb #b49d1931
 def uses_cuda(device: str | None = 'auto') -> bool:
     "Whether a run on `device` is on CUDA: `cuda` or `cuda:N`, or `auto` (or None) on a machine with a GPU."
     if device in (None, 'auto'):
@@ -130,6 +231,7 @@ def paper_precision(device: str = 'auto') -> str:
     "The paper profile's precision: bf16 autocast where the run is on CUDA (`uses_cuda`), else fp32."
     return 'bf16' if uses_cuda(device) else 'fp32'
 
+# %% ../nbs/09_configs.ipynb #dbce4c4b
 def _paper_profile(dataset: str, method: str) -> dict:
     name = 'imagenet100' if dataset == 'imagenet' else dataset
     table = paper_table(method)
@@ -138,27 +240,49 @@ def _paper_profile(dataset: str, method: str) -> dict:
                          f"or imagenet, or use profile='mini'/'smoke' with explicit parameters")
     return {**PAPER_COMMON, **table[name], 'img_size': IMG_SIZE[name], **PAPER_BY_FAMILY[method_spec(method).family][1]}
 
-def resolve_config(profile: str = 'smoke', **params) -> PretrainConfig:
-    """Defaults, then `profile`, then the explicit `params` (None = not given). Checks names, values and combinations.
-    A parameter that is not a field but one of the method's own keys (its `config_help`) goes into `method_args`."""
+# %% ../nbs/09_configs.ipynb #67be3df0
+def _method_keys(params: dict) -> None:
+    "Move the method's own keys that are not fields (its `config_help`) from `params` into `params['method_args']`."
     own = method_spec(params.get('method') or PretrainConfig.method).config_help
     extra = {k: params.pop(k) for k in [k for k in params if k not in PARAMS and k in own]}
     extra = {k: v for k, v in extra.items() if v is not None}
     if extra: params['method_args'] = {**(params.get('method_args') or {}), **extra}
+
+def _hint(name: str) -> str:
+    "`name`, quoted, with the closest field as a hint when there is one."
+    import difflib
+    close = difflib.get_close_matches(name, PARAMS, 1)
+    return f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name)
+
+def _check_names(params: dict) -> None:
     unknown = sorted(set(params) - set(PARAMS))
     if unknown:
-        import difflib
-        hints = [f"{u!r} (did you mean {difflib.get_close_matches(u, PARAMS, 1)[0]!r}?)" if difflib.get_close_matches(u, PARAMS, 1) else repr(u) for u in unknown]
+        hints = [_hint(u) for u in unknown]
         raise ValueError(f"unknown parameter(s) {', '.join(hints)}; valid: {', '.join(PARAMS)}")
-    given = {k: v for k, v in params.items() if v is not None}
+
+# %% ../nbs/09_configs.ipynb #5fa0801a
+def _profile_defaults(profile: str, given: dict) -> dict:
+    "The values of `profile`, for the explicit parameters `given`."
     if profile == 'paper':
         method = given.get('method', PretrainConfig.method)
         dataset = given.get('dataset')
-        if dataset is None: raise ValueError("profile='paper' needs an explicit dataset (cifar100, tinyimagenet, stl10, imagenet100 or imagenet)")
+        if dataset is None:
+            raise ValueError("profile='paper' needs an explicit dataset "
+                             "(cifar100, tinyimagenet, stl10, imagenet100 or imagenet)")
         base = _paper_profile(dataset, method)
         if 'precision' not in given: base['precision'] = paper_precision(given.get('device', 'auto'))
     elif profile in PROFILES: base = dict(PROFILES[profile])
     else: raise ValueError(f"unknown profile {profile!r}; valid: smoke, mini, paper")
+    return base
+
+# %% ../nbs/09_configs.ipynb #a968f71d
+def resolve_config(profile: str = 'smoke', **params) -> PretrainConfig:
+    """Defaults, then `profile`, then the explicit `params` (None = not given). Checks names, values and combinations.
+    A parameter that is not a field but one of the method's own keys (its `config_help`) goes into `method_args`."""
+    _method_keys(params)
+    _check_names(params)
+    given = {k: v for k, v in params.items() if v is not None}
+    base = _profile_defaults(profile, given)
     cfg = check_config(PretrainConfig(**{**base, **given, 'profile': profile}))
     if cfg.out_dir is None: cfg.out_dir = default_out_dir(cfg)
     return cfg
@@ -167,132 +291,212 @@ def resolve_config(profile: str = 'smoke', **params) -> PretrainConfig:
 _TRUE, _FALSE = ('1', 'true', 'yes', 'y', 'on'), ('0', 'false', 'no', 'n', 'off')
 LOGGERS = ('tensorboard', 'wandb')   # magma.loggers.BACKENDS (a later module; its test checks they agree)
 _DEPTH = dict(vit_tiny=12, vit_small=12, vit_base=12, vit_large=24)
-_CHOICES = dict(method=tuple(METHODS), backbone_flavour=(None, 'mae', 'timm'), backbone=tuple(_DEPTH), magma_schedule=('warmup', 'constant', 'step', 'triangle'),
-                precision=('fp32', 'tf32', 'bf16', 'fp16'), linear_mode=('fast', 'paper'), profile=('smoke', 'mini', 'paper'))
+_CHOICES = dict(method=tuple(METHODS), backbone_flavour=(None, 'mae', 'timm'), backbone=tuple(_DEPTH),
+                magma_schedule=('warmup', 'constant', 'step', 'triangle'), precision=('fp32', 'tf32', 'bf16', 'fp16'),
+                linear_mode=('fast', 'paper'), profile=('smoke', 'mini', 'paper'))
+
+# %% ../nbs/09_configs.ipynb #c47f8968
 _RANGES = dict(  # name: (valid?, the valid range in words)
     img_size=(lambda v: v >= 1, 'an integer >= 1'), patch_size=(lambda v: v >= 1, 'an integer >= 1'),
-    epochs=(lambda v: v >= 1, 'an integer >= 1'), batch_size=(lambda v: v >= 2, 'an integer >= 2 (MAGMA is a batch-wide term)'),
+    epochs=(lambda v: v >= 1, 'an integer >= 1'),
+    batch_size=(lambda v: v >= 2, 'an integer >= 2 (MAGMA is a batch-wide term)'),
     lr=(lambda v: v > 0, 'a number > 0'), weight_decay=(lambda v: v >= 0, 'a number >= 0'),
     warmup_epochs=(lambda v: v >= 0, 'a number >= 0 (epochs)'),
     decoder_dim=(lambda v: v >= 1, 'an integer >= 1'), decoder_depth=(lambda v: v >= 1, 'an integer >= 1'),
     decoder_heads=(lambda v: v >= 1, 'an integer >= 1'), magma_weight=(lambda v: v >= 0, 'a number >= 0'),
-    magma_start=(lambda v: v >= 0, 'an integer >= 0 (epoch)'), magma_epochs=(lambda v: v >= 0, 'an integer >= 0 (epochs)'),
+    magma_start=(lambda v: v >= 0, 'an integer >= 0 (epoch)'),
+    magma_epochs=(lambda v: v >= 0, 'an integer >= 0 (epochs)'),
     uniformity_weight=(lambda v: v >= 0, 'a number >= 0'), temperature=(lambda v: v > 0, 'a number > 0'),
-    seed=(lambda v: 0 <= v < 2**32, 'an integer in [0, 2**32) (numpy, sklearn and pacmap take 32-bit seeds)'), n_per_class=(lambda v: v >= 1, 'an integer >= 1, or None for the default (500 train, 100 test)'),
-    val_fraction=(lambda v: 0 <= v < 1, 'a number in [0, 1); 0 = no validation split'), online_lr=(lambda v: v > 0, 'a number > 0'),
+    seed=(lambda v: 0 <= v < 2**32, 'an integer in [0, 2**32) (numpy, sklearn and pacmap take 32-bit seeds)'),
+    n_per_class=(lambda v: v >= 1, 'an integer >= 1, or None for the default (500 train, 100 test)'),
+    val_fraction=(lambda v: 0 <= v < 1, 'a number in [0, 1); 0 = no validation split'),
+    online_lr=(lambda v: v > 0, 'a number > 0'),
     log_every=(lambda v: v >= 1, 'an integer >= 1 (steps)'), num_workers=(lambda v: v >= 0, 'an integer >= 0'),
     knn_k=(lambda v: v >= 1, 'an integer >= 1'), linear_epochs=(lambda v: v >= 1, 'an integer >= 1'),
-    train_fraction=(lambda v: 0 < v <= 1, 'a number in (0, 1]; 1 = every image'), train_per_class=(lambda v: v >= 1, 'an integer >= 1, or None for no per-class subset'),
-    subset_seed=(lambda v: 0 <= v < 2**32, 'an integer in [0, 2**32)'), accum_steps=(lambda v: v >= 1, 'an integer >= 1 (1 = no accumulation)'))
-def _coerce(name: str, v, kind: str, optional: bool):
-    "`v` as `kind` (int, float, bool, str or tuple of ints); exact numeric or boolean strings (papermill `-r`, YAML) are converted."
-    import numbers, math
-    def bad(want): return ValueError(f"{name}={v!r}: must be {want}")
-    if v is None:
-        if optional: return None
-        raise bad(f"given (a {kind})")
-    if name == 'resume' and isinstance(v, str) and v.strip().lower() == 'auto': return 'auto'   # --resume auto
-    if kind == 'bool':
-        if isinstance(v, bool): return v
-        if isinstance(v, str) and v.strip().lower() in _TRUE + _FALSE: return v.strip().lower() in _TRUE
-        if isinstance(v, numbers.Integral) and v in (0, 1): return bool(v)      # papermill -p resume 1 (the CLI's --resume 1)
-        raise bad('true, false or auto' if name == 'resume' else 'true or false')
-    if kind == 'int':
-        if isinstance(v, bool): raise bad('an integer')
-        if isinstance(v, numbers.Integral): return int(v)
-        if isinstance(v, numbers.Real) and float(v).is_integer(): return int(v)
-        if isinstance(v, str):
-            try: return int(v.strip())
-            except ValueError: pass
-        raise bad('an integer')
-    if kind == 'float':
-        if isinstance(v, bool): raise bad('a number')
-        x = float(v) if isinstance(v, numbers.Real) else None
-        if isinstance(v, str):
-            try: x = float(v.strip())
-            except ValueError: pass
-        if x is None or not math.isfinite(x): raise bad('a finite number')
-        return x
-    if kind == 'tuple':  # magma_layers: 10, '6, 10', [6, 10]
-        items = str(v).strip().strip('[]()').replace(',', ' ').split() if isinstance(v, (numbers.Integral, str)) else v
-        try: out = tuple(_coerce(name, x, 'int', False) for x in items)
-        except (ValueError, TypeError): raise bad('one or more block indices, e.g. 10 or [6, 10]') from None
-        if not out: raise bad('one or more block indices, e.g. 10 or [6, 10]')
-        return out
-    if kind == 'dict':  # method_args: a dict, or its JSON text (papermill -p, the CLI)
-        if isinstance(v, str):
-            import json
-            try: v = json.loads(v)
-            except ValueError: raise bad('a dict or its JSON text, e.g. {"proj_hidden_dim": 512}') from None
-        if not isinstance(v, dict): raise bad('a dict, e.g. {"proj_hidden_dim": 512}')
-        return dict(v)
+    train_fraction=(lambda v: 0 < v <= 1, 'a number in (0, 1]; 1 = every image'),
+    train_per_class=(lambda v: v >= 1, 'an integer >= 1, or None for no per-class subset'),
+    subset_seed=(lambda v: 0 <= v < 2**32, 'an integer in [0, 2**32)'),
+    accum_steps=(lambda v: v >= 1, 'an integer >= 1 (1 = no accumulation)'))
+
+# %% ../nbs/09_configs.ipynb #42d8a3eb
+def _bad(name: str, v, want: str) -> ValueError:
+    "The one-line error of a value `v` of `name` that is not `want`."
+    return ValueError(f"{name}={v!r}: must be {want}")
+
+def _coerce_bool(name: str, v) -> bool:
+    if isinstance(v, bool): return v
+    if isinstance(v, str) and v.strip().lower() in _TRUE + _FALSE: return v.strip().lower() in _TRUE
+    if isinstance(v, numbers.Integral) and v in (0, 1): return bool(v)   # papermill -p resume 1 (the CLI's --resume 1)
+    raise _bad(name, v, 'true, false or auto' if name == 'resume' else 'true or false')
+
+# %% ../nbs/09_configs.ipynb #72d23a29
+def _coerce_int(name: str, v) -> int:
+    if isinstance(v, bool): raise _bad(name, v, 'an integer')
+    if isinstance(v, numbers.Integral): return int(v)
+    if isinstance(v, numbers.Real) and float(v).is_integer(): return int(v)
+    if isinstance(v, str):
+        try: return int(v.strip())
+        except ValueError: pass
+    raise _bad(name, v, 'an integer')
+
+def _coerce_float(name: str, v) -> float:
+    if isinstance(v, bool): raise _bad(name, v, 'a number')
+    x = float(v) if isinstance(v, numbers.Real) else None
+    if isinstance(v, str):
+        try: x = float(v.strip())
+        except ValueError: pass
+    if x is None or not math.isfinite(x): raise _bad(name, v, 'a finite number')
+    return x
+
+# %% ../nbs/09_configs.ipynb #cc8ab035
+def _coerce_tuple(name: str, v) -> tuple:  # magma_layers: 10, '6, 10', [6, 10]
+    items = str(v).strip().strip('[]()').replace(',', ' ').split() if isinstance(v, (numbers.Integral, str)) else v
+    try: out = tuple(_coerce(name, x, 'int', False) for x in items)
+    except (ValueError, TypeError): raise _bad(name, v, 'one or more block indices, e.g. 10 or [6, 10]') from None
+    if not out: raise _bad(name, v, 'one or more block indices, e.g. 10 or [6, 10]')
+    return out
+
+def _coerce_dict(name: str, v) -> dict:  # method_args: a dict, or its JSON text (papermill -p, the CLI)
+    if isinstance(v, str):
+        try: v = json.loads(v)
+        except ValueError: raise _bad(name, v, 'a dict or its JSON text, e.g. {"proj_hidden_dim": 512}') from None
+    if not isinstance(v, dict): raise _bad(name, v, 'a dict, e.g. {"proj_hidden_dim": 512}')
+    return dict(v)
+
+def _coerce_str(name: str, v) -> str:
     if isinstance(v, numbers.Real) and not isinstance(v, bool): return str(v)   # papermill -p out_dir 5 (the CLI's '5')
-    if not isinstance(v, str): raise bad('a string')
+    if not isinstance(v, str): raise _bad(name, v, 'a string')
     return v
 
-def check_config(cfg: PretrainConfig, here: bool = True) -> PretrainConfig:
-    """Check every field of `cfg` (type, range, choices) and their combinations; raise a one-line ValueError naming the
-    parameter, its value and the valid range. Types are normalized in place (`'5'` -> 5 for an int field, `'protocol'`
-    -> `'paper'`). `here=False` skips what depends on this machine (CUDA), for loading a checkpoint trained elsewhere."""
-    def need(name, ok, msg):
-        if not ok: raise ValueError(f"{name}={getattr(cfg, name)!r}: {msg}")
+# %% ../nbs/09_configs.ipynb #c3022841
+_COERCE = dict(bool=_coerce_bool, int=_coerce_int, float=_coerce_float, tuple=_coerce_tuple, dict=_coerce_dict)
+
+def _coerce(name: str, v, kind: str, optional: bool):
+    """`v` as `kind` (int, float, bool, str or tuple of ints); exact numeric or boolean strings (papermill `-r`, YAML)
+    are converted."""
+    if v is None:
+        if optional: return None
+        raise _bad(name, v, f"given (a {kind})")
+    if name == 'resume' and isinstance(v, str) and v.strip().lower() == 'auto': return 'auto'   # --resume auto
+    return _COERCE.get(kind, _coerce_str)(name, v)
+
+# %% ../nbs/09_configs.ipynb #98c237c4
+def _need(cfg: PretrainConfig, name: str, ok, msg: str) -> None:
+    "Raise the one-line error of field `name` of `cfg`, with its value and `msg`, unless `ok`."
+    if not ok: raise ValueError(f"{name}={getattr(cfg, name)!r}: {msg}")
+
+def _check_types(cfg: PretrainConfig) -> None:
     for f in fields(PretrainConfig):
         kind = f.type.split('|')[0].strip()
         setattr(cfg, f.name, _coerce(f.name, getattr(cfg, f.name), kind, 'None' in f.type))
         if (err := _too_big(f.name, getattr(cfg, f.name))): raise err
     if cfg.linear_mode == 'protocol': cfg.linear_mode = 'paper'   # the old name of the paper's probe
+
+def _check_values(cfg: PretrainConfig) -> None:
     for name, choices in _CHOICES.items():
-        need(name, getattr(cfg, name) in choices, f"unknown {name}; valid: {', '.join(str(c) for c in choices)}")
+        _need(cfg, name, getattr(cfg, name) in choices, f"unknown {name}; valid: {', '.join(str(c) for c in choices)}")
     for name, (ok, words) in _RANGES.items():
         v = getattr(cfg, name)
-        need(name, v is None or ok(v), f"must be {words}")
-    need('eval_dataset', cfg.eval_dataset is None or cfg.eval_dataset in IMG_SIZE or (cfg.eval_dataset.startswith('folder:') and len(cfg.eval_dataset) > 7),
-         f"must be one of {', '.join(IMG_SIZE)} or folder:<path>, or None to score on dataset itself")
-    need('train_per_class', cfg.train_per_class is None or cfg.train_fraction == 1, "give one of train_fraction and train_per_class (leave train_fraction at 1)")
-    need('dataset', cfg.dataset in IMG_SIZE or (cfg.dataset.startswith('folder:') and len(cfg.dataset) > 7),
-         f"must be one of {', '.join(IMG_SIZE)} or folder:<path>")
-    need('device', re.fullmatch(r'auto|cpu|mps|cuda(:\d+)?', cfg.device), "must be auto, cpu, mps, cuda or cuda:N")
+        _need(cfg, name, v is None or ok(v), f"must be {words}")
+
+# %% ../nbs/09_configs.ipynb #d080c5fb
+def _check_data(cfg: PretrainConfig) -> None:
+    ev = cfg.eval_dataset
+    _need(cfg, 'eval_dataset', ev is None or ev in IMG_SIZE or (ev.startswith('folder:') and len(ev) > 7),
+          f"must be one of {', '.join(IMG_SIZE)} or folder:<path>, or None to score on dataset itself")
+    _need(cfg, 'train_per_class', cfg.train_per_class is None or cfg.train_fraction == 1,
+          "give one of train_fraction and train_per_class (leave train_fraction at 1)")
+    _need(cfg, 'dataset', cfg.dataset in IMG_SIZE or (cfg.dataset.startswith('folder:') and len(cfg.dataset) > 7),
+          f"must be one of {', '.join(IMG_SIZE)} or folder:<path>")
+
+def _check_where(cfg: PretrainConfig) -> None:
+    _need(cfg, 'device', re.fullmatch(r'auto|cpu|mps|cuda(:\d+)?', cfg.device),
+          "must be auto, cpu, mps, cuda or cuda:N")
     bad = [n.strip() for n in cfg.loggers.split(',') if n.strip() not in LOGGERS + ('none', '')]
-    need('loggers', not bad, f"unknown logger(s) {', '.join(map(repr, bad))}; valid: {', '.join(LOGGERS)}, several comma-separated ({','.join(LOGGERS)}), or none")
-    need('out_dir', cfg.out_dir is None or cfg.out_dir.strip() != '', "must name a run directory, or be None for a fresh one")
-    need('patch_size', cfg.img_size % cfg.patch_size == 0, f"does not divide img_size={cfg.img_size}; pick a divisor of {cfg.img_size}")
+    _need(cfg, 'loggers', not bad, f"unknown logger(s) {', '.join(map(repr, bad))}; valid: {', '.join(LOGGERS)}, "
+          f"several comma-separated ({','.join(LOGGERS)}), or none")
+    _need(cfg, 'out_dir', cfg.out_dir is None or cfg.out_dir.strip() != '',
+          "must name a run directory, or be None for a fresh one")
+
+# %% ../nbs/09_configs.ipynb #75a7a64d
+def _check_model(cfg: PretrainConfig) -> None:
+    _need(cfg, 'patch_size', cfg.img_size % cfg.patch_size == 0,
+          f"does not divide img_size={cfg.img_size}; pick a divisor of {cfg.img_size}")
     depth = _DEPTH[cfg.backbone]
     for name, blocks in (('magma_layers', cfg.magma_layers), ('magma_target', (cfg.magma_target,))):
-        need(name, all(-depth <= b < depth for b in blocks), f"{cfg.backbone} has blocks 0..{depth - 1} (or -{depth}..-1 from the end)")
-    own = method_spec(cfg.method).config_help
+        _need(cfg, name, all(-depth <= b < depth for b in blocks),
+              f"{cfg.backbone} has blocks 0..{depth - 1} (or -{depth}..-1 from the end)")
+
+def _check_method(cfg: PretrainConfig) -> None:
+    own, where = method_spec(cfg.method).config_help, f" (a key of method {cfg.method!r})"
     for k, v in (cfg.method_args or {}).items():
-        need('method_args', k in own and k not in PARAMS, f"{k!r} is not a key of method {cfg.method!r} without a field of its own; "
-             f"its keys: {', '.join(sorted(set(own) - set(PARAMS))) or 'none'}")
+        _need(cfg, 'method_args', k in own and k not in PARAMS,
+              f"{k!r} is not a key of method {cfg.method!r} without a field of its own; "
+              f"its keys: {', '.join(sorted(set(own) - set(PARAMS))) or 'none'}")
         cfg.method_args[k] = _coerce(k, v, own[k][0].__name__ if own[k][0] in (int, float, bool, str) else 'str', False)
-        if (err := _too_big(k, cfg.method_args[k], f" (a key of method {cfg.method!r})")): raise err
-        check_key(k, cfg.method_args[k], method_spec(cfg.method).config_ranges, f" (a key of method {cfg.method!r})")
+        if (err := _too_big(k, cfg.method_args[k], where)): raise err
+        check_key(k, cfg.method_args[k], method_spec(cfg.method).config_ranges, where)
     if 'decoder_heads' in own:
-        need('decoder_heads', cfg.decoder_dim % cfg.decoder_heads == 0, f"does not divide decoder_dim={cfg.decoder_dim}; pick a divisor of it")
-    if 'mask_ratio' in own: visible_patches((cfg.img_size // cfg.patch_size) ** 2, cfg.mask_ratio)   # the one mask_ratio check
+        _need(cfg, 'decoder_heads', cfg.decoder_dim % cfg.decoder_heads == 0,
+              f"does not divide decoder_dim={cfg.decoder_dim}; pick a divisor of it")
+    if 'mask_ratio' in own: visible_patches((cfg.img_size // cfg.patch_size) ** 2, cfg.mask_ratio)   # the one check
+
+# %% ../nbs/09_configs.ipynb #32ee44c9
+def _check_run(cfg: PretrainConfig) -> None:
     cfg.save_every = str(cfg.save_every).strip().lower()
-    need('save_every', re.fullmatch(r'[1-9][0-9]*s?', cfg.save_every), "must be a number of epochs (2) or of seconds (600s), at least 1")
-    need('accum_steps', cfg.batch_size % cfg.accum_steps == 0 and cfg.batch_size // cfg.accum_steps >= 2,
-         f"must divide batch_size={cfg.batch_size} into micro-batches of at least 2 images (MAGMA is a batch-wide term)")
-    need('resume', not (cfg.resume and cfg.overwrite), "and overwrite=True contradict each other; pass one of them")
-    if here:
-        import torch
-        cuda = torch.cuda.is_available()
-        n, mps = torch.cuda.device_count() if cuda else 0, bool(getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available())
-        here_now = ', '.join(['auto', 'cpu'] + (['cuda'] + [f'cuda:{i}' for i in range(n)] if n else []) + (['mps'] if mps else []))
-        need('device', cuda or not cfg.device.startswith('cuda'), f"but CUDA is not available on this machine; available: {here_now}")
-        need('device', not cfg.device.startswith('cuda:') or int(cfg.device[5:]) < n, f"but this machine has {n} CUDA device(s); available: {here_now}")
-        need('device', cfg.device != 'mps' or mps, f"but this torch cannot use MPS here; available: {here_now}")
-        on_cuda = uses_cuda(cfg.device)                  # (a cuda device without CUDA was refused above)
-        need('precision', cfg.precision != 'fp16' or on_cuda,
-             f"needs CUDA (GradScaler) but device={cfg.device!r} runs on the CPU here; use precision='bf16' or 'fp32'")
-        need('precision', cfg.precision != 'tf32' or on_cuda,
-             f"needs CUDA (TF32 is a GPU tensor-core format) but device={cfg.device!r} runs on the CPU here; use precision='fp32' or 'bf16'")
+    _need(cfg, 'save_every', re.fullmatch(r'[1-9][0-9]*s?', cfg.save_every),
+          "must be a number of epochs (2) or of seconds (600s), at least 1")
+    _need(cfg, 'accum_steps', cfg.batch_size % cfg.accum_steps == 0 and cfg.batch_size // cfg.accum_steps >= 2,
+          f"must divide batch_size={cfg.batch_size} into micro-batches of at least 2 images "
+          f"(MAGMA is a batch-wide term)")
+    _need(cfg, 'resume', not (cfg.resume and cfg.overwrite),
+          "and overwrite=True contradict each other; pass one of them")
+
+# %% ../nbs/09_configs.ipynb #fb4907dd
+def _devices_here() -> tuple[bool, int, bool, str]:
+    "(CUDA?, how many CUDA devices, MPS?, the devices a run can name here, in words)."
+    import torch
+    cuda = torch.cuda.is_available()
+    n = torch.cuda.device_count() if cuda else 0
+    mps = bool(getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available())
+    cudas = ['cuda'] + [f'cuda:{i}' for i in range(n)] if n else []
+    here_now = ', '.join(['auto', 'cpu'] + cudas + (['mps'] if mps else []))
+    return cuda, n, mps, here_now
+
+def _check_here(cfg: PretrainConfig) -> None:
+    cuda, n, mps, here_now = _devices_here()
+    _need(cfg, 'device', cuda or not cfg.device.startswith('cuda'),
+          f"but CUDA is not available on this machine; available: {here_now}")
+    _need(cfg, 'device', not cfg.device.startswith('cuda:') or int(cfg.device[5:]) < n,
+          f"but this machine has {n} CUDA device(s); available: {here_now}")
+    _need(cfg, 'device', cfg.device != 'mps' or mps, f"but this torch cannot use MPS here; available: {here_now}")
+    on_cuda = uses_cuda(cfg.device)                  # (a cuda device without CUDA was refused above)
+    _need(cfg, 'precision', cfg.precision != 'fp16' or on_cuda,
+          f"needs CUDA (GradScaler) but device={cfg.device!r} runs on the CPU here; use precision='bf16' or 'fp32'")
+    _need(cfg, 'precision', cfg.precision != 'tf32' or on_cuda,
+          f"needs CUDA (TF32 is a GPU tensor-core format) but device={cfg.device!r} runs on the CPU here; "
+          f"use precision='fp32' or 'bf16'")
+
+# %% ../nbs/09_configs.ipynb #14512d06
+def check_config(cfg: PretrainConfig, here: bool = True) -> PretrainConfig:
+    """Check every field of `cfg` (type, range, choices) and their combinations; raise a one-line ValueError naming the
+    parameter, its value and the valid range. Types are normalized in place (`'5'` -> 5 for an int field, `'protocol'`
+    -> `'paper'`). `here=False` skips what depends on this machine (CUDA), for loading a checkpoint trained
+    elsewhere."""
+    _check_types(cfg)
+    _check_values(cfg)
+    _check_data(cfg)
+    _check_where(cfg)
+    _check_model(cfg)
+    _check_method(cfg)
+    _check_run(cfg)
+    if here: _check_here(cfg)
     return cfg
 
+# %% ../nbs/09_configs.ipynb #a21d2566
 def method_uses_magma(method: str) -> bool:
     "Whether `method` carries MAGMA (λ ≠ 0 in its registered defaults): the registry decides."
     return method_spec(method).uses_magma
-
 
 # %% ../nbs/09_configs.ipynb #c4e1a020
 # the largest value of each integer field (issue 31, N44: 10**30 passed and crashed inside torch, unnamed); a field not
@@ -319,8 +523,9 @@ def dataset_slug(dataset: str) -> str:
     return Path(dataset[7:]).name if dataset.startswith('folder:') else dataset.replace('/', '_').replace(':', '_')
 
 def private_dir(name: str) -> Path:
-    """`<tmp>/<name>`, created mode 0700 and used only if it is a real directory (not a symlink) that this user owns and
-    nobody else can enter; otherwise (another user made it first, or it was loosened) a fresh `tempfile.mkdtemp` folder."""
+    """`<tmp>/<name>`, created mode 0700 and used only if it is a real directory (not a symlink) that this user owns
+    and nobody else can enter; otherwise (another user made it first, or it was loosened) a fresh `tempfile.mkdtemp`
+    folder."""
     import stat
     d = Path(tempfile.gettempdir()) / name
     try: d.mkdir(mode=0o700)
@@ -332,9 +537,9 @@ def private_dir(name: str) -> Path:
 
 def default_out_dir(cfg: PretrainConfig, root=None) -> str:
     """The run directory of a run given no `out_dir`, decided here for the CLI, the papermill notebook and `run`:
-    `<root>/<method>-<dataset>-s<seed>`, or the first of `-2`, `-3` ... not taken (a folder or file of that name exists);
-    with `resume`, the last one taken. `root`: `runs/` (smoke: a private temp folder of this user, as smoke runs are
-    disposable)."""
+    `<root>/<method>-<dataset>-s<seed>`, or the first of `-2`, `-3` ... not taken (a folder or file of that name
+    exists); with `resume`, the last one taken. `root`: `runs/` (smoke: a private temp folder of this user, as smoke
+    runs are disposable)."""
     if root is None: root = private_dir(f"magma-runs-{os.getuid()}") if cfg.profile == 'smoke' else Path('runs')
     base = f"{cfg.method}-{dataset_slug(cfg.dataset)}-s{cfg.seed}"
     taken = lambda p: p.exists() or p.is_symlink()

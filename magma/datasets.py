@@ -39,7 +39,8 @@ def data_root(root=None) -> Path:
 
 def _check_split(split):
     split = {'val': 'test'}.get(split, split)
-    if split not in SPLITS: raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)} (or 'val' for 'test')")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)} (or 'val' for 'test')")
     return split
 
 # %% ../nbs/08_datasets.ipynb #e778bb94
@@ -72,16 +73,20 @@ def load_rgb(path) -> Image.Image:
     "Open an image file as RGB (`_open_rgb`); a corrupt file raises a one-line `ValueError` naming it."
     try: return _open_rgb(path)
     except Exception as e:
-        raise ValueError(f"corrupt or unreadable image {path} ({type(e).__name__}: {_line(e)}); delete or replace the file") from None
+        raise ValueError(f"corrupt or unreadable image {path} ({type(e).__name__}: {_line(e)}); "
+                         f"delete or replace the file") from None
 
 def fit_square(im: Image.Image, size: int) -> Image.Image:
-    "`im` at `size` x `size`: the shorter side resized to `size` (bicubic, antialiased), then the centre crop; as is if already that size."
+    """`im` at `size` x `size`: the shorter side resized to `size` (bicubic, antialiased), then the centre crop; as is
+    if already that size."""
     if im.size == (size, size): return im
-    w, h = im.size; s = size / min(w, h)
+    w, h = im.size
+    s = size / min(w, h)
     im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
     l, t = (im.size[0] - size) // 2, (im.size[1] - size) // 2
     return im.crop((l, t, l + size, t + size))
 
+# %% ../nbs/08_datasets.ipynb #622189c3
 def _decode(path, size):
     "uint8 array (H,W,3) of `path` (at `size` x `size` when given), or the reason it cannot be read (a str)."
     try: im = _open_rgb(path)
@@ -90,39 +95,48 @@ def _decode(path, size):
 
 def _unreadable(name, bad, where, fix):
     "One line naming every unreadable file of `bad` [(path, reason)]."
-    return ValueError(f"{name}: {len(bad)} unreadable image(s) in {where}: " + '; '.join(f"{p} ({r})" for p, r in bad) + f"; {fix}")
+    files = '; '.join(f"{p} ({r})" for p, r in bad)
+    return ValueError(f"{name}: {len(bad)} unreadable image(s) in {where}: " + files + f"; {fix}")
 
 def decode_images(files, size: int | None = None) -> torch.Tensor:
-    """Decode image files into one uint8 tensor (N,3,H,W), every image at `size` x `size` (`fit_square`); with `size=None`
-    they must all have the first one's size. Unreadable files are named, all of them, in one line."""
-    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as ex: arrs = list(ex.map(partial(_decode, size=size), files))
+    """Decode image files into one uint8 tensor (N,3,H,W), every image at `size` x `size` (`fit_square`); with
+    `size=None` they must all have the first one's size. Unreadable files are named, all of them, in one line."""
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as ex:
+        arrs = list(ex.map(partial(_decode, size=size), files))
     bad = [(f, a) for f, a in zip(files, arrs) if isinstance(a, str)]
     if bad: raise _unreadable('decode_images', bad, 'the files given', 'delete or replace them')
     odd = [f for f, a in zip(files, arrs) if a.shape != arrs[0].shape]
-    if odd: raise ValueError(f"decode_images: {odd[0]} is {arrs[files.index(odd[0])].shape[1::-1]} px but {files[0]} is {arrs[0].shape[1::-1]}; pass size= to resize them all")
+    if odd:
+        raise ValueError(f"decode_images: {odd[0]} is {arrs[files.index(odd[0])].shape[1::-1]} px but {files[0]} is "
+                         f"{arrs[0].shape[1::-1]}; pass size= to resize them all")
     return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
 
+# %% ../nbs/08_datasets.ipynb #5e5a9ca0
 def _probe(path):
-    """(width, height) of an image file, decoded in full as an epoch decodes it (`load_rgb`'s `convert('RGB')` reads every
-    pixel, so a truncated file fails here and not mid-epoch), or the reason it cannot be read."""
+    """(width, height) of an image file, decoded in full as an epoch decodes it (`load_rgb`'s `convert('RGB')` reads
+    every pixel, so a truncated file fails here and not mid-epoch), or the reason it cannot be read."""
     try: return _open_rgb(path).size
     except Exception as e: return f"{type(e).__name__}: {_line(e)}"
 
 def scan_images(files, desc: str = 'scanning images', progress: bool | None = None) -> dict:
-    """Decode every file in threads, as an epoch would (`_probe`): `sizes` (N,2) as (width, height), -1 where unreadable,
-    and `bad`, the [path, reason] of every unreadable file. A progress bar is shown for 1,000 files or more."""
+    """Decode every file in threads, as an epoch would (`_probe`): `sizes` (N,2) as (width, height), -1 where
+    unreadable, and `bad`, the [path, reason] of every unreadable file. A progress bar is shown for 1,000 files or
+    more."""
     from tqdm.auto import tqdm
     show = len(files) >= 1000 if progress is None else progress
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as ex:
         res = list(tqdm(ex.map(_probe, files), total=len(files), desc=desc, leave=False,
                         disable=None if show else True))
-    return dict(sizes=torch.tensor([r if isinstance(r, tuple) else (-1, -1) for r in res], dtype=torch.long).view(-1, 2),
+    sizes = torch.tensor([r if isinstance(r, tuple) else (-1, -1) for r in res], dtype=torch.long).view(-1, 2)
+    return dict(sizes=sizes,
                 bad=[[str(f), r] for f, r in zip(files, res) if isinstance(r, str)])
 
+# %% ../nbs/08_datasets.ipynb #9500f4ff
 def _fingerprint(files):
     h = hashlib.sha1()
     for f in files:
-        st = os.stat(f); h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        st = os.stat(f)
+        h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 def cached(key, files, build, root=None, **expect):
@@ -142,7 +156,6 @@ def cached(key, files, build, root=None, **expect):
     d = dict(build(), fingerprint=fp)
     with atomic_path(path) as tmp: torch.save(d, tmp)   # the one atomic write (magma.checkpoints)
     return d, False
-
 
 # %% ../nbs/08_datasets.ipynb #c4e1a018
 _KINDS = ((stat.S_ISFIFO, 'a FIFO'), (stat.S_ISSOCK, 'a socket'), (stat.S_ISCHR, 'a character device'),
@@ -217,8 +230,11 @@ class TensorImages:
     def img_size(self): return self.images.shape[-1]
     def __len__(self): return len(self.labels)
     def __getitem__(self, i): return self.images[i], self.labels[i]
-    def __repr__(self): return f"TensorImages({self.name!r}, {self.split!r}, images={tuple(self.images.shape)}, classes={len(self.classes)})"
+    def __repr__(self):
+        return (f"TensorImages({self.name!r}, {self.split!r}, images={tuple(self.images.shape)}, "
+                f"classes={len(self.classes)})")
 
+# %% ../nbs/08_datasets.ipynb #02013133
 @dataclass(eq=False)
 class FileImages:
     "A large ImageFolder-style dataset: `samples` of (path, label), decoded on demand."
@@ -232,8 +248,12 @@ class FileImages:
     images = None
     def __post_init__(self): self.labels = torch.tensor([l for _, l in self.samples], dtype=torch.long)
     def __len__(self): return len(self.samples)
-    def __getitem__(self, i): p, l = self.samples[i]; return load_rgb(p), l
-    def __repr__(self): return f"FileImages({self.name!r}, {self.split!r}, n={len(self)}, classes={len(self.classes)}, img_size={self.img_size})"
+    def __getitem__(self, i):
+        p, l = self.samples[i]
+        return load_rgb(p), l
+    def __repr__(self):
+        return (f"FileImages({self.name!r}, {self.split!r}, n={len(self)}, classes={len(self.classes)}, "
+                f"img_size={self.img_size})")
 
 # %% ../nbs/08_datasets.ipynb #09876bb3
 SYNTHETIC_CLASSES = ('disk', 'square', 'triangle', 'ring', 'plus', 'pair', 'bar', 'stripes', 'checker', 'dots')
@@ -243,9 +263,12 @@ def _shape_field(c, u, v, r, f):
     rad = (u*u + v*v).sqrt()
     if c == 0: return rad - r
     if c == 1: return torch.maximum(u.abs(), v.abs()) - 0.8*r
-    if c == 2: return torch.stack([u*math.cos(a) + v*math.sin(a) for a in (math.pi/2, 7*math.pi/6, 11*math.pi/6)]).amax(0) - 0.5*r
+    if c == 2:
+        sides = [u*math.cos(a) + v*math.sin(a) for a in (math.pi/2, 7*math.pi/6, 11*math.pi/6)]
+        return torch.stack(sides).amax(0) - 0.5*r
     if c == 3: return (rad - r).abs() - 0.22*r
-    if c == 4: return torch.minimum(torch.maximum(u.abs() - 0.28*r, v.abs() - r), torch.maximum(u.abs() - r, v.abs() - 0.28*r))
+    if c == 4:
+        return torch.minimum(torch.maximum(u.abs() - 0.28*r, v.abs() - r), torch.maximum(u.abs() - r, v.abs() - 0.28*r))
     if c == 5: return torch.minimum(((u - 0.85*r)**2 + v*v).sqrt(), ((u + 0.85*r)**2 + v*v).sqrt()) - 0.5*r
     if c == 6: return torch.maximum(u.abs() - 1.3*r, v.abs() - 0.22*r)
     w = math.pi * f  # textures: f cycles per image half-width, sharpened sinusoids
@@ -254,9 +277,11 @@ def _shape_field(c, u, v, r, f):
     if c == 9: return (0.35 - torch.cos(w*u) * torch.cos(w*v)) / w
     raise ValueError(c)
 
+# %% ../nbs/08_datasets.ipynb #d9d6615b
 def make_synthetic(n_per_class, num_classes=10, img_size=32, seed=0):
     "Deterministic, balanced synthetic images: returns uint8 images (N,3,S,S) and labels (N,)."
-    if not 1 <= num_classes <= len(SYNTHETIC_CLASSES): raise ValueError(f"num_classes must be in 1..{len(SYNTHETIC_CLASSES)}, got {num_classes}")
+    if not 1 <= num_classes <= len(SYNTHETIC_CLASSES):
+        raise ValueError(f"num_classes must be in 1..{len(SYNTHETIC_CLASSES)}, got {num_classes}")
     try: n_ok = not isinstance(n_per_class, bool) and operator.index(n_per_class) >= 1
     except TypeError: n_ok = False
     if not n_ok:
@@ -296,34 +321,39 @@ def _refuse_loop(p, name):
     if _symlink_loop(p):
         try: to = f"it points to {os.readlink(p)}, and "
         except OSError: to = ''
-        raise ValueError(f"{name}: {p} is a symlink loop ({to}following it never reaches a file or folder); remove the link or point it at an image or a folder")
+        raise ValueError(f"{name}: {p} is a symlink loop ({to}following it never reaches a file or folder); "
+                         f"remove the link or point it at an image or a folder")
 
 def _exts(): return ', '.join(IMG_EXT)
 
 def _need(path, name, fix=None):
-    path = Path(path); _refuse_loop(path, name)
+    path = Path(path)
+    _refuse_loop(path, name)
     if not path.exists():
         raise FileNotFoundError(f"{name}: {path} not found; {fix or _HELP}")
     return path
 
 def _download_fix(name, by_hand=None):
-    "What to do about a missing downloadable dataset: the `download` parameter (of `get_dataset` and of a run), or `prepare`."
+    """What to do about a missing downloadable dataset: the `download` parameter (of `get_dataset` and of a run), or
+    `prepare`."""
     by_hand = by_hand or f"python -c \"from magma.datasets import prepare; prepare('{name}')\""
-    return f"pass download=True (the `download` parameter of get_dataset('{name}', ...) and of a pretraining run) to fetch it, or {by_hand}"
+    return (f"pass download=True (the `download` parameter of get_dataset('{name}', ...) and of a pretraining run) "
+            f"to fetch it, or {by_hand}")
 
-_CIFAR = {  # folder, train files, test files, meta file, class-names key, labels key
-    'cifar10': ('cifar-10-batches-py', [f'data_batch_{i}' for i in range(1, 6)], ['test_batch'], 'batches.meta', 'label_names', 'labels'),
-    'cifar100': ('cifar-100-python', ['train'], ['test'], 'meta', 'fine_label_names', 'fine_labels')}
-
-_NUMPY_GLOBALS = {(m, n) for m in ('numpy.core.multiarray', 'numpy._core.multiarray') for n in ('_reconstruct', 'scalar')} | {
-    ('numpy', 'ndarray'), ('numpy', 'dtype'), ('numpy.core.numeric', '_frombuffer'), ('numpy._core.numeric', '_frombuffer'),
-    ('_codecs', 'encode')}  # what pickled numpy arrays need (protocols 2 to 5); `encode` rebuilds bytes in protocol 2
+# %% ../nbs/08_datasets.ipynb #6c0710ec
+# what pickled numpy arrays need (protocols 2 to 5); `encode` rebuilds bytes in protocol 2
+_NUMPY_GLOBALS = {(m, n) for m in ('numpy.core.multiarray', 'numpy._core.multiarray')
+                  for n in ('_reconstruct', 'scalar')} | {
+    ('numpy', 'ndarray'), ('numpy', 'dtype'), ('numpy.core.numeric', '_frombuffer'),
+    ('numpy._core.numeric', '_frombuffer'), ('_codecs', 'encode')}
 
 class SafeUnpickler(pickle.Unpickler):
-    "An unpickler that builds only builtin values (dicts, lists, strings, numbers, bytes) and numpy arrays: no other global is ever loaded."
+    """An unpickler that builds only builtin values (dicts, lists, strings, numbers, bytes) and numpy arrays: no other
+    global is ever loaded."""
     def find_class(self, module, name):
         if (module, name) in _NUMPY_GLOBALS: return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"it asks for {module}.{name}, which a dataset file never needs (only builtin types and numpy arrays are admitted)")
+        raise pickle.UnpicklingError(f"it asks for {module}.{name}, which a dataset file never needs "
+                                     f"(only builtin types and numpy arrays are admitted)")
 
 class _Refused(Exception): pass
 
@@ -333,7 +363,15 @@ def _unpickle(f):
         with open(f, 'rb') as fh: d = SafeUnpickler(fh, encoding='latin1').load()
         if not isinstance(d, dict): raise _Refused(f"it holds a {type(d).__name__}, not a dict")
         return d
-    except Exception as e: raise ValueError(f"malformed dataset file {f} ({type(e).__name__}: {_line(e)}); delete it and prepare again, {_HELP}") from None
+    except Exception as e:
+        raise ValueError(f"malformed dataset file {f} ({type(e).__name__}: {_line(e)}); "
+                         f"delete it and prepare again, {_HELP}") from None
+
+# %% ../nbs/08_datasets.ipynb #de0f6f89
+_CIFAR = {  # folder, train files, test files, meta file, class-names key, labels key
+    'cifar10': ('cifar-10-batches-py', [f'data_batch_{i}' for i in range(1, 6)], ['test_batch'], 'batches.meta',
+                'label_names', 'labels'),
+    'cifar100': ('cifar-100-python', ['train'], ['test'], 'meta', 'fine_label_names', 'fine_labels')}
 
 def _read_cifar(name, split, root, download):
     base = root/name
@@ -345,16 +383,22 @@ def _read_cifar(name, split, root, download):
     files = [_need(base/sub/f, name, fix) for f in (tst if split == 'test' else trn) + [meta]]
     def build():
         bs = [_unpickle(f) for f in files[:-1]]
-        try: images = torch.from_numpy(np.concatenate([np.asarray(b['data'], np.uint8).reshape(-1, 3, 32, 32) for b in bs]))
-        except Exception as e: raise ValueError(f"malformed dataset file in {base/sub} ({_line(e)}); delete it and prepare again, {_HELP}") from None
-        return dict(images=images, labels=torch.tensor(sum([list(b[lkey]) for b in bs], [])), classes=list(_unpickle(files[-1])[ckey]))
+        try: images = torch.from_numpy(np.concatenate([np.asarray(b['data'], np.uint8).reshape(-1, 3, 32, 32)
+                                                       for b in bs]))
+        except Exception as e:
+            raise ValueError(f"malformed dataset file in {base/sub} ({_line(e)}); "
+                             f"delete it and prepare again, {_HELP}") from None
+        return dict(images=images, labels=torch.tensor(sum([list(b[lkey]) for b in bs], [])),
+                    classes=list(_unpickle(files[-1])[ckey]))
     return cached(f"{name}-{'test' if split == 'test' else 'train'}", files, build, root, size=32)
 
+# %% ../nbs/08_datasets.ipynb #023014df
 def _read_stl10(split, root, download):
     base = root/'stl10'/'stl10_binary'
     if download:
         import torchvision
-        torchvision.datasets.STL10(root/'stl10', split={'train': 'train+unlabeled', 'train_labeled': 'train'}.get(split, 'test'), download=True)
+        tv_split = {'train': 'train+unlabeled', 'train_labeled': 'train'}.get(split, 'test')
+        torchvision.datasets.STL10(root/'stl10', split=tv_split, download=True)
     fix = _download_fix('stl10')
     parts = {'train': ['train', 'unlabeled'], 'train_labeled': ['train'], 'test': ['test']}[split]
     xs = [_need(base/f'{p}_X.bin', 'stl10', fix) for p in parts]
@@ -364,14 +408,19 @@ def _read_stl10(split, root, download):
         imgs, labels = [], []
         for p, fx in zip(parts, xs):
             a = np.fromfile(fx, np.uint8)
-            if a.size % (3*96*96): raise ValueError(f"malformed dataset file {fx}: {a.size} bytes is not a whole number of 96x96 RGB images; download it again")
+            if a.size % (3*96*96):
+                raise ValueError(f"malformed dataset file {fx}: {a.size} bytes is not a whole number of 96x96 RGB "
+                                 f"images; download it again")
             imgs.append(a.reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2))  # stored column-major
-            labels.append(np.full(len(imgs[-1]), -1) if p == 'unlabeled' else np.fromfile(base/f'{p}_y.bin', np.uint8).astype(np.int64) - 1)
-        return dict(images=torch.from_numpy(np.ascontiguousarray(np.concatenate(imgs))), labels=torch.from_numpy(np.concatenate(labels)),
+            labels.append(np.full(len(imgs[-1]), -1) if p == 'unlabeled' else
+                          np.fromfile(base/f'{p}_y.bin', np.uint8).astype(np.int64) - 1)
+        return dict(images=torch.from_numpy(np.ascontiguousarray(np.concatenate(imgs))),
+                    labels=torch.from_numpy(np.concatenate(labels)),
                     classes=names.read_text().split())
     n = sum(os.path.getsize(f) for f in xs) // (3*96*96)     # the images the binaries hold, for the cache's check
     return cached(f"stl10-{split}", xs + ys + [names], build, root, size=96, n=n)
 
+# %% ../nbs/08_datasets.ipynb #f0348c9a
 _TINY_URL = 'http://cs231n.stanford.edu/tiny-imagenet-200.zip'
 
 def _read_tiny(split, root, download):
@@ -386,13 +435,16 @@ def _read_tiny(split, root, download):
         ann = _need(base/'val'/'val_annotations.txt', 'tinyimagenet', fix)
         rows = [l.split('\t') for l in ann.read_text().splitlines() if l.strip()]
         bad = [r for r in rows if len(r) < 2 or r[1] not in cidx]
-        if bad: raise ValueError(f"tinyimagenet: malformed line {chr(9).join(bad[0])!r} in {ann} (expected '<file>\\t<wnid>\\t...' with a wnid from wnids.txt); {fix}")
+        if bad: raise ValueError(f"tinyimagenet: malformed line {chr(9).join(bad[0])!r} in {ann} "
+                                 f"(expected '<file>\\t<wnid>\\t...' with a wnid from wnids.txt); {fix}")
         files, labels = [base/'val'/'images'/r[0] for r in rows], [cidx[r[1]] for r in rows]
     else:
         files, labels = [], []
         for w in classes:
-            fs = sorted(f for f in _need(base/'train'/w/'images', 'tinyimagenet', fix).iterdir() if f.suffix.lower() in IMG_EXT)
-            files += fs; labels += [cidx[w]] * len(fs)
+            fs = sorted(f for f in _need(base/'train'/w/'images', 'tinyimagenet', fix).iterdir()
+                        if f.suffix.lower() in IMG_EXT)
+            files += fs
+            labels += [cidx[w]] * len(fs)
     for f in files: _need(f, 'tinyimagenet', fix)
     if not files: raise ValueError(f"tinyimagenet: no images (files ending in {_exts()}) under {base}; {fix}")
     build = lambda: dict(images=decode_images(files, 64), labels=torch.tensor(labels), classes=classes)
@@ -425,6 +477,7 @@ def _others(d, other) -> str:
     "What else a folder with no images holds, for the message that says so."
     return f"; it holds {len(other)} other file(s), e.g. {d/other[0]}" if other else ''
 
+# %% ../nbs/08_datasets.ipynb #3009605f
 def _scan(d, name, classes=None, fix=None, of=None):
     """Samples (path, label) and classes of an ImageFolder split directory `d`. With `of`, the training split's folder,
     `classes` are its classes: `d` may lack some (its labels keep the training indices) but holds no other."""
@@ -440,29 +493,38 @@ def _scan(d, name, classes=None, fix=None, of=None):
         among = {index[c] for c in found}
     elif classes is None:
         classes = found
-        if not classes: raise ValueError(f"{name}: {d} holds no class folders and no images (files ending in {_exts()}){_others(d, other)}; "
-                                         f"expected {d}/<class>/<image>, or images directly in {d} if unlabeled; {fix or _HELP}")
+        if not classes:
+            raise ValueError(f"{name}: {d} holds no class folders and no images (files ending in {_exts()})"
+                             f"{_others(d, other)}; expected {d}/<class>/<image>, or images directly in {d} if "
+                             f"unlabeled; {fix or _HELP}")
     else:
         missing = sorted(set(classes) - set(found))
-        if missing: raise FileNotFoundError(f"{name}: {len(missing)} class folders missing, e.g. {d/missing[0]}; {fix or _HELP}")
+        if missing:
+            raise FileNotFoundError(f"{name}: {len(missing)} class folders missing, e.g. {d/missing[0]}; "
+                                    f"{fix or _HELP}")
     samples = [(os.path.join(d, c, f), i) for i, c in enumerate(classes) if among is None or i in among
                for f in _listing(d/c, name)[1]]
-    if not samples: raise ValueError(f"{name}: no images (files ending in {_exts()}) under {d}/<class>/; {fix or _HELP}")
+    if not samples:
+        raise ValueError(f"{name}: no images (files ending in {_exts()}) under {d}/<class>/; {fix or _HELP}")
     _no_empty_class(name, d, classes, [l for _, l in samples], among)
     return samples, classes
 
+# %% ../nbs/08_datasets.ipynb #695afa22
 def _no_empty_class(name, d, classes, labels, among=None):
     "Refuse class folders without images (of the classes `among`, default all): classes no image would belong to."
     empty = sorted(set(range(len(classes)) if among is None else among) - set(labels))
     if empty: raise ValueError(f"{name}: {len(empty)} class folder(s) hold no images ({', '.join(IMG_EXT)}): "
                                f"{', '.join(str(d/classes[i]) for i in empty)}; remove them or add images")
 
+# %% ../nbs/08_datasets.ipynb #5f25ac9e
 def imagenet100_classes():
     "The 100 ImageNet wnids of Tian et al. (2020, CMC), in their published order."
     return (Path(magma.__file__).parent/'imagenet100.txt').read_text().split()
 
 def _read_imagenet(name, split, root, download, img_size=224):
-    if download: raise ValueError(f"{name} cannot be downloaded automatically (licence); put it under {root/'imagenet'} as described in data/README.md")
+    if download:
+        raise ValueError(f"{name} cannot be downloaded automatically (licence); put it under {root/'imagenet'} "
+                         f"as described in data/README.md")
     base = root/'imagenet'
     if name == 'imagenet100' and (root/'imagenet100').exists(): base = root/'imagenet100'
     fix = f"place ImageNet (ILSVRC-2012) train/ and val/ with one folder per wnid under {base}, see data/README.md"
@@ -483,13 +545,14 @@ def _train_dir(path, name) -> str:
     return 'train' if (path/'train').is_dir() or not _flat(path, name) else '.'
 
 def _folder_fix(path) -> str:
-    return (f"an ImageFolder needs {path}/train/<class>/<image> and {path}/val/ (or test/); an unlabeled one (pretraining only), "
-            f"images directly in {path}/train/ or {path}/")
+    return (f"an ImageFolder needs {path}/train/<class>/<image> and {path}/val/ (or test/); an unlabeled one "
+            f"(pretraining only), images directly in {path}/train/ or {path}/")
 
+# %% ../nbs/08_datasets.ipynb #093f5ebc
 def _folder_split(name, path, sub, root, skip, train=None):
-    """Samples, classes and image sizes (N,2) of one split of an ImageFolder, after the up-front scan of every file. A split
-    folder with images and no class folders is unlabeled: labels -1, no classes. `train`: (the training split's folder,
-    its classes), for the test split, labelled by class name with the training split's indices (`_scan`)."""
+    """Samples, classes and image sizes (N,2) of one split of an ImageFolder, after the up-front scan of every file. A
+    split folder with images and no class folders is unlabeled: labels -1, no classes. `train`: (the training split's
+    folder, its classes), for the test split, labelled by class name with the training split's indices (`_scan`)."""
     fix = _folder_fix(path)
     d = _need(path/sub, name, fix)
     if _flat(d, name): samples, classes = [(os.path.join(d, f), -1) for f in _listing(d, name)[1]], []
@@ -501,7 +564,8 @@ def _folder_split(name, path, sub, root, skip, train=None):
     info, _ = cached(f"folder-{_path_key(path)}-{key}-scan-decoded", files, scan, root, n=len(files))
     sizes, bad = info['sizes'], info['bad']
     if bad:
-        if not skip: raise _unreadable(name, bad, d, "delete or replace them, or pass skip_unreadable=True to leave them out")
+        if not skip:
+            raise _unreadable(name, bad, d, "delete or replace them, or pass skip_unreadable=True to leave them out")
         print(f"{name}: leaving out {len(bad)} unreadable image(s) of {len(files)} in {d} (skip_unreadable=True)")
         keep = torch.nonzero(sizes[:, 0] >= 0).flatten()
         if not len(keep): raise _unreadable(name, bad, d, "no image is left to read: delete or replace them")
@@ -509,6 +573,7 @@ def _folder_split(name, path, sub, root, skip, train=None):
         _no_empty_class(name, d, classes, [l for _, l in samples], among)
     return samples, classes, sizes
 
+# %% ../nbs/08_datasets.ipynb #b358560d
 def _path_key(path): return hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
 
 def _common_size(sizes) -> int:
@@ -516,18 +581,44 @@ def _common_size(sizes) -> int:
     from collections import Counter
     return Counter(sizes.amax(1).tolist()).most_common(1)[0][0]
 
-def _folder(name, path, split, root, img_size=None, cache=None, skip_unreadable=False):
+# %% ../nbs/08_datasets.ipynb #3ca1f470
+def _folder_train_dir(name, path, split, img_size) -> str:
+    """Check folder `path` and `img_size`; the training split's folder (`_train_dir`). An unlabeled folder has only a
+    'train' split."""
     _refuse_loop(path, name)
-    if not path.is_dir(): raise FileNotFoundError(f"{name}: {path} not found; give folder:<path> of a directory with train/ and val/ (or test/), or of unlabeled images")
+    if not path.is_dir():
+        raise FileNotFoundError(f"{name}: {path} not found; give folder:<path> of a directory with train/ and val/ "
+                                f"(or test/), or of unlabeled images")
     if img_size is not None and (isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1):
         raise ValueError(f"img_size={img_size!r}: must be an integer >= 1 (pixels)")
     dirs, files, other = _listing(path, name)
     if not dirs and not files:
-        raise ValueError(f"{name}: {path} holds no images (files ending in {_exts()}, any case) and no folders{_others(path, other)}; {_folder_fix(path)}")
+        raise ValueError(f"{name}: {path} holds no images (files ending in {_exts()}, any case) and no folders"
+                         f"{_others(path, other)}; {_folder_fix(path)}")
     trd = _train_dir(path, name)
     if split != 'train' and (trd == '.' or _flat(path/trd, name)):
-        raise ValueError(f"{name} is unlabeled ({path/trd} holds images and no class folders): it has a 'train' split for pretraining "
-                         f"but no {split!r} split; set eval_dataset to a labelled dataset for the kNN bank, the probes and the test")
+        raise ValueError(f"{name} is unlabeled ({path/trd} holds images and no class folders): it has a 'train' split "
+                         f"for pretraining but no {split!r} split; set eval_dataset to a labelled dataset for the kNN "
+                         f"bank, the probes and the test")
+    return trd
+
+# %% ../nbs/08_datasets.ipynb #e711c098
+def _decode_split(name, where, files, labels, classes, size, skip_unreadable, stats: bool) -> dict:
+    "The cache of one split of a folder: its images decoded at `size`, labels, classes and, for `stats`, (mean, std)."
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as ex:
+        arrs = list(ex.map(partial(_decode, size=size), files))
+    bad = [(f, a) for f, a in zip(files, arrs) if isinstance(a, str)]   # passed the scan, failed at this size
+    if bad and not skip_unreadable:
+        raise _unreadable(name, bad, where, "delete or replace them, or pass skip_unreadable=True to leave them out")
+    if bad: print(f"{name}: leaving out {len(bad)} image(s) of {where} that failed to decode (skip_unreadable=True)")
+    ok = [i for i, a in enumerate(arrs) if not isinstance(a, str)]
+    images = torch.from_numpy(np.stack([arrs[i] for i in ok])).permute(0, 3, 1, 2).contiguous()
+    return dict(images=images, labels=torch.tensor([labels[i] for i in ok]), classes=classes,
+                stats=compute_stats(images) if stats else None)
+
+# %% ../nbs/08_datasets.ipynb #70c6a200
+def _folder(name, path, split, root, img_size=None, cache=None, skip_unreadable=False):
+    trd = _folder_train_dir(name, path, split, img_size)
     sub = trd if split != 'test' else ('val' if (path/'val').is_dir() else 'test')
     train = None if sub == trd else (path/trd, _listing(path/trd, name)[0])
     if train: _no_shared_files(name, path/trd, _need(path/sub, name, _folder_fix(path)))
@@ -540,24 +631,20 @@ def _folder(name, path, split, root, img_size=None, cache=None, skip_unreadable=
     if cache is None: cache = size <= 128
     if not cache: return FileImages(samples, classes, name, split, size)
     files, labels = [p for p, _ in samples], [l for _, l in samples]
-    def build():
-        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as ex: arrs = list(ex.map(partial(_decode, size=size), files))
-        bad = [(f, a) for f, a in zip(files, arrs) if isinstance(a, str)]      # passed the scan, failed at this size (resize, crop)
-        if bad and not skip_unreadable: raise _unreadable(name, bad, path/sub, "delete or replace them, or pass skip_unreadable=True to leave them out")
-        if bad: print(f"{name}: leaving out {len(bad)} image(s) of {path/sub} that failed to decode (skip_unreadable=True)")
-        ok = [i for i, a in enumerate(arrs) if not isinstance(a, str)]
-        images = torch.from_numpy(np.stack([arrs[i] for i in ok])).permute(0, 3, 1, 2).contiguous()
-        return dict(images=images, labels=torch.tensor([labels[i] for i in ok]), classes=classes,
-                    stats=compute_stats(images) if sub == trd else None)
+    build = partial(_decode_split, name, path/sub, files, labels, classes, size, skip_unreadable, sub == trd)
     by = f"-c{hashlib.sha1(chr(10).join(train[1]).encode()).hexdigest()[:8]}" if train else ''   # train's classes
     key = f"folder-{_path_key(path)}-{'flat' if sub == '.' else sub}-{size}px{'-skip' if skip_unreadable else ''}{by}"
     d, hit = cached(key, files, build, root, n=len(files), size=size, partial=skip_unreadable)
     if sub == trd: mean, std = d['stats']
-    else: tr = _folder(name, path, 'train', root, size, True, skip_unreadable); mean, std = tr.mean, tr.std
+    else:
+        tr = _folder(name, path, 'train', root, size, True, skip_unreadable)
+        mean, std = tr.mean, tr.std
     return TensorImages(d['images'], d['labels'], d['classes'], name, split, tuple(mean), tuple(std), from_cache=hit)
 
+# %% ../nbs/08_datasets.ipynb #0c1fd556
 def get_dataset(name, split='train', root=None, download=False, **kw):
-    "The dataset `name` (see `DATASETS`), split 'train' | 'train_labeled' | 'test' ('val' = 'test'); `root` defaults to `data_root()`."
+    """The dataset `name` (see `DATASETS`), split 'train' | 'train_labeled' | 'test' ('val' = 'test'); `root` defaults
+    to `data_root()`."""
     split, root = _check_split(split), data_root(root)
     if name.startswith('folder:'): return _folder(name, Path(name[7:]).expanduser(), split, root, **kw)
     if name not in DATASETS: raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
@@ -565,7 +652,8 @@ def get_dataset(name, split='train', root=None, download=False, **kw):
     if name == 'synthetic':
         n = kw.pop('n_per_class', 100 if split == 'test' else 500)
         seed = kw.pop('seed', 0)
-        images, labels = make_synthetic(n, seed=int(np.random.SeedSequence([seed, int(split == 'test')]).generate_state(1)[0]), **kw)
+        split_seed = int(np.random.SeedSequence([seed, int(split == 'test')]).generate_state(1)[0])
+        images, labels = make_synthetic(n, seed=split_seed, **kw)
         k = kw.get('num_classes', 10)
         return TensorImages(images, labels, list(SYNTHETIC_CLASSES[:k]), name, split, *STATS[name])
     if kw: raise TypeError(f"get_dataset({name!r}) takes no options {sorted(kw)}")
@@ -602,14 +690,17 @@ def subset(ds, idx):
     "The images `idx` of a `TensorImages` or `FileImages`, keeping its classes and normalization statistics."
     idx = torch.as_tensor(idx, dtype=torch.long)
     if isinstance(ds, FileImages):
-        return FileImages([ds.samples[i] for i in idx.tolist()], ds.classes, ds.name, ds.split, ds.img_size, ds.mean, ds.std)
+        return FileImages([ds.samples[i] for i in idx.tolist()], ds.classes, ds.name, ds.split, ds.img_size,
+                          ds.mean, ds.std)
     return TensorImages(ds.images[idx], ds.labels[idx], ds.classes, ds.name, ds.split, ds.mean, ds.std, ds.from_cache)
 
 def _per_class(ds, k_of, seed, unlabeled=False):
-    """Sorted indices of `k_of(n, class name)` images drawn with `seed` from each labelled class of `ds` (in label order),
-    then, with `unlabeled`, from its unlabeled images (label -1) as one more group; `k_of` raises on a bad count."""
+    """Sorted indices of `k_of(n, class name)` images drawn with `seed` from each labelled class of `ds` (in label
+    order), then, with `unlabeled`, from its unlabeled images (label -1) as one more group; `k_of` raises on a bad
+    count."""
     g, picked = torch.Generator().manual_seed(int(seed)), []
-    groups = [(c, ds.classes[c]) for c in torch.unique(ds.labels[ds.labels >= 0]).tolist()] + ([(-1, 'unlabeled')] if unlabeled else [])
+    groups = [(c, ds.classes[c]) for c in torch.unique(ds.labels[ds.labels >= 0]).tolist()]
+    groups += [(-1, 'unlabeled')] if unlabeled else []
     for c, cname in groups:
         members = torch.nonzero(ds.labels == c).flatten()
         if c < 0 and not len(members): continue
@@ -618,32 +709,41 @@ def _per_class(ds, k_of, seed, unlabeled=False):
 
 def holdout_split(ds, fraction: float, seed: int = 0):
     "(train part, held-out part) of `ds`: round(fraction * n_c) images of each labelled class c, drawn with `seed`."
-    if not 0 < fraction < 1: raise ValueError(f"val_fraction must be in (0, 1), got {fraction!r}; use 0 for no validation split")
+    if not 0 < fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {fraction!r}; use 0 for no validation split")
     def k_of(n, cname):
         k = int(round(fraction * n))
-        if k == 0 or k == n: raise ValueError(f"val_fraction={fraction} holds out {k} of the {n} images of class {cname!r}; "
-                                              f"pick a fraction that leaves images on both sides")
+        if k == 0 or k == n:
+            raise ValueError(f"val_fraction={fraction} holds out {k} of the {n} images of class {cname!r}; "
+                             f"pick a fraction that leaves images on both sides")
         return k
     held = _per_class(ds, k_of, seed)
-    keep = torch.ones(len(ds), dtype=torch.bool); keep[held] = False
+    keep = torch.ones(len(ds), dtype=torch.bool)
+    keep[held] = False
     return subset(ds, torch.nonzero(keep).flatten()), subset(ds, held)
 
 
 # %% ../nbs/08_datasets.ipynb #b15a0002
 def train_subset(ds, fraction: float = 1.0, per_class: int | None = None, seed: int = 0):
-    "The images of `ds` to pretrain on: a stratified `fraction` of each class (and of the unlabeled images), or `per_class` images of each class; drawn with `seed`."
+    """The images of `ds` to pretrain on: a stratified `fraction` of each class (and of the unlabeled images), or
+    `per_class` images of each class; drawn with `seed`."""
     _check_subset(fraction, per_class)
     if per_class is None:
         if fraction == 1: return ds
         def k_of(n, cname):
             k = int(round(fraction * n))
-            if k == 0: raise ValueError(f"train_fraction={fraction} keeps 0 of the {n} images of class {cname!r} of {ds.name}; use a larger fraction")
+            if k == 0:
+                raise ValueError(f"train_fraction={fraction} keeps 0 of the {n} images of class {cname!r} of "
+                                 f"{ds.name}; use a larger fraction")
             return k
         return subset(ds, _per_class(ds, k_of, seed, unlabeled=True))
     if not bool((ds.labels >= 0).any()):
-        raise ValueError(f"train_per_class={per_class}: {ds.name} has no labels (unlabeled images have no class); use train_fraction instead")
+        raise ValueError(f"train_per_class={per_class}: {ds.name} has no labels (unlabeled images have no class); "
+                         f"use train_fraction instead")
     def k_of(n, cname):
-        if per_class > n: raise ValueError(f"train_per_class={per_class} but class {cname!r} of {ds.name} has {n} images; use at most the smallest class's count")
+        if per_class > n:
+            raise ValueError(f"train_per_class={per_class} but class {cname!r} of {ds.name} has {n} images; "
+                             f"use at most the smallest class's count")
         return per_class
     return subset(ds, _per_class(ds, k_of, seed))
 
@@ -651,8 +751,11 @@ def _check_subset(fraction, per_class):
     "Refuse a bad subset option before any data is read."
     if per_class is not None:
         if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
-            raise ValueError(f"train_per_class={per_class!r}: must be an integer >= 1 (images of each class), or None for no per-class subset")
-        if fraction != 1: raise ValueError(f"train_fraction={fraction} and train_per_class={per_class}: give one of them (leave train_fraction at 1)")
+            raise ValueError(f"train_per_class={per_class!r}: must be an integer >= 1 (images of each class), "
+                             f"or None for no per-class subset")
+        if fraction != 1:
+            raise ValueError(f"train_fraction={fraction} and train_per_class={per_class}: give one of them "
+                             f"(leave train_fraction at 1)")
     elif isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
         raise ValueError(f"train_fraction={fraction!r}: must be a number in (0, 1]; 1 keeps every image")
 
@@ -667,10 +770,13 @@ class PretrainingData(NamedTuple):
     @property
     def scored(self): return self.test if self.val is None else self.val
 
-def dataset_options(name: str, split: str, img_size: int | None = None, skip_unreadable: bool = False, n_per_class: int | None = None) -> dict:
-    "The `get_dataset` options a run passes to dataset `name`: a folder's `img_size` and `skip_unreadable`, synthetic's size."
+def dataset_options(name: str, split: str, img_size: int | None = None, skip_unreadable: bool = False,
+                    n_per_class: int | None = None) -> dict:
+    """The `get_dataset` options a run passes to dataset `name`: a folder's `img_size` and `skip_unreadable`,
+    synthetic's size."""
     if name.startswith('folder:'): return dict(img_size=img_size, skip_unreadable=skip_unreadable)
-    if name == 'synthetic' and n_per_class: return dict(n_per_class=n_per_class if split != 'test' else max(n_per_class // 4, 4))
+    if name == 'synthetic' and n_per_class:
+        return dict(n_per_class=n_per_class if split != 'test' else max(n_per_class // 4, 4))
     return {}
 
 
@@ -682,7 +788,8 @@ def _relabel(ds, classes, mean, std):
     return replace(ds, labels=torch.full_like(ds.labels, -1), classes=list(classes), mean=mean, std=std)
 
 def _dataset_key(name: str) -> str:
-    "What names a dataset on disk: a folder by its resolved path (X, X/, ./X and a symlink to X are one), any other by its name."
+    """What names a dataset on disk: a folder by its resolved path (X, X/, ./X and a symlink to X are one), any other by
+    its name."""
     if not name.startswith('folder:'): return name
     p = Path(name[7:]).expanduser()
     try: return 'folder:' + str(p.resolve())
@@ -691,35 +798,41 @@ def _dataset_key(name: str) -> str:
 _IMAGENETS = ('imagenet', 'imagenet100')   # ImageNet-100's images are ImageNet's: its train split is part of ImageNet's
 
 def _without(ds, held):
-    "`ds` without the images of `held`, matched by class folder and file name (ImageNet-100 may be a copy under another root)."
+    """`ds` without the images of `held`, matched by class folder and file name (ImageNet-100 may be a copy under
+    another root)."""
     key = lambda p: (Path(p).parent.name, Path(p).name)
     drop = {key(p) for p, _ in held.samples}
     return subset(ds, [i for i, (p, _) in enumerate(ds.samples) if key(p) not in drop])
 
+# %% ../nbs/08_datasets.ipynb #d3ac6f66
 def pretraining_data(dataset: str, *, root=None, download: bool = False, eval_dataset: str | None = None,
                      val_fraction: float = 0.0, train_fraction: float = 1.0, train_per_class: int | None = None,
-                     subset_seed: int = 0, val_seed: int = 0, img_size: int | None = None, skip_unreadable: bool = False,
-                     n_per_class: int | None = None) -> PretrainingData:
-    "(train, bank, val, test) of a pretraining run on `dataset`, scored on `eval_dataset` (None: `dataset`); see the table above."
+                     subset_seed: int = 0, val_seed: int = 0, img_size: int | None = None,
+                     skip_unreadable: bool = False, n_per_class: int | None = None) -> PretrainingData:
+    """(train, bank, val, test) of a pretraining run on `dataset`, scored on `eval_dataset` (None: `dataset`); see the
+    table above."""
     _check_subset(train_fraction, train_per_class)
     if isinstance(val_fraction, bool) or not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction={val_fraction!r}: must be a number in [0, 1); 0 = no validation split")
     ev = None if eval_dataset in (None, '') or _dataset_key(eval_dataset) == _dataset_key(dataset) else eval_dataset
-    get = lambda name, split: get_dataset(name, split, root, download=download, **dataset_options(name, split, img_size, skip_unreadable, n_per_class))
+    get = lambda name, split: get_dataset(name, split, root, download=download,
+                                          **dataset_options(name, split, img_size, skip_unreadable, n_per_class))
     train = get(dataset, 'train')
     name = ev or dataset
-    labelled = ev is None and bool((train.labels >= 0).all())  # then the train split is the labelled split (all but STL-10)
+    # the train split is the labelled split (all but STL-10)
+    labelled = ev is None and bool((train.labels >= 0).all())
     bank = replace(train, split='train_labeled') if labelled else get(name, 'train_labeled')
     test, val = get(name, 'test'), None
     if val_fraction:
         bank, val = holdout_split(bank, val_fraction, val_seed)
         if ev is None:  # the same draw on the train split: STL-10's labelled images come first in it, in the same order
             train, held = holdout_split(train, val_fraction, val_seed) if not labelled else (bank, val)
-            if not torch.equal(held.labels, val.labels): raise RuntimeError(f"{dataset}: the validation images of 'train' and 'train_labeled' differ")
-    if val is not None and ev is not None and {dataset, ev} <= set(_IMAGENETS): train = _without(train, val)  # never pretrain on val
+            if not torch.equal(held.labels, val.labels):
+                raise RuntimeError(f"{dataset}: the validation images of 'train' and 'train_labeled' differ")
+    if val is not None and ev is not None and {dataset, ev} <= set(_IMAGENETS):
+        train = _without(train, val)  # never pretrain on val
     train = train_subset(train, train_fraction, train_per_class, subset_seed)
     if ev is not None:
         train = _relabel(train, bank.classes, train.mean, train.std)
         bank, val, test = (None if d is None else replace(d, mean=train.mean, std=train.std) for d in (bank, val, test))
     return PretrainingData(train, bank, val, test)
-

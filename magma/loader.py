@@ -14,7 +14,8 @@ __all__ = ['pil_crop_boxes', 'Loader', 'make_loader', 'eval_loader']
 
 # %% ../nbs/08b_loader.ipynb #7853437d
 def pil_crop_boxes(img, views, seed):
-    "The crop box (top, left, h, w) of each view of PIL image `img`: `sample_crops`, one draw per view in order, from a generator seeded with `seed`."
+    """The crop box (top, left, h, w) of each view of PIL image `img`: `sample_crops`, one draw per view in order, from
+    a generator seeded with `seed`."""
     g, (w, h) = torch.Generator().manual_seed(int(seed)), img.size
     return [tuple(sample_crops(1, h, w, v.scale, v.ratio, g)[0].tolist()) for v in views]
 
@@ -35,10 +36,19 @@ class _FileCrops(torch.utils.data.Dataset):
 # %% ../nbs/08b_loader.ipynb #bfcd68da
 def _mix(*ints): return int(np.random.SeedSequence([int(i) for i in ints]).generate_state(1, np.uint64)[0] >> 1)
 
+def _place(x: torch.Tensor, y: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where a tensor dataset's (images, labels) are gathered from: on CUDA, copied there when the uint8 images take at
+    most a quarter of its free memory (else kept in pinned host memory); elsewhere, as they are."""
+    if device.type == 'cuda':
+        free = torch.cuda.mem_get_info(device)[0]
+        x, y = (x.to(device), y.to(device)) if x.nbytes <= free // 4 else (x.pin_memory(), y.pin_memory())
+    return x, y
+
+# %% ../nbs/08b_loader.ipynb #8ac5dfc2
 class Loader:
     "Augmented batches of a dataset; see `make_loader`."
-    def __init__(self, ds, batch_size, views=(ViewAug(),), device='cpu', seed=0, shuffle=True, drop_last=True, rank=0, world_size=1,
-                 img_size=None, mean=None, std=None, num_workers=None, aug_threads=1):
+    def __init__(self, ds, batch_size, views=(ViewAug(),), device='cpu', seed=0, shuffle=True, drop_last=True, rank=0,
+                 world_size=1, img_size=None, mean=None, std=None, num_workers=None, aug_threads=1):
         self.ds, self.bs, self.device, self.seed = ds, batch_size, torch.device(device), seed
         self.shuffle, self.drop_last, self.rank, self.world_size = shuffle, drop_last, rank, world_size
         self.aug = TensorAugment(views, img_size or ds.img_size, mean or ds.mean, std or ds.std)
@@ -51,7 +61,8 @@ class Loader:
     def indices(self):
         "This rank's dataset indices for the current epoch, in order."
         n, ws = len(self.ds), self.world_size
-        idx = torch.randperm(n, generator=torch.Generator().manual_seed(_mix(self.seed, self.epoch))) if self.shuffle else torch.arange(n)
+        g = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
+        idx = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
         per = n // ws if self.drop_last else -(-n // ws)
         idx = idx.repeat(-(-per * ws // n))[:per * ws]
         return idx[self.rank::ws]
@@ -74,32 +85,37 @@ class Loader:
         return dict(d, label=to_device(y, self.device), index=i)
 
     def resident(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """A tensor dataset's (images, labels) where batches are gathered from: on an accelerator, copied to it once when
-        the uint8 images take at most a quarter of its free memory (else kept in pinned host memory); on the CPU, as they are."""
-        if self._resident is None:
-            x, y = self.ds.images, self.ds.labels
-            if self.device.type == 'cuda':
-                free = torch.cuda.mem_get_info(self.device)[0]
-                x, y = (x.to(self.device), y.to(self.device)) if x.nbytes <= free // 4 else (x.pin_memory(), y.pin_memory())
-            self._resident = x, y
+        """A tensor dataset's (images, labels) where batches are gathered from: on an accelerator, copied to it once
+        when the uint8 images take at most a quarter of its free memory (else kept in pinned host memory); on the CPU,
+        as they are."""
+        if self._resident is None: self._resident = _place(self.ds.images, self.ds.labels, self.device)
         return self._resident
 
     def __iter__(self):
-        if not self.files:
-            x, y = self.resident()
-            for b, i in self._batches():
-                j = to_device(i, x.device)
-                yield self._out(b, i, x[j], y[j])
+        if self.files:
+            yield from _file_batches(self)
             return
-        batches = list(self._batches())
-        seeds = torch.randint(2**62, (len(self.indices()),), generator=torch.Generator().manual_seed(_mix(self.seed, self.epoch, self.rank, 1)))
-        sampler = [[(i, seeds[b * self.bs + k].item()) for k, i in enumerate(ii.tolist())] for b, ii in batches]
-        dl = torch.utils.data.DataLoader(_FileCrops(self.ds, self.aug.views, self.aug.img_size), batch_sampler=sampler,
-                                         num_workers=self.num_workers, pin_memory=self.device.type == 'cuda')
-        for (b, i), (x, y) in zip(batches, dl): yield self._out(b, i, x if self.aug.views else x[:, 0], y)
+        x, y = self.resident()
+        for b, i in self._batches():
+            j = to_device(i, x.device)
+            yield self._out(b, i, x[j], y[j])
 
-def make_loader(dataset, batch_size, views=(ViewAug(),), device='cpu', seed=0, shuffle=True, drop_last=True, rank=0, world_size=1, **kw):
-    "An iterable of augmented batches (dicts) with `len()` and `set_epoch(epoch, start_batch=0)`; order depends only on (seed, epoch)."
+# %% ../nbs/08b_loader.ipynb #d2cd1f50
+def _file_batches(ld: Loader):
+    "The batches of a loader of `FileImages`: decoded and cropped in `DataLoader` workers (`_FileCrops`)."
+    batches = list(ld._batches())
+    g = torch.Generator().manual_seed(_mix(ld.seed, ld.epoch, ld.rank, 1))
+    seeds = torch.randint(2**62, (len(ld.indices()),), generator=g)
+    sampler = [[(i, seeds[b * ld.bs + k].item()) for k, i in enumerate(ii.tolist())] for b, ii in batches]
+    dl = torch.utils.data.DataLoader(_FileCrops(ld.ds, ld.aug.views, ld.aug.img_size), batch_sampler=sampler,
+                                     num_workers=ld.num_workers, pin_memory=ld.device.type == 'cuda')
+    for (b, i), (x, y) in zip(batches, dl): yield ld._out(b, i, x if ld.aug.views else x[:, 0], y)
+
+# %% ../nbs/08b_loader.ipynb #f9a601da
+def make_loader(dataset, batch_size, views=(ViewAug(),), device='cpu', seed=0, shuffle=True, drop_last=True, rank=0,
+                world_size=1, **kw):
+    """An iterable of augmented batches (dicts) with `len()` and `set_epoch(epoch, start_batch=0)`; order depends only
+    on (seed, epoch)."""
     return Loader(dataset, batch_size, views, device, seed, shuffle, drop_last, rank, world_size, **kw)
 
 def eval_loader(dataset, batch_size, device='cpu', **kw):

@@ -15,14 +15,17 @@ __all__ = ['BACKENDS', 'WANDB_ID_FILE', 'parse_backends', 'as_scalar', 'hparams'
 BACKENDS = ('tensorboard', 'wandb')
 
 def parse_backends(backends) -> tuple[str, ...]:
-    "`'tensorboard,wandb'`, a sequence of names, or `'none'`/`''` (log nothing) as a tuple of names, checked: known, and installed."
+    """`'tensorboard,wandb'`, a sequence of names, or `'none'`/`''` (log nothing) as a tuple of names, checked: known,
+    and installed."""
     names = backends.split(',') if isinstance(backends, str) else list(backends)
     names = tuple(dict.fromkeys(n.strip() for n in names if n.strip() and n.strip() != 'none'))
     bad = [n for n in names if n not in BACKENDS]
-    if bad: raise ValueError(f"loggers={backends!r}: unknown logger(s) {', '.join(map(repr, bad))}; valid: {', '.join(BACKENDS)}, "
-                             f"several comma-separated ({','.join(BACKENDS)}), or none")
+    if bad:
+        raise ValueError(f"loggers={backends!r}: unknown logger(s) {', '.join(map(repr, bad))}; "
+                         f"valid: {', '.join(BACKENDS)}, several comma-separated ({','.join(BACKENDS)}), or none")
     if 'wandb' in names and importlib.util.find_spec('wandb') is None:
-        raise ModuleNotFoundError(f"loggers={backends!r} includes wandb but wandb is not installed: pip install wandb (or log to tensorboard only)")
+        raise ModuleNotFoundError(f"loggers={backends!r} includes wandb but wandb is not installed: pip install wandb "
+                                  f"(or log to tensorboard only)")
     return names
 
 def as_scalar(v) -> float | None:
@@ -40,18 +43,23 @@ def image_array(img) -> np.ndarray:
     "An (H, W, 3) uint8 array from a matplotlib figure, an image file's path, or such an array."
     from PIL import Image
     if hasattr(img, 'savefig'):
-        buf = io.BytesIO(); img.savefig(buf, format='png'); buf.seek(0)
+        buf = io.BytesIO()
+        img.savefig(buf, format='png')
+        buf.seek(0)
         with Image.open(buf) as im: return np.asarray(im.convert('RGB'))
     if isinstance(img, (str, Path)):
-        if not Path(img).is_file(): raise FileNotFoundError(f"figure: no image file at {img}; pass a saved PNG's path or a matplotlib figure")
+        if not Path(img).is_file():
+            raise FileNotFoundError(f"figure: no image file at {img}; pass a saved PNG's path or a matplotlib figure")
         with Image.open(img) as im: return np.asarray(im.convert('RGB'))
     a = np.asarray(img)
     if a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8:
-        raise ValueError(f"figure: an array must be (H, W, 3) uint8, got {a.shape} {a.dtype}; or pass a figure or a file path")
+        raise ValueError(f"figure: an array must be (H, W, 3) uint8, got {a.shape} {a.dtype}; "
+                         f"or pass a figure or a file path")
     return a
 
 # %% ../nbs/09a_loggers.ipynb #eca16c51
-WANDB_ID_FILE = 'wandb_run_id'     # the run directory's wandb run id, so that a resumed run continues the same wandb run
+# the run directory's wandb run id, so that a resumed run continues the same wandb run
+WANDB_ID_FILE = 'wandb_run_id'
 
 def wandb_run_id(out_dir) -> str | None:
     "The wandb run id stored in `out_dir` (a regular file holding wandb's id characters), or None."
@@ -62,31 +70,42 @@ def wandb_run_id(out_dir) -> str | None:
     return rid if re.fullmatch(r'[A-Za-z0-9_-]{1,64}', rid) else None
 
 def _write_text(path: Path, text: str) -> None:
-    "Write `text` to `path` atomically (a temp file in the same folder, then rename), replacing a symlink rather than following it."
+    """Write `text` to `path` atomically (a temp file in the same folder, then rename), replacing a symlink rather than
+    following it."""
     import os, tempfile
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.')
     try:
         with os.fdopen(fd, 'w') as f: f.write(text)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True); raise
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
+# %% ../nbs/09a_loggers.ipynb #855cb8e6
+def _start_wandb(out: Path, config: dict, purge_step, project, mode, run_name):
+    "A wandb run logging to `out`, its id stored there; a resumed run (one that starts past step 0) continues its own."
+    if mode not in (None, 'online', 'offline', 'disabled'):
+        raise ValueError(f"wandb_mode={mode!r}: use 'online', 'offline', 'disabled' or None "
+                         f"(wandb's default, WANDB_MODE)")
+    import wandb
+    out.mkdir(parents=True, exist_ok=True)
+    rid = wandb_run_id(out) if purge_step else None
+    run = wandb.init(project=project or 'magma', name=run_name or out.name, dir=str(out), config=config, mode=mode,
+                     reinit='create_new', settings=wandb.Settings(console='off'), id=rid,
+                     resume='allow' if rid else None)
+    _write_text(out / WANDB_ID_FILE, run.id)
+    return run
+
+# %% ../nbs/09a_loggers.ipynb #a454707f
 class RunLogger:
     "A run's scalars, figures and final metrics to TensorBoard (`out_dir/tb`) and, if asked for, wandb."
     def __init__(self, out_dir, config: dict | None = None, backends='tensorboard', purge_step: int | None = None,
                  wandb_project: str | None = None, wandb_mode: str | None = None, run_name: str | None = None):
         self.out, self.config, self.backends = Path(out_dir), dict(config or {}), parse_backends(backends)
-        self.tb = self.wandb = None; self.step = 0
+        self.tb = self.wandb = None
+        self.step = 0
         if 'wandb' in self.backends:                                    # checked first: a failure leaves no files
-            if wandb_mode not in (None, 'online', 'offline', 'disabled'):
-                raise ValueError(f"wandb_mode={wandb_mode!r}: use 'online', 'offline', 'disabled' or None (wandb's default, WANDB_MODE)")
-            import wandb
-            self.out.mkdir(parents=True, exist_ok=True)
-            rid = wandb_run_id(self.out) if purge_step else None         # a resumed run (it starts past step 0) continues its wandb run
-            self.wandb = wandb.init(project=wandb_project or 'magma', name=run_name or self.out.name, dir=str(self.out),
-                                    config=self.config, mode=wandb_mode, reinit='create_new', settings=wandb.Settings(console='off'),
-                                    id=rid, resume='allow' if rid else None)
-            _write_text(self.out / WANDB_ID_FILE, self.wandb.id)
+            self.wandb = _start_wandb(self.out, self.config, purge_step, wandb_project, wandb_mode, run_name)
         if 'tensorboard' in self.backends:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(self.out / 'tb'), purge_step=purge_step)
@@ -100,7 +119,8 @@ class RunLogger:
         if self.wandb and vals: self.wandb.log(vals, step=step)
 
     def figure(self, name: str, img, step: int | None = None) -> None:
-        "A matplotlib figure, an image file or an (H, W, 3) uint8 array as image `name` (at the last step logged by default)."
+        """A matplotlib figure, an image file or an (H, W, 3) uint8 array as image `name` (at the last step logged by
+        default)."""
         a, step = image_array(img), self.step if step is None else step
         if self.tb: self.tb.add_image(name, a, step, dataformats='HWC')
         if self.wandb:
@@ -108,9 +128,11 @@ class RunLogger:
             self.wandb.log({name: wandb.Image(a)}, step=step)
 
     def summary(self, metrics: dict, step: int | None = None) -> None:
-        "Final evaluation metrics as `eval/<key>`: TensorBoard's hparams (the config's scalar fields against them), wandb's summary."
+        """Final evaluation metrics as `eval/<key>`: TensorBoard's hparams (the config's scalar fields against them),
+        wandb's summary."""
         m = {f'eval/{k}': x for k, v in metrics.items() if (x := as_scalar(v)) is not None}
-        if self.tb: self.tb.add_hparams(hparams(self.config), m, run_name='.', global_step=self.step if step is None else step)
+        if self.tb:
+            self.tb.add_hparams(hparams(self.config), m, run_name='.', global_step=self.step if step is None else step)
         if self.wandb: self.wandb.summary.update(m)
 
     def flush(self) -> None:
