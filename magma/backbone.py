@@ -18,7 +18,8 @@ def sincos_pos_embed(dim: int, grid_size: int | tuple[int, int], cls_token: bool
     if dim % 4: raise ValueError(f"embed dim must be divisible by 4 for 2-D sin-cos embeddings, got {dim}")
     gh, gw = (grid_size, grid_size) if isinstance(grid_size, int) else grid_size
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
-    rows, cols = torch.meshgrid(torch.arange(gh, dtype=torch.float64), torch.arange(gw, dtype=torch.float64), indexing='ij')
+    rows, cols = torch.meshgrid(torch.arange(gh, dtype=torch.float64), torch.arange(gw, dtype=torch.float64),
+                                indexing='ij')
     def emb1d(pos): # (N,) -> (N, dim/2)
         out = pos.reshape(-1)[:, None] * omega[None]
         return torch.cat([out.sin(), out.cos()], 1)
@@ -29,14 +30,42 @@ def sincos_pos_embed(dim: int, grid_size: int | tuple[int, int], cls_token: bool
 # %% ../nbs/01_backbone.ipynb #87dff29e
 FLAVOURS = ('mae', 'timm')
 
+def _check_flavour(flavour: str) -> None:
+    if flavour not in FLAVOURS: raise ValueError(f"backbone_flavour={flavour!r}; valid: {', '.join(FLAVOURS)}")
+
+def _block_index(b, n: int) -> int:
+    "Block index `b` of an `n`-block ViT (negative allowed) as a non-negative index; out of range is refused."
+    if not isinstance(b, int) or isinstance(b, bool) or not -n <= b < n:
+        raise ValueError(f"block index {b!r} out of range for a {n}-block ViT: "
+                         f"valid indices are {-n}..{n - 1} (-1 = last)")
+    return b % n
+
+# %% ../nbs/01_backbone.ipynb #5afd9906
+def _init_mae_weights_(vit) -> None:
+    "MAE's init (models_mae.py): sin-cos pos-embed, xavier-uniform linears and patch projection, N(0, .02) CLS."
+    with torch.no_grad():
+        vit.pos_embed.copy_(sincos_pos_embed(vit.embed_dim, vit.patch_embed.grid_size))
+        w = vit.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(vit.cls_token, std=0.02)
+    for m in vit.blocks.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+# %% ../nbs/01_backbone.ipynb #127736dc
 class ViT(VisionTransformer):
-    "timm ViT with a CLS token and `encode(x, taps, ids_keep)`; `flavour` 'mae' (fixed sin-cos, MAE init) or 'timm' (learned, timm init)."
+    ("timm ViT with a CLS token and `encode(x, taps, ids_keep)`; `flavour` 'mae' (fixed sin-cos, MAE init) or "
+     "'timm' (learned, timm init).")
     def __init__(self, img_size: int = 224, patch_size: int = 16, embed_dim: int = 192, depth: int = 12,
                  num_heads: int = 12, mlp_ratio: float = 4.0, in_chans: int = 3, drop_path_rate: float = 0.0,
                  flavour: str = 'mae'):
         if img_size % patch_size:
             raise ValueError(f"patch_size={patch_size} does not divide img_size={img_size}")
-        if flavour not in FLAVOURS: raise ValueError(f"backbone_flavour={flavour!r}; valid: {', '.join(FLAVOURS)}")
+        _check_flavour(flavour)
         super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=0,
                          global_pool='token', embed_dim=embed_dim, depth=depth, num_heads=num_heads,
                          mlp_ratio=mlp_ratio, qkv_bias=True, class_token=True,
@@ -46,18 +75,7 @@ class ViT(VisionTransformer):
             self.pos_embed.requires_grad_(False)  # fixed, as in MAE
             self._init_mae_weights()              # 'timm': timm's learned pos-embed and init, left as timm made them
 
-    def _init_mae_weights(self):
-        "MAE's initialization (models_mae.py): sin-cos pos-embed, xavier-uniform linears and patch projection, N(0, .02) CLS."
-        with torch.no_grad():
-            self.pos_embed.copy_(sincos_pos_embed(self.embed_dim, self.patch_embed.grid_size))
-            w = self.patch_embed.proj.weight
-            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-            nn.init.normal_(self.cls_token, std=0.02)
-        for m in self.blocks.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight); nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight); nn.init.zeros_(m.bias)
+    def _init_mae_weights(self): _init_mae_weights_(self)
 
     @property
     def depth(self) -> int: return len(self.blocks)
@@ -67,12 +85,7 @@ class ViT(VisionTransformer):
 
     def check_blocks(self, blocks) -> tuple[int, ...]:
         "Validate block indices (negative allowed); return them as non-negative indices."
-        n, out = self.depth, []
-        for b in blocks:
-            if not isinstance(b, int) or isinstance(b, bool) or not -n <= b < n:
-                raise ValueError(f"block index {b!r} out of range for a {n}-block ViT: valid indices are {-n}..{n - 1} (-1 = last)")
-            out.append(b % n)
-        return tuple(out)
+        return tuple(_block_index(b, self.depth) for b in blocks)
 
     def encode(self, x: torch.Tensor, taps=(), ids_keep: torch.Tensor | None = None):
         "Tokens after the final norm (B, 1+K, D) and `{block: mean of its visible patch tokens (B, D)}`."
@@ -100,12 +113,13 @@ _HEADS = dict(mae=dict(vit_tiny=12, vit_small=12, vit_base=12, vit_large=16),   
 
 def _make(size):
     def f(img_size: int = 224, patch_size: int = 16, flavour: str = 'mae', **kw) -> ViT:
-        if flavour not in FLAVOURS: raise ValueError(f"backbone_flavour={flavour!r}; valid: {', '.join(FLAVOURS)}")
+        _check_flavour(flavour)
         dim, depth = _DIMS[size]
         return ViT(img_size=img_size, patch_size=patch_size, flavour=flavour,
                    **{**dict(embed_dim=dim, depth=depth, num_heads=_HEADS[flavour][size]), **kw})
     f.__name__ = f.__qualname__ = size
-    f.__doc__ = f"`{size}` (width {_DIMS[size][0]}, depth {_DIMS[size][1]}), CLS token, `flavour` 'mae' or 'timm'; keyword overrides allowed."
+    f.__doc__ = (f"`{size}` (width {_DIMS[size][0]}, depth {_DIMS[size][1]}), CLS token, `flavour` 'mae' or 'timm'; "
+                 "keyword overrides allowed.")
     return f
 
 vit_tiny, vit_small, vit_base, vit_large = (_make(s) for s in _DIMS)

@@ -24,7 +24,8 @@ def gather(x: torch.Tensor) -> torch.Tensor:
 # %% ../nbs/03_base.ipynb #1d8ad945
 @dataclass(frozen=True)
 class MethodSpec:
-    "A registered method: its class, default overrides, display name and paired baseline; the rest is read off the class."
+    ("A registered method: its class, default overrides, display name and paired baseline; "
+     "the rest is read off the class.")
     name: str
     cls: type
     defaults: dict
@@ -50,26 +51,32 @@ class MethodSpec:
 
 METHODS: dict[str, MethodSpec] = {}
 
+# %% ../nbs/03_base.ipynb #1edf09ad
 def _count(v) -> bool: return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 def _num(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool)
 # the valid range of a method's own key, by name: (valid?, the range in words). One table for every method (a key
 # means the same in each, e.g. `proj_hidden_dim`); a method whose key needs another range sets `config_ranges`.
 KEY_RANGES: dict[str, tuple] = {
     **{k: (_count, 'an integer >= 1') for k in ('proj_hidden_dim', 'proj_output_dim', 'pred_hidden_dim')},
-    **{k: (lambda v: v is None or _count(v), 'an integer >= 1, or None for the preset') for k in ('decoder_dim', 'decoder_depth', 'decoder_heads')},
+    **{k: (lambda v: v is None or _count(v), 'an integer >= 1, or None for the preset')
+       for k in ('decoder_dim', 'decoder_depth', 'decoder_heads')},
     **{k: (lambda v: _num(v) and 0 <= v <= 1, 'a number in [0, 1]') for k in ('base_tau', 'final_tau')},
-    **{k: (lambda v: _num(v) and v >= 0, 'a number >= 0') for k in ('sim_weight', 'var_weight', 'cov_weight', 'uniformity_weight', 'magma_weight')},
+    **{k: (lambda v: _num(v) and v >= 0, 'a number >= 0')
+       for k in ('sim_weight', 'var_weight', 'cov_weight', 'uniformity_weight', 'magma_weight')},
     'temperature': (lambda v: _num(v) and v > 0, 'a number > 0'),
 }
 
 def check_key(name: str, value, ranges: dict | None = None, where: str = '') -> None:
-    "One-line `ValueError` naming `name`, `value` and the valid range if `value` is outside `name`'s range (`ranges`, then `KEY_RANGES`); no range: accepted."
+    ("One-line `ValueError` naming `name`, `value` and the valid range if `value` is outside `name`'s range "
+     "(`ranges`, then `KEY_RANGES`); no range: accepted.")
     ok, words = (ranges or {}).get(name) or KEY_RANGES.get(name) or (None, None)
     if ok is not None and not ok(value): raise ValueError(f"{name}={value!r}: must be {words}{where}")
 
+# %% ../nbs/03_base.ipynb #0233c507
 def register(name: str, display: str | None = None, baseline: str | None = None, registry: dict | None = None,
              default: bool = False, **defaults):
-    "Class decorator: register `cls` as `name` (shown as `display`, paired with `baseline`; `default`: the project's default method), created with `defaults`."
+    ("Class decorator: register `cls` as `name` (shown as `display`, paired with `baseline`; `default`: the project's "
+     "default method), created with `defaults`.")
     reg = METHODS if registry is None else registry
     def deco(cls):
         if name in reg and reg[name].cls.__qualname__ != cls.__qualname__:  # re-running a cell re-registers
@@ -85,7 +92,58 @@ def method_spec(name: str) -> MethodSpec:
     if name not in METHODS: raise ValueError(f"unknown method {name!r}; valid: {', '.join(METHODS)}")
     return METHODS[name]
 
-# %% ../nbs/03_base.ipynb #66a0b784
+# %% ../nbs/03_base.ipynb #7fa70c92
+def _mro_merged(cls, attr: str) -> dict:
+    "The dicts `attr` of `cls` and of its bases merged, a subclass's entries over its bases'."
+    out = {}
+    for k in reversed(cls.__mro__): out.update(getattr(k, attr, {}))
+    return out
+
+# %% ../nbs/03_base.ipynb #bbb9628f
+def _check_config(cls, config: dict) -> dict:
+    "`cls`'s full config, its defaults updated with `config`; unknown keys and out-of-range values are refused."
+    keys = cls.config_keys()
+    unknown = sorted(set(config) - set(keys))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown} for {cls.__name__}; valid keys: {', '.join(sorted(keys))}")
+    c = {**keys, **config}
+    for k, v in config.items(): check_key(k, v, cls.config_ranges(), f" ({cls.__name__})")
+    return c
+
+def _build_encoder(c: dict):
+    "The ViT of config `c`: the named size, overridden by `embed_dim`, `depth`, `num_heads`, `mlp_ratio` where set."
+    size = {k: c[k] for k in ('embed_dim', 'depth', 'num_heads', 'mlp_ratio') if c[k] is not None}
+    return create_backbone(c['backbone'], c['backbone_flavour'], img_size=c['img_size'], patch_size=c['patch_size'],
+                           in_chans=c['in_chans'], drop_path_rate=c['drop_path_rate'], **size)
+
+def _build_magma(encoder, c: dict, family: str) -> MagmaLoss:
+    "The MAGMA module of config `c`, with the official layer loop of `family`."
+    layers, target = tuple(c['magma_layers']), c['magma_target']
+    ref = encoder.check_blocks(layers)
+    tgt = encoder.check_blocks([target])[0]
+    if tgt in ref: raise ValueError(f"magma_layers {layers} include the target block {target}")
+    loop = 'joint' if family == 'joint-embedding' else None   # the official loop; MAE's refuses two-block lists
+    return MagmaLoss.from_layers(layers=layers, target=target, loop=loop, bandwidth=c['magma_bandwidth'],
+                                 normalized=c['magma_normalized'])
+
+# %% ../nbs/03_base.ipynb #17a737a0
+_SHARED_DEFAULTS = dict(backbone='vit_tiny', backbone_flavour='mae', img_size=224, patch_size=16, in_chans=3,
+                        embed_dim=None, depth=None, num_heads=None, mlp_ratio=None, drop_path_rate=0.0,
+                        magma_layers=(-2,), magma_target=-1, magma_weight=0.0, magma_bandwidth='std',
+                        magma_normalized=True, track_magma=True, magma_global=False)
+
+# %% ../nbs/03_base.ipynb #9b8b8cd6
+def _distributed() -> bool: return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+def _global_magma(magma: MagmaLoss, feats: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    "(world x this rank's share of the global-batch term, the global term): a collective, every rank calls it."
+    B, rank, world = next(iter(feats.values())).shape[0], dist.get_rank(), dist.get_world_size()
+    share = magma({k: gather(v) for k, v in feats.items()}, rows=slice(rank * B, (rank + 1) * B))
+    total = share.detach().clone()
+    dist.all_reduce(total)
+    return world * share, total
+
+# %% ../nbs/03_base.ipynb #e2351721
 class SSLMethod(nn.Module):
     "Base: `encoder` (ViT), `magma` (MagmaLoss), `magma_weight` (λ), config checking."
     views: tuple = ()          # one dict of augmentation parameters per view (magma.augment.ViewAug fields)
@@ -93,46 +151,24 @@ class SSLMethod(nn.Module):
     family: str = ''           # the paper table of its hyperparameters: 'mae' (Table 4) or 'joint-embedding' (Table 5)
     config_help: dict = {}     # {key: (type, help)} of the keys this class adds
     ranges: dict = {}          # {key: (valid?, range in words)} for a key whose range is not `KEY_RANGES`'s
-    defaults: dict = dict(backbone='vit_tiny', backbone_flavour='mae', img_size=224, patch_size=16, in_chans=3, embed_dim=None, depth=None,
-                          num_heads=None, mlp_ratio=None, drop_path_rate=0.0, magma_layers=(-2,), magma_target=-1,
-                          magma_weight=0.0, magma_bandwidth='std', magma_normalized=True, track_magma=True,
-                          magma_global=False)
+    defaults: dict = _SHARED_DEFAULTS   # the keys every method takes (the table above); a subclass adds its own
 
     @classmethod
     def config_keys(cls) -> dict:
         "All accepted config keys with their defaults (this class and its bases)."
-        out = {}
-        for k in reversed(cls.__mro__): out.update(getattr(k, 'defaults', {}))
-        return out
-
+        return _mro_merged(cls, 'defaults')
     @classmethod
     def config_ranges(cls) -> dict:
         "The ranges this class and its bases declare (`ranges`); `KEY_RANGES` covers the rest."
-        out = {}
-        for k in reversed(cls.__mro__): out.update(getattr(k, 'ranges', {}))
-        return out
-
+        return _mro_merged(cls, 'ranges')
     def __init__(self, **config):
         super().__init__()
-        keys = self.config_keys()
-        unknown = sorted(set(config) - set(keys))
-        if unknown:
-            raise ValueError(f"unknown config key(s) {unknown} for {type(self).__name__}; valid keys: {', '.join(sorted(keys))}")
-        self.config = c = {**keys, **config}
-        for k, v in config.items(): check_key(k, v, self.config_ranges(), f" ({type(self).__name__})")
-        size = {k: c[k] for k in ('embed_dim', 'depth', 'num_heads', 'mlp_ratio') if c[k] is not None}
-        self.encoder = create_backbone(c['backbone'], c['backbone_flavour'], img_size=c['img_size'], patch_size=c['patch_size'],
-                                       in_chans=c['in_chans'], drop_path_rate=c['drop_path_rate'], **size)
-        layers, target = tuple(c['magma_layers']), c['magma_target']
-        ref, tgt = self.encoder.check_blocks(layers), self.encoder.check_blocks([target])[0]
-        if tgt in ref: raise ValueError(f"magma_layers {layers} include the target block {target}")
-        loop = 'joint' if self.family == 'joint-embedding' else None   # the official loop; MAE's refuses two-block lists
-        self.magma = MagmaLoss.from_layers(layers=layers, target=target, loop=loop, bandwidth=c['magma_bandwidth'],
-                                           normalized=c['magma_normalized'])
+        self.config = c = _check_config(type(self), config)
+        self.encoder = _build_encoder(c)
+        self.magma = _build_magma(self.encoder, c, self.family)
         self.magma_weight = float(c['magma_weight'])
         self.track_magma = bool(c['track_magma'])
         self.magma_global = bool(c['magma_global'])
-
     @property
     def taps(self) -> tuple[int, ...]:
         "Blocks the encoder must tap this step: MagmaLoss's layers, or none if λ = 0 and not tracking."
@@ -140,13 +176,9 @@ class SSLMethod(nn.Module):
 
     def magma_term(self, feats: dict) -> tuple[torch.Tensor, torch.Tensor]:
         "(differentiable term to add, its value for logging): the local batch, or the global one with `magma_global`."
-        if not (self.magma_global and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            m = self.magma(feats)
-            return m, m.detach()
-        B, rank, world = next(iter(feats.values())).shape[0], dist.get_rank(), dist.get_world_size()
-        share = self.magma({k: gather(v) for k, v in feats.items()}, rows=slice(rank * B, (rank + 1) * B))
-        total = share.detach().clone(); dist.all_reduce(total)
-        return world * share, total
+        if self.magma_global and _distributed(): return _global_magma(self.magma, feats)
+        m = self.magma(feats)
+        return m, m.detach()
 
     def add_magma(self, loss: torch.Tensor, feats: dict, out: dict) -> torch.Tensor:
         "Return `loss + λ·magma` (λ ≠ 0) or `loss` unchanged (λ = 0); log the raw term as `out['magma']`."
@@ -164,12 +196,9 @@ class SSLMethod(nn.Module):
         return tokens[:, 0].split(n), {k: v[:n] for k, v in taps.items()}
 
     def on_step(self, step: int, total_steps: int) -> None:
-        """Hook the trainer calls after every optimizer step (a momentum target's update, say). No-op here. Whatever it
-        changes must live in the module's state_dict (saved with every checkpoint) or be a function of `step`, so that
-        resume continues exactly."""
-
+        """Hook the trainer calls after every optimizer step (a momentum target's update, say); no-op here. What it
+        changes must be in the state_dict (saved with checkpoints) or a function of `step`, so that resume is exact."""
     def sync_batchnorm(self) -> SSLMethod:
-        "Hook the trainer calls under several processes, before DDP: batch statistics over the global batch. No-op: no BatchNorm here."
+        "Hook the trainer calls under several processes, before DDP: global-batch BatchNorm. No-op: no BatchNorm here."
         return self
-
     def extra_repr(self) -> str: return f"magma_weight={self.magma_weight}"

@@ -21,9 +21,11 @@ def _line(e) -> str: return (str(e).splitlines() or [''])[0][:300]
 
 def _file_mode() -> int:
     "0o666 less the process umask: the mode `open()` gives every other file a run writes (0o644 under the usual umask)."
-    m = os.umask(0); os.umask(m)
+    m = os.umask(0)
+    os.umask(m)
     return 0o666 & ~m
 
+# %% ../nbs/07b_checkpoints.ipynb #275db382
 _FIX = {errno.ENOSPC: "the disk is full: free space there or write to another folder",
         errno.EDQUOT: "the disk quota is used up: free space there or write to another folder",
         errno.EACCES: "its folder is not writable: choose another folder or fix its permissions",
@@ -37,13 +39,15 @@ _FIX = {errno.ENOSPC: "the disk is full: free space there or write to another fo
 def _write_error(path, e: BaseException) -> OSError | None:
     """`e`, an OSError or safetensors' I/O error ('... (os error 28)') while writing `path`, as one line that names
     `path` and the fix: an OSError of the same errno, so of the same subclass (PermissionError, ...); else None."""
-    if isinstance(e, OSError): code, why = e.errno, e.strerror or _line(e)
+    if isinstance(e, OSError):
+        code, why = e.errno, e.strerror or _line(e)
     else:
         m = re.search(r'\(os error (\d+)\)', str(e)) if type(e).__name__ == 'SafetensorError' else None
         code, why = (int(m[1]), os.strerror(int(m[1]))) if m else (None, '')
     if code is None: return None
     return OSError(code, f"cannot write {path}: {why}; {_FIX.get(code, 'check the path and the disk')}")
 
+# %% ../nbs/07b_checkpoints.ipynb #6fd571dc
 _MARK = '.magma-tmp'   # in the name of every temporary folder magma writes through: `.<name>.magma-tmpXXXXXXXX`
 
 def _temp_dir(path: Path) -> tuple[Path, int]:
@@ -60,11 +64,12 @@ def _temp_dir(path: Path) -> tuple[Path, int]:
         os.close(fd)
     raise OSError(errno.ENOENT, f"{path.parent}: temporary folders vanish as they are made")
 
+# %% ../nbs/07b_checkpoints.ipynb #510ad7ce
 @contextmanager
 def atomic_path(path):
-    """A temporary path next to `path` to write to; when the block ends without an error it is flushed to disk, given the
-    run's file mode and renamed over `path`, otherwise removed. `path` is always the old file or the whole new one. The
-    temporary is `path`'s name inside a private folder of magma's (`_temp_dir`): what any writer (safetensors' own
+    """A temporary path next to `path` to write to; when the block ends without an error it is flushed to disk, given
+    the run's file mode and renamed over `path`, otherwise removed. `path` is always the old file or the whole new one.
+    The temporary is `path`'s name inside a private folder of magma's (`_temp_dir`): what any writer (safetensors' own
     temporary too) leaves there is magma's, removed at the end or, after a kill, by `remove_stray_temps`. An OSError
     (or safetensors' I/O error) while writing comes back as one line naming `path` and the fix, an OSError still."""
     path, held = Path(path), None
@@ -81,7 +86,9 @@ def atomic_path(path):
         if err is None: raise
         raise err from None
     finally:
-        if held: shutil.rmtree(held[0], ignore_errors=True); os.close(held[1])
+        if held:
+            shutil.rmtree(held[0], ignore_errors=True)
+            os.close(held[1])
 
 def write_json(path, obj) -> Path:
     "`obj` as indented JSON at `path`, atomically (tensor and numpy scalars as floats)."
@@ -136,10 +143,14 @@ class CheckpointError(ValueError):
 
 class TruncatedCheckpoint(CheckpointError):
     "A safetensors file shorter than its header declares (a write or copy cut short); `magma`: its header is magma's."
-    def __init__(self, msg: str, magma: bool): super().__init__(msg); self.magma = magma
+    def __init__(self, msg: str, magma: bool):
+        super().__init__(msg)
+        self.magma = magma
 
-MAX_HEADER = 16 * 2**20   # bytes of safetensors header (tensor index + metadata) a checkpoint may have; paper-scale runs use < 3 MiB
+# bytes of safetensors header (tensor index + metadata) a checkpoint may have; paper-scale runs use < 3 MiB
+MAX_HEADER = 16 * 2**20
 
+# %% ../nbs/07b_checkpoints.ipynb #b51a7359
 def _parts(keys: list) -> list[str]:
     "The path part of each key of a dict: the key as text when it is a plain name, else '#' and its position."
     out = []
@@ -149,7 +160,7 @@ def _parts(keys: list) -> list[str]:
     return out
 
 def _flatten(obj, path: str, tensors: dict):
-    "`obj` with every tensor replaced by a reference {'__tensor__': name}, the tensor stored in `tensors` under its path."
+    "`obj` with every tensor replaced by a reference {'__tensor__': name}, the tensor stored in `tensors` by its path."
     if isinstance(obj, torch.Tensor):
         tensors[path] = obj.detach().to('cpu').contiguous().clone()
         return {'__tensor__': path}
@@ -158,21 +169,38 @@ def _flatten(obj, path: str, tensors: dict):
         return {'__dict__': [[_flatten(k, f'{path}/#k{i}', tensors), _flatten(v, f'{path}/{parts[i]}', tensors)]
                              for i, (k, v) in enumerate(obj.items())]}
     if isinstance(obj, (list, tuple)):
-        return {'__list__': [_flatten(v, f'{path}/{i}', tensors) for i, v in enumerate(obj)], 'tuple': isinstance(obj, tuple)}
+        return {'__list__': [_flatten(v, f'{path}/{i}', tensors) for i, v in enumerate(obj)],
+                'tuple': isinstance(obj, tuple)}
     if obj is None or isinstance(obj, (bool, int, float, str)): return obj
     raise TypeError(f"cannot checkpoint a {type(obj).__name__} at {path}")
 
-def save_checkpoint(path, state: dict) -> Path:
-    """Write `state` (a dict of tensors, JSON-able values and dicts and lists of them) to one safetensors file, atomically,
-    with the run's file mode: `state['model']`, a state dict, under its own names; every other tensor under its path."""
-    weights = state.get('model', {})
-    if not isinstance(weights, dict) or not all(isinstance(k, str) and '/' not in k and torch.is_tensor(v) for k, v in weights.items()):
-        raise TypeError("state['model'] must be a state dict (tensors under names without '/'), such as model.state_dict()")
-    tensors = {k: v.detach().to('cpu').contiguous().clone() for k, v in weights.items()}
+# %% ../nbs/07b_checkpoints.ipynb #1e35a53e
+def _check_model_sd(weights) -> None:
+    "Refuse a `state['model']` that is not a state dict: tensors under names without '/'."
+    if not isinstance(weights, dict) or not all(isinstance(k, str) and '/' not in k and torch.is_tensor(v)
+                                                for k, v in weights.items()):
+        raise TypeError("state['model'] must be a state dict (tensors under names without '/'), "
+                        "such as model.state_dict()")
+
+def _skeleton(state: dict, weights: dict, tensors: dict) -> dict:
+    "The JSON skeleton of `state`: the model as its list of names, every other tensor stored in `tensors` by path."
     parts = _parts(list(state))
-    skeleton = {'__dict__': [[k, {'__weights__': list(weights)} if k == 'model' else   # a tensor at the top is 'key/': every name has a '/'
-                              _flatten(v, parts[i] + ('/' if torch.is_tensor(v) else ''), tensors)] for i, (k, v) in enumerate(state.items())]}
-    with atomic_path(path) as tmp: save_file(tensors, str(tmp), metadata={'magma_state': json.dumps(skeleton), 'format': 'pt'})
+    items = []
+    for i, (k, v) in enumerate(state.items()):
+        if k == 'model': items.append([k, {'__weights__': list(weights)}])
+        else: items.append([k, _flatten(v, parts[i] + ('/' if torch.is_tensor(v) else ''), tensors)])  # 'key/': a '/'
+    return {'__dict__': items}
+
+def save_checkpoint(path, state: dict) -> Path:
+    """Write `state` (a dict of tensors, JSON-able values and dicts and lists of them) to one safetensors file,
+    atomically, with the run's file mode: `state['model']`, a state dict, under its own names; every other tensor under
+    its path."""
+    weights = state.get('model', {})
+    _check_model_sd(weights)
+    tensors = {k: v.detach().to('cpu').contiguous().clone() for k, v in weights.items()}
+    skeleton = _skeleton(state, weights, tensors)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={'magma_state': json.dumps(skeleton), 'format': 'pt'})
     return Path(path)
 
 # %% ../nbs/07b_checkpoints.ipynb #c4e1a017
@@ -198,70 +226,89 @@ def _cut(path: Path, size: int, n: int):
 
 # %% ../nbs/07b_checkpoints.ipynb #8e08e6d0
 def _check_header(path: Path):
-    """Refuse, before safetensors parses anything, a file that is not safetensors, whose header is over `MAX_HEADER`, or
-    that is cut short (`TruncatedCheckpoint`, saying whether it is magma's)."""
+    """Refuse, before safetensors parses anything, a file that is not safetensors, whose header is over `MAX_HEADER`,
+    or that is cut short (`TruncatedCheckpoint`, saying whether it is magma's)."""
     size = path.stat().st_size
     with open(path, 'rb') as f: head = f.read(9)
     n = int.from_bytes(head[:8], 'little') if len(head) == 9 else -1
     if 2 <= n <= MAX_HEADER and head[8:9] == b'{': _cut(path, size, n)
     if n < 2 or head[8:9] != b'{' or n > size - 8:
         kind = 'a pickle (torch.save)' if head[:1] == b'\x80' or head[:2] == b'PK' else 'another format'
-        raise CheckpointError(f"{path} is not a safetensors file (it looks like {kind}); magma reads only safetensors files "
-                              f"(its trainer's, an export's, a feature cache), and never unpickles")
+        raise CheckpointError(f"{path} is not a safetensors file (it looks like {kind}); magma reads only safetensors "
+                              f"files (its trainer's, an export's, a feature cache), and never unpickles")
     if n > MAX_HEADER:
-        raise CheckpointError(f"{path}: its safetensors header is {n / 2**20:.1f} MiB, over the {MAX_HEADER // 2**20} MiB cap "
-                              f"(magma.checkpoints.MAX_HEADER); not a file magma wrote")
+        raise CheckpointError(f"{path}: its safetensors header is {n / 2**20:.1f} MiB, over the {MAX_HEADER // 2**20} "
+                              f"MiB cap (magma.checkpoints.MAX_HEADER); not a file magma wrote")
 
+# %% ../nbs/07b_checkpoints.ipynb #cce70e04
 def _unflatten(obj, get, depth: int = 0):
     "The state the skeleton `obj` describes, each tensor it names read with `get(name)`."
     if depth > 64: raise ValueError("the state is nested more than 64 levels deep")
     if isinstance(obj, dict):
         if '__tensor__' in obj: return get(obj['__tensor__'])
         if '__weights__' in obj: return {n: get(n) for n in obj['__weights__']}
-        if '__dict__' in obj: return {_unflatten(k, get, depth + 1): _unflatten(v, get, depth + 1) for k, v in obj['__dict__']}
+        if '__dict__' in obj:
+            return {_unflatten(k, get, depth + 1): _unflatten(v, get, depth + 1) for k, v in obj['__dict__']}
         if '__list__' in obj:
             out = [_unflatten(v, get, depth + 1) for v in obj['__list__']]
             return tuple(out) if obj.get('tuple') else out
     return obj
 
+def _select(skeleton, keys):
+    "The skeleton with only its top-level entries `keys` (all of them when `keys` is None)."
+    if keys is not None and isinstance(skeleton, dict) and isinstance(skeleton.get('__dict__'), list):
+        return {'__dict__': [kv for kv in skeleton['__dict__']
+                             if isinstance(kv, list) and kv[:1] and kv[0] in tuple(keys)]}
+    return skeleton
+
+# %% ../nbs/07b_checkpoints.ipynb #9a0e79d7
 def _read_state(path: Path, f, keys) -> dict:
     "The state in the open safetensors file `f`, or its top-level `keys` only; malformed metadata is one line."
     meta, names = f.metadata() or {}, set(f.keys())
     if 'magma_state' not in meta: raise CheckpointError(f"{path} is not a magma checkpoint (no 'magma_state' metadata)")
     def get(name):
-        if not isinstance(name, str) or name not in names: raise ValueError(f"tensor {name!r} named in the metadata is missing from the file")
+        if not isinstance(name, str) or name not in names:
+            raise ValueError(f"tensor {name!r} named in the metadata is missing from the file")
         return f.get_tensor(name)
     try:
-        skeleton = json.loads(meta['magma_state'])
-        if keys is not None and isinstance(skeleton, dict) and isinstance(skeleton.get('__dict__'), list):
-            skeleton = {'__dict__': [kv for kv in skeleton['__dict__'] if isinstance(kv, list) and kv[:1] and kv[0] in tuple(keys)]}
+        skeleton = _select(json.loads(meta['magma_state']), keys)
         state = _unflatten(skeleton, get)
-    except RecursionError: raise CheckpointError(f"{path}: malformed 'magma_state' metadata (nested too deeply)") from None
-    except (ValueError, TypeError, KeyError) as e: raise CheckpointError(f"{path}: malformed 'magma_state' metadata ({_line(e)})") from None
-    if not isinstance(state, dict): raise CheckpointError(f"{path}: malformed 'magma_state' metadata (a {type(state).__name__}, not a dict)")
+    except RecursionError:
+        raise CheckpointError(f"{path}: malformed 'magma_state' metadata (nested too deeply)") from None
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{path}: malformed 'magma_state' metadata ({_line(e)})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: malformed 'magma_state' metadata (a {type(state).__name__}, not a dict)")
     return state
+
+# %% ../nbs/07b_checkpoints.ipynb #19271d49
+def _unreadable(path, e: Exception) -> CheckpointError:
+    return CheckpointError(f"{path}: unreadable safetensors file ({type(e).__name__}: {_line(e)})")
 
 def load_checkpoint(path, device='cpu', keys=None) -> dict:
     """Read a checkpoint written by `save_checkpoint`, or in its earlier layout (safetensors and JSON only: nothing is
     unpickled); with `keys`, only those top-level entries. Every failure is one line naming the file."""
     path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"no checkpoint at {path}; train first or pass the run directory's checkpoint.safetensors")
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}; "
+                                "train first or pass the run directory's checkpoint.safetensors")
     _check_header(path)
     try:
         with safe_open(str(path), framework='pt', device=str(device)) as f: return _read_state(path, f, keys)
     except CheckpointError: raise
-    except Exception as e: raise CheckpointError(f"{path}: unreadable safetensors file ({type(e).__name__}: {_line(e)})") from None
+    except Exception as e: raise _unreadable(path, e) from None
 
 def load_tensors(path, device='cpu') -> tuple[dict, dict]:
     """(tensors, metadata) of a plain safetensors file, such as an export's `model.safetensors` or a feature cache, with
-    `load_checkpoint`'s checks: the header first (safetensors only, at most `MAX_HEADER`), every failure one line naming the file."""
+    `load_checkpoint`'s checks: the header first (safetensors only, at most `MAX_HEADER`), every failure one line
+    naming the file."""
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"no safetensors file at {path}")
     _check_header(path)
     try:
-        with safe_open(str(path), framework='pt', device=str(device)) as f: return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    except Exception as e: raise CheckpointError(f"{path}: unreadable safetensors file ({type(e).__name__}: {_line(e)})") from None
-
+        with safe_open(str(path), framework='pt', device=str(device)) as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as e: raise _unreadable(path, e) from None
 
 # %% ../nbs/07b_checkpoints.ipynb #9475b0cc
 def _require(st: dict, keys, path):
@@ -272,32 +319,45 @@ def _require(st: dict, keys, path):
 def check_weights(sd: dict, path, what: str = 'model', own: dict | None = None):
     """Refuse weights a model cannot use, in one line naming the file and the tensor: a NaN or inf in a floating tensor,
     and, given the model's own state dict `own`, a tensor that is not floating where the model's is (an int64 weight),
-    or floating where the model's is not (BatchNorm's int64 `num_batches_tracked`). Other integer tensors are not weights."""
+    or floating where the model's is not (BatchNorm's int64 `num_batches_tracked`). Other integer tensors are not
+    weights."""
     for k, v in sd.items():
         if not torch.is_tensor(v): continue
         o = own.get(k) if own is not None else None
         if torch.is_tensor(o) and v.is_floating_point() != o.is_floating_point():
-            raise CheckpointError(f"{path}: its {what} weight {k!r} is {v.dtype} in the file but {o.dtype} in the model; "
-                                  f"not weights magma wrote (a corrupted or crafted file): use another checkpoint")
+            raise CheckpointError(f"{path}: its {what} weight {k!r} is {v.dtype} in the file but {o.dtype} in the "
+                                  f"model; not weights magma wrote (a corrupted or crafted file): "
+                                  f"use another checkpoint")
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
             n = int((~torch.isfinite(v)).sum())
-            raise CheckpointError(f"{path}: its {what} weight {k!r} has {n} non-finite value(s) (NaN or inf) of {v.numel()}; "
-                                  f"the run diverged or the file is corrupted: use another checkpoint")
+            raise CheckpointError(f"{path}: its {what} weight {k!r} has {n} non-finite value(s) (NaN or inf) of "
+                                  f"{v.numel()}; the run diverged or the file is corrupted: use another checkpoint")
 
-def load_weights(module: nn.Module, sd, path, what: str = 'model'):
-    "`module.load_state_dict(sd)`, strictly, with one line naming the file and the first mismatch when `sd` does not fit."
-    if not isinstance(sd, dict): raise CheckpointError(f"{path}: the {what} weights are a {type(sd).__name__}, not a state dict")
-    own = module.state_dict()
+# %% ../nbs/07b_checkpoints.ipynb #cfd9e7b1
+def _fit_error(own: dict, sd: dict, path, what: str) -> CheckpointError | None:
+    "The one-line error when the state dict `sd` does not fit `own` (names and shapes); None when it fits."
     missing, extra = [k for k in own if k not in sd], [k for k in sd if k not in own]
     odd = [k for k in own if k in sd and (not torch.is_tensor(sd[k]) or tuple(sd[k].shape) != tuple(own[k].shape))]
-    if missing or extra or odd:
-        ex = lambda ks: f" (e.g. {ks[0]})" if ks else ''
-        shp = f" (e.g. {odd[0]}: {tuple(getattr(sd[odd[0]], 'shape', ()))} in the file, {tuple(own[odd[0]].shape)} here)" if odd else ''
-        raise CheckpointError(f"{path}: its {what} weights do not fit the architecture of its config: {len(missing)} missing{ex(missing)}, "
-                              f"{len(extra)} unexpected{ex(extra)}, {len(odd)} of another shape{shp}")
+    if not (missing or extra or odd): return None
+    ex = lambda ks: f" (e.g. {ks[0]})" if ks else ''
+    shp = (f" (e.g. {odd[0]}: {tuple(getattr(sd[odd[0]], 'shape', ()))} in the file, {tuple(own[odd[0]].shape)} here)"
+           if odd else '')
+    return CheckpointError(f"{path}: its {what} weights do not fit the architecture of its config: "
+                           f"{len(missing)} missing{ex(missing)}, {len(extra)} unexpected{ex(extra)}, "
+                           f"{len(odd)} of another shape{shp}")
+
+def load_weights(module: nn.Module, sd, path, what: str = 'model'):
+    ("`module.load_state_dict(sd)`, strictly, with one line naming the file and the first mismatch when `sd` "
+     "does not fit.")
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{path}: the {what} weights are a {type(sd).__name__}, not a state dict")
+    own = module.state_dict()
+    err = _fit_error(own, sd, path, what)
+    if err is not None: raise err
     check_weights(sd, path, what, own)
     module.load_state_dict(sd)
 
+# %% ../nbs/07b_checkpoints.ipynb #12c1ded1
 def model_weights(path, prefix: str = 'encoder.', device='cpu') -> dict:
     """The weights of a checkpoint's model (a run directory or its checkpoint.safetensors) whose names start with
     `prefix`, prefix removed: the encoder's by default, the whole method's with `prefix=''`."""
@@ -306,6 +366,8 @@ def model_weights(path, prefix: str = 'encoder.', device='cpu') -> dict:
     st = load_checkpoint(path, device, keys=('model',))
     _require(st, ('model',), path)
     sd = {k[len(prefix):]: v for k, v in st['model'].items() if k.startswith(prefix)}
-    if not sd: raise CheckpointError(f"{path}: no weights of its model start with {prefix!r} (e.g. {next(iter(st['model']), '')!r})")
+    if not sd:
+        raise CheckpointError(f"{path}: no weights of its model start with {prefix!r} "
+                              f"(e.g. {next(iter(st['model']), '')!r})")
     check_weights(sd, path)
     return sd

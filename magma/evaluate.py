@@ -30,46 +30,54 @@ def encoder_img_size(encoder: nn.Module) -> tuple[int, int]:
 def _side(encoder: nn.Module) -> int:
     "The side of the square images the encoder takes."
     h, w = encoder_img_size(encoder)
-    if h != w: raise ValueError(f"the encoder takes {h}x{w} images; magma evaluates square images: adapt_resolution(encoder, {h})")
+    if h != w:
+        raise ValueError(f"the encoder takes {h}x{w} images; magma evaluates square images: "
+                         f"adapt_resolution(encoder, {h})")
     return h
 
 def check_resolution(encoder: nn.Module, x: Tensor) -> None:
-    "ValueError when a prepared batch does not have the encoder's resolution (prepare it with `image_batches`, or adapt the encoder)."
+    ("ValueError when a prepared batch does not have the encoder's resolution (prepare it with `image_batches`, or "
+     "adapt the encoder).")
     want, got = encoder_img_size(encoder), tuple(x.shape[-2:])
     if got != want:
-        raise ValueError(f"images are {got[0]}x{got[1]} but the encoder was configured for {want[0]}x{want[1]}; prepare them with "
-                         f"magma.evaluate.image_batches (it resizes them), or use transfer(...) / adapt_resolution(encoder, {got[0]}) "
-                         f"to evaluate at their own resolution")
+        raise ValueError(f"images are {got[0]}x{got[1]} but the encoder was configured for {want[0]}x{want[1]}; "
+                         f"prepare them with magma.evaluate.image_batches (it resizes them), or use transfer(...) / "
+                         f"adapt_resolution(encoder, {got[0]}) to evaluate at their own resolution")
 
 def _check_square(x: Tensor) -> None:
     if x.shape[-2] != x.shape[-1]:
-        raise ValueError(f"images are {x.shape[-2]}x{x.shape[-1]}, not square; make them square first with magma.datasets.fit_square "
-                         f"(the shorter side to the size, then the centre crop)")
+        raise ValueError(f"images are {x.shape[-2]}x{x.shape[-1]}, not square; make them square first with "
+                         f"magma.datasets.fit_square (the shorter side to the size, then the centre crop)")
 
+# %% ../nbs/11_evaluate.ipynb #e656ba6e
 def _stats(data) -> tuple:
     "The (mean, std) a dataset (or a DataLoader's dataset) carries, else (None, None)."
     ds = data.dataset if isinstance(data, DataLoader) else data
     return getattr(ds, 'mean', None), getattr(ds, 'std', None)
 
 def _as_dataset(data, mean=None, std=None):
-    "A magma dataset as is; an (images, labels) pair as a `TensorImages`, normalized with `mean`/`std` if given, else not at all."
+    ("A magma dataset as is; an (images, labels) pair as a `TensorImages`, normalized with `mean`/`std` if given, "
+     "else not at all.")
     if isinstance(data, (TensorImages, FileImages)): return data
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
         _check_square(data[0])
         return TensorImages(data[0], data[1].long(), [], mean=mean or (0.0,) * 3, std=std or (1.0,) * 3)
-    raise TypeError(f"expected a magma dataset (TensorImages, FileImages), an (images, labels) tensor pair or a DataLoader, "
-                    f"got {type(data).__name__}; wrap another Dataset in a torch DataLoader")
+    raise TypeError(f"expected a magma dataset (TensorImages, FileImages), an (images, labels) tensor pair or a "
+                    f"DataLoader, got {type(data).__name__}; wrap another Dataset in a torch DataLoader")
 
+# %% ../nbs/11_evaluate.ipynb #f2841303
 def _dataloader_batches(dl: DataLoader, aug: TensorAugment, g: torch.Generator, device):
     for x, y in dl:
         _check_square(x)
         yield aug(x.to(device), g), torch.as_tensor(y).long().to(device)
 
-def image_batches(data, img_size: int, *, view: ViewAug | None = None, batch_size: int = 256, device='cpu', seed: int = 0,
-                  epoch: int = 0, mean=None, std=None, num_workers: int | None = None) -> Iterable[tuple[Tensor, Tensor]]:
+def image_batches(data, img_size: int, *, view: ViewAug | None = None, batch_size: int = 256, device='cpu',
+                  seed: int = 0, epoch: int = 0, mean=None, std=None,
+                  num_workers: int | None = None) -> Iterable[tuple[Tensor, Tensor]]:
     """(images, labels) batches of `data` on `device`, at `img_size`, normalized (`mean`/`std`, else the data's own).
     Without `view`: every image once, in order, resized by the policy above (`magma.loader.eval_loader`). With a
-    `ViewAug`: that augmentation, in a shuffled order (`magma.loader.make_loader`), both drawn from (`seed`, `epoch`)."""
+    `ViewAug`: that augmentation, in a shuffled order (`magma.loader.make_loader`), both drawn from (`seed`,
+    `epoch`)."""
     device = torch.device(device)
     if isinstance(data, DataLoader):                      # its own order; every batch through the same TensorAugment
         m, s = _stats(data)
@@ -89,28 +97,32 @@ def load_state_dict_checked(model: nn.Module, state_dict: dict, what: str = "che
     own = model.state_dict()
     for k, v in state_dict.items():
         if k in own and tuple(own[k].shape) != tuple(v.shape):
-            raise ValueError(f"{what} does not fit this architecture: key {k!r} has shape {tuple(v.shape)} but the model expects "
-                             f"{tuple(own[k].shape)}; build the encoder from the checkpoint's own config (load_pretrained), "
-                             f"or use transfer(...) if only the resolution differs")
+            raise ValueError(f"{what} does not fit this architecture: key {k!r} has shape {tuple(v.shape)} but the "
+                             f"model expects {tuple(own[k].shape)}; build the encoder from the checkpoint's own config "
+                             f"(load_pretrained), or use transfer(...) if only the resolution differs")
     missing, unexpected = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
     if missing or unexpected:
-        raise ValueError(f"{what} does not fit this architecture: missing keys {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-                         f"unexpected keys {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}; check the backbone name, depth and embed_dim")
-    check_weights(state_dict, what, 'model', own)                  # no NaN/inf, no int64 where the model's weight is floating
+        raise ValueError(f"{what} does not fit this architecture: missing keys "
+                         f"{missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected keys "
+                         f"{unexpected[:3]}{'...' if len(unexpected) > 3 else ''}; "
+                         f"check the backbone name, depth and embed_dim")
+    check_weights(state_dict, what, 'model', own)                  # no NaN/inf, no int64 where the model's is floating
     model.load_state_dict(state_dict, strict=True)
     return model
 
+# %% ../nbs/11_evaluate.ipynb #1cd49992
 def _encoder_of(model: nn.Module) -> nn.Module:
     return getattr(model, 'encoder', model)
 
 def load_encoder(checkpoint, like: nn.Module | None = None, loader: Callable | None = None) -> nn.Module:
-    "An encoder from a module, a trainer checkpoint (`loader`, default `magma.train.load_pretrained`) or, with `like`, a safetensors state dict."
+    ("An encoder from a module, a trainer checkpoint (`loader`, default `magma.train.load_pretrained`) or, with "
+     "`like`, a safetensors state dict.")
     if isinstance(checkpoint, nn.Module): return _encoder_of(checkpoint)
     path = Path(checkpoint)
     if not path.exists(): raise FileNotFoundError(f"checkpoint {path} does not exist")
     if like is not None:
         f = path / 'model.safetensors' if path.is_dir() else path
-        sd, _ = load_tensors(f)                                   # the one loader: safetensors only, header capped, one line
+        sd, _ = load_tensors(f)                           # the one loader: safetensors only, header capped, one line
         if any(k.startswith('encoder.') for k in sd):
             sd = {k[len('encoder.'):]: v for k, v in sd.items() if k.startswith('encoder.')}
         return load_state_dict_checked(copy.deepcopy(_encoder_of(like)), sd, what=f"checkpoint {f}")
@@ -136,10 +148,12 @@ def _device_of(m: nn.Module) -> torch.device:
     p = next(m.parameters(), None)
     return p.device if p is not None else torch.device('cpu')
 
+# %% ../nbs/11_evaluate.ipynb #b2b32c3f
 def feature_cache_path(checkpoint, split: str, cache_dir=None) -> Path:
-    "One cache file per checkpoint file (path, size, mtime) and `split` (a name for the images); default folder `<checkpoint dir>/features`."
+    ("One cache file per checkpoint file (path, size, mtime) and `split` (a name for the images); default folder "
+     "`<checkpoint dir>/features`.")
     p = Path(checkpoint).resolve()
-    if p.is_dir(): p = p / 'checkpoint.safetensors'             # a run directory: its checkpoint (the dir's mtime moves)
+    if p.is_dir(): p = p / 'checkpoint.safetensors'     # a run directory: its checkpoint (the dir's mtime moves)
     st = p.stat()
     h = hashlib.sha1(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:10]
     return Path(cache_dir or p.parent / 'features') / f"{p.stem}-{h}-{split}.safetensors"
@@ -147,27 +161,34 @@ def feature_cache_path(checkpoint, split: str, cache_dir=None) -> Path:
 def _data_key(data, img_size: int, mean=None, std=None) -> str:
     "A short hash of the images of `data`, their labels and their preprocessing: a split's name in the feature cache."
     if isinstance(data, DataLoader):
-        raise ValueError("the feature cache needs a magma dataset or an (images, labels) pair (a DataLoader's images have no name); pass cache_dir=None")
+        raise ValueError("the feature cache needs a magma dataset or an (images, labels) pair (a DataLoader's images "
+                         "have no name); pass cache_dir=None")
     ds = _as_dataset(data, mean, std)
     h = hashlib.sha1(repr((type(ds).__name__, img_size, tuple(mean or ds.mean), tuple(std or ds.std))).encode())
     if isinstance(ds, FileImages): h.update(repr(ds.samples).encode())
-    else: h.update(ds.images.contiguous().numpy()); h.update(ds.labels.contiguous().numpy())
+    else:
+        h.update(ds.images.contiguous().numpy())
+        h.update(ds.labels.contiguous().numpy())
     return h.hexdigest()[:10]
 
 def _read_cache(path) -> dict:
-    "The tensors of a feature cache (the one loader), refused in one line naming it unless they are features (N, D) and labels (N,)."
+    ("The tensors of a feature cache (the one loader), refused in one line naming it unless they are features (N, D) "
+     "and labels (N,).")
     d, _ = load_tensors(path)
     y, fs = d.get('labels'), {k: v for k, v in d.items() if k.startswith('features_')}
     ok = torch.is_tensor(y) and y.dim() == 1 and not y.is_floating_point() and all(
         v.dim() == 2 and v.is_floating_point() and len(v) == len(y) for v in fs.values())
-    if not ok: raise CheckpointError(f"{path}: not a feature cache magma wrote (features_<pool> (N, D) and labels (N,)); delete it to recompute")
+    if not ok:
+        raise CheckpointError(f"{path}: not a feature cache magma wrote (features_<pool> (N, D) and labels (N,)); "
+                              f"delete it to recompute")
     return d
 
+# %% ../nbs/11_evaluate.ipynb #88cd33ca
 @torch.no_grad()
 def extract_features(encoder, data, *, pools=POOLS, batch_size: int = 256, device=None, mean=None, std=None,
                      num_workers: int | None = None, cache=None) -> dict:
-    """{pool: (features (N, D) float32 on the CPU, labels (N,) int64)} of every image of `data`, in order, resized by the
-    policy above: one pass through the encoder (eval mode, no gradients) for all `pools`."""
+    """{pool: (features (N, D) float32 on the CPU, labels (N,) int64)} of every image of `data`, in order, resized by
+    the policy above: one pass through the encoder (eval mode, no gradients) for all `pools`."""
     from safetensors.torch import save_file
     for p in pools: pool_tokens(torch.zeros(1, 2, 1), p)           # validate early
     if cache is not None and Path(cache).exists():
@@ -175,9 +196,11 @@ def extract_features(encoder, data, *, pools=POOLS, batch_size: int = 256, devic
         if all(f'features_{p}' in d for p in pools): return {p: (d[f'features_{p}'], d['labels']) for p in pools}
     enc = load_encoder(encoder)
     device = torch.device(device) if device is not None else _device_of(enc)
-    batches = image_batches(data, _side(enc), batch_size=batch_size, device=device, mean=mean, std=std, num_workers=num_workers)
+    batches = image_batches(data, _side(enc), batch_size=batch_size, device=device, mean=mean, std=std,
+                            num_workers=num_workers)
     feats, labels = {p: [] for p in pools}, []
-    was_training = enc.training; enc.eval()
+    was_training = enc.training
+    enc.eval()
     try:
         for x, y in batches:
             tokens = _tokens(enc, x).float()
@@ -188,8 +211,9 @@ def extract_features(encoder, data, *, pools=POOLS, batch_size: int = 256, devic
     y = torch.cat(labels)
     out = {p: (torch.cat(f), y) for p, f in feats.items()}
     if cache is not None:                                           # written whole, then renamed: never a torn file
+        tensors = {**{f'features_{p}': f.contiguous() for p, (f, _) in out.items()}, 'labels': y.contiguous()}
         with atomic_path(cache) as tmp:                            # the one atomic write (magma.checkpoints)
-            save_file({**{f'features_{p}': f.contiguous() for p, (f, _) in out.items()}, 'labels': y.contiguous()}, str(tmp))
+            save_file(tensors, str(tmp))
     return out
 
 # %% ../nbs/11_evaluate.ipynb #343c15ea
@@ -204,21 +228,40 @@ def _knn_rows(key: Tensor, k: int, largest: bool) -> Tensor:
         idx[amb] = torch.sort(key[amb], dim=1, descending=largest, stable=True).indices[:, :k]
     return idx
 
+# %% ../nbs/11_evaluate.ipynb #62bfba1f
+def _check_knn(bank: Tensor, bank_labels: Tensor, queries: Tensor, metric: str) -> None:
+    if metric not in ('euclidean', 'cosine'):
+        raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")
+    if bank.dim() != 2 or queries.dim() != 2 or bank.shape[1] != queries.shape[1]:
+        raise ValueError(f"bank {tuple(bank.shape)} and queries {tuple(queries.shape)} must be 2-D with the same "
+                         f"feature dim")
+    if len(bank) != len(bank_labels): raise ValueError(f"{len(bank)} bank features but {len(bank_labels)} labels")
+
+def _knn_weights(q: Tensor, bank: Tensor, bn: Tensor | None, k: int, metric: str, T: float,
+                 eps: float) -> tuple[Tensor, Tensor]:
+    "(indices, float64 weights) of the `k` nearest bank rows of each query; `bn`: the bank's squared norms (Euclidean)."
+    if metric == 'cosine':
+        key = q @ bank.T
+        idx = _knn_rows(key, k, largest=True)
+        return idx, (key.gather(1, idx).double() / T).exp()
+    key = torch.addmm(bn[None], q, bank.T, alpha=-2)          # ||b||^2 - 2 q.b
+    idx = _knn_rows(key, k, largest=False)
+    d2 = (key.gather(1, idx).double() + q.double().pow(2).sum(1, keepdim=True)).clamp_min(0)
+    return idx, 1.0 / (d2.sqrt() + eps)
+
 @torch.no_grad()
 def knn_scores(bank: Tensor, bank_labels: Tensor, queries: Tensor, *, k: int = 10, metric: str = 'euclidean',
                T: float = 0.07, eps: float = 1e-5, num_classes: int | None = None, chunk_size: int | None = None,
                device=None) -> Tensor:
     "Weighted kNN votes (n_queries, num_classes), float64: solo-learn's `WeightedKNNClassifier`."
-    if metric not in ('euclidean', 'cosine'): raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")
-    if bank.dim() != 2 or queries.dim() != 2 or bank.shape[1] != queries.shape[1]:
-        raise ValueError(f"bank {tuple(bank.shape)} and queries {tuple(queries.shape)} must be 2-D with the same feature dim")
-    if len(bank) != len(bank_labels): raise ValueError(f"{len(bank)} bank features but {len(bank_labels)} labels")
+    _check_knn(bank, bank_labels, queries, metric)
     device = torch.device(device) if device is not None else bank.device
     dt = torch.float64 if bank.dtype == torch.float64 else torch.float32
     bank, queries = bank.to(device, dt), queries.to(device, dt)
     labels = bank_labels.to(device).long()
     C = int(num_classes or int(labels.max()) + 1)
     k = min(k, len(bank))
+    bn = None
     if metric == 'cosine':
         bank, queries = F.normalize(bank, dim=1), F.normalize(queries, dim=1)
     else:
@@ -226,22 +269,14 @@ def knn_scores(bank: Tensor, bank_labels: Tensor, queries: Tensor, *, k: int = 1
     chunk = chunk_size or max(1, min(len(queries), 2**26 // max(1, len(bank))))   # ~256 MB of float32 per chunk
     out = torch.zeros(len(queries), C, dtype=torch.float64, device=device)
     for i in range(0, len(queries), chunk):
-        q = queries[i:i + chunk]
-        if metric == 'cosine':
-            key = q @ bank.T
-            idx = _knn_rows(key, k, largest=True)
-            w = (key.gather(1, idx).double() / T).exp()
-        else:
-            key = torch.addmm(bn[None], q, bank.T, alpha=-2)          # ||b||^2 - 2 q.b
-            idx = _knn_rows(key, k, largest=False)
-            d2 = (key.gather(1, idx).double() + q.double().pow(2).sum(1, keepdim=True)).clamp_min(0)
-            w = 1.0 / (d2.sqrt() + eps)
+        idx, w = _knn_weights(queries[i:i + chunk], bank, bn, k, metric, T, eps)
         nl = labels[idx]
         votes = out[i:i + chunk]
-        for j in range(k):                                             # sequential in distance order: exact ties stay exact
+        for j in range(k):                                     # sequential in distance order: exact ties stay exact
             votes.scatter_add_(1, nl[:, j:j + 1], w[:, j:j + 1])
     return out
 
+# %% ../nbs/11_evaluate.ipynb #5699da52
 def topk_accuracy(scores: Tensor, labels: Tensor, ks=(1, 5)) -> dict:
     "Top-k accuracies in percent; top-1 takes the lowest class among tied maxima (`argmax`)."
     labels = labels.to(scores.device).long()
@@ -261,7 +296,8 @@ def knn_eval(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, test
 
 # %% ../nbs/11_evaluate.ipynb #fcb9e72e
 def _num_classes(data) -> int:
-    "1 + the largest training label: from the labels a magma dataset or a pair holds, else by one pass over a DataLoader."
+    ("1 + the largest training label: from the labels a magma dataset or a pair holds, else by one pass over a "
+     "DataLoader.")
     if isinstance(data, DataLoader): return int(max(int(torch.as_tensor(y).max()) for _, y in data)) + 1
     return int(_as_dataset(data).labels.max()) + 1
 
@@ -276,42 +312,51 @@ def _fit_linear(head: nn.Linear, batches: Callable[[int], Iterable], epochs: int
         lrs.append(opt.param_groups[0]['lr'])
         for f, y in batches(ep):
             loss = F.cross_entropy(head(f), y)
-            opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
         sched.step()
     head.eval()
     return lrs
 
+def _standardize(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    "(x standardized per dimension, mean, std) in float64 statistics; constant dimensions keep std 1."
+    x64 = x.double()
+    mu = x64.mean(0)
+    sd = x64.std(0)
+    sd = torch.where(sd > 1e-12 * sd.max().clamp_min(1e-300), sd, torch.ones_like(sd))
+    return ((x64 - mu) / sd).float(), mu.float(), sd.float()
+
+# %% ../nbs/11_evaluate.ipynb #35c962fc
 def train_linear(feats: Tensor, labels: Tensor, num_classes: int | None = None, *, epochs: int = 100, lr: float = 0.1,
                  momentum: float = 0.9, weight_decay: float = 0.0, batch_size: int = 256, milestones=(60, 80),
-                 gamma: float = 0.1, seed: int = 0, device=None, standardize: bool = True) -> tuple[nn.Linear, list[float]]:
-    """FAST mode (not the paper protocol): the linear head trained on cached, non-augmented features. Returns (head, lr per epoch).
-    `standardize`: fit on features standardized with the training features' per-dimension mean and std, then fold that
-    affine map into the returned head, which therefore takes raw features."""
+                 gamma: float = 0.1, seed: int = 0, device=None,
+                 standardize: bool = True) -> tuple[nn.Linear, list[float]]:
+    """FAST mode (not the paper protocol): the linear head trained on cached, non-augmented features. Returns (head, lr
+    per epoch). `standardize`: fit on features standardized with the training features' per-dimension mean and std,
+    then fold that affine map into the returned head, which therefore takes raw features."""
     device = torch.device(device) if device is not None else feats.device
     feats, labels = feats.to(device).float(), labels.to(device).long()
     if standardize: feats, mu, sd = _standardize(feats)
     C = int(num_classes or int(labels.max()) + 1)
     g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed); head = nn.Linear(feats.shape[1], C).to(device)
+    torch.manual_seed(seed)
+    head = nn.Linear(feats.shape[1], C).to(device)
     def batches(ep):
         perm = torch.randperm(len(feats), generator=g).to(device)
         for i in range(0, len(feats), batch_size):
             b = perm[i:i + batch_size]
             yield feats[b], labels[b]
     nt = torch.get_num_threads()
-    if device.type == 'cpu': torch.set_num_threads(1)   # (256 x D) @ (D x C) steps: threads only add sync overhead,
-    try: lrs = _fit_linear(head, batches, epochs, lr, momentum, weight_decay, milestones, gamma)   # badly so on a busy CPU
+    # (256 x D) @ (D x C) steps: threads only add sync overhead, badly so on a busy CPU
+    if device.type == 'cpu': torch.set_num_threads(1)
+    try: lrs = _fit_linear(head, batches, epochs, lr, momentum, weight_decay, milestones, gamma)
     finally: torch.set_num_threads(nt)
     if standardize:                                     # head((x - mu) / sd) = (W / sd) x + (b - (W / sd) mu)
         with torch.no_grad():
-            head.weight.div_(sd); head.bias.sub_(head.weight @ mu)
+            head.weight.div_(sd)
+            head.bias.sub_(head.weight @ mu)
     return head, lrs
-
-def _standardize(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    "(x standardized per dimension, mean, std) in float64 statistics; constant dimensions keep std 1."
-    x64 = x.double(); mu = x64.mean(0); sd = x64.std(0)
-    sd = torch.where(sd > 1e-12 * sd.max().clamp_min(1e-300), sd, torch.ones_like(sd))
-    return ((x64 - mu) / sd).float(), mu.float(), sd.float()
 
 @torch.no_grad()
 def linear_accuracy(head: nn.Module, feats: Tensor, labels: Tensor) -> dict:
@@ -320,15 +365,18 @@ def linear_accuracy(head: nn.Module, feats: Tensor, labels: Tensor) -> dict:
     return topk_accuracy(head(feats.to(dev).float()).double(), labels.to(dev))
 
 # %% ../nbs/11_evaluate.ipynb #d886160a
-PROBE_VIEW = ViewAug(scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_p=0.5)   # RandomResizedCrop + flip, no colour operations
+PROBE_VIEW = ViewAug(scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_p=0.5)   # RandomResizedCrop + flip, no colour ops
 
-def linear_probe(encoder, train, test, *, mode: str = 'fast', num_classes: int | None = None, view: ViewAug = PROBE_VIEW,
-                 pool: str = 'cls', epochs: int = 100, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0,
-                 batch_size: int = 256, milestones=(60, 80), gamma: float = 0.1, seed: int = 0, device=None,
+def linear_probe(encoder, train, test, *, mode: str = 'fast', num_classes: int | None = None,
+                 view: ViewAug = PROBE_VIEW, pool: str = 'cls', epochs: int = 100, lr: float = 0.1,
+                 momentum: float = 0.9, weight_decay: float = 0.0, batch_size: int = 256, milestones=(60, 80),
+                 gamma: float = 0.1, seed: int = 0, device=None,
                  features: tuple | None = None, mean=None, std=None, num_workers: int | None = None) -> dict:
-    "Linear probe: `mode='paper'` (images augmented by `view`, the protocol) or `'fast'` (cached features, NOT the protocol). Top-1/top-5 + head."
+    ("Linear probe: `mode='paper'` (images augmented by `view`, the protocol) or `'fast'` (cached features, NOT the "
+     "protocol). Top-1/top-5 + head.")
     if mode not in ('fast', 'paper'): raise ValueError(f"mode must be 'fast' or 'paper', got {mode!r}")
-    if mode == 'paper' and features is not None: raise ValueError("mode='paper' augments images every epoch, so it cannot use cached features")
+    if mode == 'paper' and features is not None:
+        raise ValueError("mode='paper' augments images every epoch, so it cannot use cached features")
     kw = dict(epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay, milestones=milestones, gamma=gamma)
     if features is not None: (tr_f, tr_y), (te_f, te_y) = features
     else:
@@ -343,13 +391,15 @@ def linear_probe(encoder, train, test, *, mode: str = 'fast', num_classes: int |
     else:
         dev = torch.device(device) if device is not None else _device_of(enc)
         C = int(num_classes or max(_num_classes(train), int(te_y.max()) + 1))
-        torch.manual_seed(seed); head = nn.Linear(te_f.shape[1], C).to(dev)
+        torch.manual_seed(seed)
+        head = nn.Linear(te_f.shape[1], C).to(dev)
         def batches(ep):                                         # a new draw of `view` every epoch, from (seed, epoch)
-            for x, y in image_batches(train, _side(enc), view=view, batch_size=batch_size, device=dev, seed=seed, epoch=ep,
-                                      mean=mean, std=std, num_workers=num_workers):
+            for x, y in image_batches(train, _side(enc), view=view, batch_size=batch_size, device=dev, seed=seed,
+                                      epoch=ep, mean=mean, std=std, num_workers=num_workers):
                 with torch.no_grad(): f = pool_tokens(_tokens(enc, x), pool).float()
                 yield f, y
-        was_training = enc.training; enc.eval()
+        was_training = enc.training
+        enc.eval()
         try: lrs = _fit_linear(head, batches, **kw)
         finally: enc.train(was_training)
     return {**linear_accuracy(head, te_f, te_y), 'head': head, 'lrs': lrs, 'mode': mode}
@@ -359,7 +409,8 @@ def finetune(encoder, train, test, *, num_classes: int | None = None, epochs: in
              blr: float = 5e-4, lr: float | None = None, layer_decay: float = 0.75, weight_decay: float = 0.05,
              warmup_epochs: int = 5, min_lr: float = 1e-6, label_smoothing: float = 0.1, view: ViewAug = PROBE_VIEW,
              seed: int = 0, device=None, mean=None, std=None, num_workers: int | None = None) -> dict:
-    "MAE-recipe full fine-tuning of a deep copy of the encoder + a linear head, on `view`-augmented batches; returns top-1/top-5 and the model."
+    ("MAE-recipe full fine-tuning of a deep copy of the encoder + a linear head, on `view`-augmented batches; "
+     "returns top-1/top-5 and the model.")
     from timm.optim import create_optimizer_v2
     from timm.scheduler import CosineLRScheduler
     model = copy.deepcopy(load_encoder(encoder))
@@ -368,10 +419,12 @@ def finetune(encoder, train, test, *, num_classes: int | None = None, epochs: in
     if num_classes is None: num_classes = _num_classes(train)
     torch.manual_seed(seed)
     model.reset_classifier(num_classes)
-    nn.init.trunc_normal_(model.head.weight, std=2e-5); nn.init.zeros_(model.head.bias)
+    nn.init.trunc_normal_(model.head.weight, std=2e-5)
+    nn.init.zeros_(model.head.bias)
     model.to(dev)
     lr = lr if lr is not None else blr * batch_size / 256
-    opt = create_optimizer_v2(model, 'adamw', lr=lr, weight_decay=weight_decay, layer_decay=layer_decay, betas=(0.9, 0.999))
+    opt = create_optimizer_v2(model, 'adamw', lr=lr, weight_decay=weight_decay, layer_decay=layer_decay,
+                              betas=(0.9, 0.999))
     per_epoch = len(train) if isinstance(train, DataLoader) else -(-len(_as_dataset(train)) // batch_size)
     sched = CosineLRScheduler(opt, t_initial=epochs * per_epoch, lr_min=min_lr, warmup_t=warmup_epochs * per_epoch,
                               warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
@@ -379,12 +432,15 @@ def finetune(encoder, train, test, *, num_classes: int | None = None, epochs: in
     sched.step_update(0)
     for ep in range(epochs):
         model.train()
-        for x, y in image_batches(train, _side(model), view=view, batch_size=batch_size, device=dev, seed=seed, epoch=ep,
-                                  mean=mean, std=std, num_workers=num_workers):
+        for x, y in image_batches(train, _side(model), view=view, batch_size=batch_size, device=dev, seed=seed,
+                                  epoch=ep, mean=mean, std=std, num_workers=num_workers):
             loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
-            opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
             lrs.append(max(pg['lr'] for pg in opt.param_groups))
-            step += 1; sched.step_update(step)
+            step += 1
+            sched.step_update(step)
     model.eval()
     f, y = extract_features(model, test, pools=('cls',), batch_size=batch_size, device=dev, mean=mean, std=std,
                             num_workers=num_workers)['cls']
@@ -398,7 +454,8 @@ def adapt_resolution(encoder, img_size: int | tuple[int, int]) -> nn.Module:
     size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     ps = tuple(enc.patch_embed.patch_size)
     if size[0] % ps[0] or size[1] % ps[1]:
-        raise ValueError(f"img_size {size} is not a multiple of the patch size {ps}; crop or resize the images to a multiple")
+        raise ValueError(f"img_size {size} is not a multiple of the patch size {ps}; "
+                         "crop or resize the images to a multiple")
     enc.set_input_size(img_size=size)
     if hasattr(enc, 'img_size'): enc.img_size = size[0] if size[0] == size[1] else size
     return enc
@@ -408,10 +465,12 @@ def _img_side(data) -> int:
     return next(iter(data))[0].shape[-1] if isinstance(data, DataLoader) else _as_dataset(data).img_size
 
 def transfer(encoder, train, test, *, img_size: int | tuple[int, int] | None = None, linear: str | None = 'fast',
-             knn: bool = True, k: int = 10, metric: str = 'euclidean', pool: str = 'cls', batch_size: int = 256, device=None,
-             mean=None, std=None, **linear_kw) -> dict:
-    "kNN and linear probe of an encoder pretrained on A, on dataset B at B's resolution (`img_size`, default: B's images)."
-    if linear not in (None, 'fast', 'paper'): raise ValueError(f"linear must be 'fast', 'paper' or None, got {linear!r}")
+             knn: bool = True, k: int = 10, metric: str = 'euclidean', pool: str = 'cls', batch_size: int = 256,
+             device=None, mean=None, std=None, **linear_kw) -> dict:
+    ("kNN and linear probe of an encoder pretrained on A, on dataset B at B's resolution (`img_size`, default: "
+     "B's images).")
+    if linear not in (None, 'fast', 'paper'):
+        raise ValueError(f"linear must be 'fast', 'paper' or None, got {linear!r}")
     enc = adapt_resolution(encoder, img_size if img_size is not None else _img_side(test))
     if mean is None: mean, std = _stats(train)
     ex = dict(pools=(pool,), batch_size=batch_size, device=device, mean=mean, std=std)
@@ -422,7 +481,8 @@ def transfer(encoder, train, test, *, img_size: int | tuple[int, int] | None = N
         r = linear_probe(None, None, None, features=(tr, te), batch_size=batch_size, device=device, **linear_kw)
         out.update(linear_top1=r['top1'], linear_top5=r['top5'])
     elif linear == 'paper':
-        r = linear_probe(enc, train, test, mode='paper', pool=pool, batch_size=batch_size, device=device, mean=mean, std=std, **linear_kw)
+        r = linear_probe(enc, train, test, mode='paper', pool=pool, batch_size=batch_size, device=device, mean=mean,
+                         std=std, **linear_kw)
         out.update(linear_top1=r['top1'], linear_top5=r['top5'])
     return out
 
@@ -442,18 +502,24 @@ def pick_classes(labels, n: int = 10, seed: int = 0) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(cls, size=min(n, len(cls)), replace=False))
 
 # %% ../nbs/11_evaluate.ipynb #7d9380cd
-def evaluate(encoder, bank, test, *, val=None, knn: bool = True, linear: str | None = 'fast', dbi: bool = True, prefix: str = '',
-             k: int = 10, epochs: int = 100, seed: int = 0, dbi_classes: int = 10, batch_size: int = 256, device=None, mean=None,
-             std=None, num_workers: int | None = None, cache_dir=None, checkpoint=None, **linear_kw) -> tuple[dict, dict]:
-    "(the `results.json` numbers: kNN, linear probe and DBI, CLS and mean-pool, test and `val`; the features of every split)."
-    if linear not in (None, 'fast', 'paper'): raise ValueError(f"linear must be 'fast', 'paper' or None, got {linear!r}")
+def evaluate(encoder, bank, test, *, val=None, knn: bool = True, linear: str | None = 'fast', dbi: bool = True,
+             prefix: str = '', k: int = 10, epochs: int = 100, seed: int = 0, dbi_classes: int = 10,
+             batch_size: int = 256, device=None, mean=None, std=None, num_workers: int | None = None, cache_dir=None,
+             checkpoint=None, **linear_kw) -> tuple[dict, dict]:
+    ("(the `results.json` numbers: kNN, linear probe and DBI, CLS and mean-pool, test and `val`; the features of every "
+     "split).")
+    if linear not in (None, 'fast', 'paper'):
+        raise ValueError(f"linear must be 'fast', 'paper' or None, got {linear!r}")
     if checkpoint is None and not isinstance(encoder, nn.Module): checkpoint = encoder
     if cache_dir is not None and checkpoint is None:
-        raise ValueError("cache_dir: the feature cache is kept per checkpoint file; pass checkpoint=<the run directory or its checkpoint>")
+        raise ValueError("cache_dir: the feature cache is kept per checkpoint file; "
+                         "pass checkpoint=<the run directory or its checkpoint>")
     enc = load_encoder(encoder)
     if mean is None: mean, std = _stats(bank)                    # every split normalized with the bank's statistics
     ex = dict(batch_size=batch_size, device=device, mean=mean, std=std, num_workers=num_workers)
-    cache = lambda name, data: None if cache_dir is None else feature_cache_path(checkpoint, f"{name}-{_data_key(data, _side(enc), mean, std)}", cache_dir)
+    def cache(name, data):
+        if cache_dir is None: return None
+        return feature_cache_path(checkpoint, f"{name}-{_data_key(data, _side(enc), mean, std)}", cache_dir)
     splits = {'bank': bank, 'test': test, **({'val': val} if val is not None else {})}
     feats = {name: extract_features(enc, data, cache=cache(name, data), **ex) for name, data in splits.items()}
     out = {}
@@ -472,9 +538,10 @@ def evaluate(encoder, bank, test, *, val=None, knn: bool = True, linear: str | N
             if dbi:
                 m = torch.isin(yt, torch.as_tensor(pick_classes(yt, dbi_classes, seed)))
                 out[f'{pre}dbi{sfx}'] = davies_bouldin(ft[m], yt[m])
-    if linear == 'paper':                                         # the protocol for the CLS probe; the fast numbers stay as *_fast
+    if linear == 'paper':                           # the protocol for the CLS probe; the fast numbers stay as *_fast
         r = linear_probe(enc, bank, test, mode='paper', epochs=epochs, seed=seed, batch_size=batch_size, device=device,
                          mean=mean, std=std, num_workers=num_workers, **linear_kw)
-        out[f'{prefix}linear_acc_fast'], out[f'{prefix}linear_top5_fast'] = out[f'{prefix}linear_acc'], out[f'{prefix}linear_top5']
+        out[f'{prefix}linear_acc_fast'] = out[f'{prefix}linear_acc']
+        out[f'{prefix}linear_top5_fast'] = out[f'{prefix}linear_top5']
         out[f'{prefix}linear_acc'], out[f'{prefix}linear_top5'] = r['top1'], r['top5']
     return out, feats

@@ -11,7 +11,8 @@ from .patches import patchify
 __all__ = ['mae_loss', 'uniformity_loss', 'simclr_loss', 'vicreg_loss']
 
 # %% ../nbs/02_losses.ipynb #60cf689c
-def mae_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix: bool = True) -> torch.Tensor:
+def mae_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int,
+             norm_pix: bool = True) -> torch.Tensor:
     "MSE per patch between `pred` (B,L,p*p*3) and the (normalized) patches of `imgs`, mean over masked patches."
     target = patchify(imgs, patch_size)
     if norm_pix:

@@ -25,9 +25,11 @@ def _no_autocast(device: torch.device):
 def _check_features(z: Tensor, name: str = "z") -> None:
     if not isinstance(z, Tensor) or z.dim() != 2:
         shape = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
-        raise ValueError(f"{name} must be a 2-D (batch, dim) tensor, got {shape}; pool tokens to one vector per image first")
+        raise ValueError(f"{name} must be a 2-D (batch, dim) tensor, got {shape}; "
+                         "pool tokens to one vector per image first")
     if z.shape[0] < 2:
-        raise ValueError(f"{name} has batch size {z.shape[0]}; MAGMA needs at least 2 samples per batch (raise batch_size)")
+        raise ValueError(f"{name} has batch size {z.shape[0]}; "
+                         "MAGMA needs at least 2 samples per batch (raise batch_size)")
 
 # %% ../nbs/00_manifold.ipynb #788ac0b2
 def pairwise_sq_dists(z: Tensor) -> Tensor:
@@ -96,9 +98,11 @@ def magma_loss(z_ref: Tensor, z_target: Tensor, *, bandwidth: str | float = "std
                scale: float = 1.0, eps: float = 1e-4, repulsive: bool = False, floor: float = 1e-4,
                rows: slice | Tensor | None = None) -> Tensor:
     "MAGMA term `trace(Y^T L Y) / B^2`: L from the reference features `z_ref`, Y = `z_target`."
-    _check_features(z_ref, "z_ref"); _check_features(z_target, "z_target")
+    _check_features(z_ref, "z_ref")
+    _check_features(z_target, "z_target")
     if len(z_ref) != len(z_target):
-        raise ValueError(f"z_ref and z_target have different batch sizes ({len(z_ref)} vs {len(z_target)}); pass features of the same images")
+        raise ValueError(f"z_ref and z_target have different batch sizes ({len(z_ref)} vs {len(z_target)}); "
+                         "pass features of the same images")
     with _no_autocast(z_ref.device):
         z_ref, Y = _at_least_f32(z_ref, z_target)
         B = len(Y)
@@ -145,8 +149,46 @@ def official_pairs(layers, target: int = 11, loop: str | None = None) -> tuple[t
     return pairs, n
 
 # %% ../nbs/00_manifold.ipynb #fbd72e86
+def _check_pairs(pairs) -> tuple[tuple[int, int], ...]:
+    "`pairs` as (int, int) tuples; refuses no pair at all, and a block paired with itself."
+    pairs = tuple((int(r), int(t)) for r, t in pairs)
+    if not pairs: raise ValueError("MagmaLoss needs at least one (reference, target) pair, e.g. pairs=((10, 11),)")
+    for r, t in pairs:
+        if r == t:
+            raise ValueError(f"pair ({r}, {t}) pairs block {r} with itself: its term is not 0 and no "
+                             "official loop forms it; pair it with another block")
+    return pairs
+
+def _check_divisor(divisor, n_pairs: int) -> int:
+    "What the sum over the pairs is divided by: `divisor`, or by default the number of pairs (their mean)."
+    n = n_pairs if divisor is None else int(divisor)
+    if n < 1:
+        raise ValueError(f"divisor must be a positive int (the official loops divide by a number of layers), "
+                         f"got {divisor!r}")
+    return n
+
+# %% ../nbs/00_manifold.ipynb #a510df7e
+def _check_feats(feats, layers) -> None:
+    "Refuse no features at all, or features that lack a block of `layers`."
+    if not len(feats):
+        raise ValueError(f"MagmaLoss got no features; run the model's forward with taps on blocks {list(layers)} "
+                         "first (BlockTaps)")
+    missing = [i for i in layers if i not in feats]
+    if missing:
+        raise ValueError(f"MagmaLoss needs features of blocks {missing}; got blocks {sorted(feats)}. "
+                         f"Request taps for {list(layers)}")
+
+# %% ../nbs/00_manifold.ipynb #7182e9ba
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+def _check_same_batch(B: int, device) -> None:
+    "Collective: refuse unless every process holds a batch of `B` rows."
+    sizes = [torch.zeros((), dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor(B, device=device))
+    if any(int(s) != B for s in sizes):
+        raise ValueError(f"MagmaLoss(gather=True) needs the same batch size on every process, got "
+                         f"{[int(s) for s in sizes]}; use drop_last=True")
 
 class _AllGather(torch.autograd.Function):
     "Concatenate `x` over processes; backward: each process gets the sum over processes of the gradient of its rows."
@@ -158,24 +200,19 @@ class _AllGather(torch.autograd.Function):
         return torch.cat(out, 0)
     @staticmethod
     def backward(ctx, g):
-        g = g.contiguous().clone(); dist.all_reduce(g)
+        g = g.contiguous().clone()
+        dist.all_reduce(g)
         return g[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
 
+# %% ../nbs/00_manifold.ipynb #b3d3daba
 class MagmaLoss(nn.Module):
     "Sum of `magma_loss` over `pairs` (reference, target) / `divisor` (default: the mean); `gather`: global graph."
     def __init__(self, pairs=((10, 11),), bandwidth: str | float = "std", normalized: bool = True,
                  scale: float = 1.0, eps: float = 1e-4, repulsive: bool = False, gather: bool = False,
                  divisor: int | None = None):  # the sum over pairs / divisor (default: the number of pairs)
         super().__init__()
-        self.pairs = tuple((int(r), int(t)) for r, t in pairs)
-        if not self.pairs: raise ValueError("MagmaLoss needs at least one (reference, target) pair, e.g. pairs=((10, 11),)")
-        for r, t in self.pairs:
-            if r == t: raise ValueError(f"pair ({r}, {t}) pairs block {r} with itself: its term is not 0 and no "
-                                        "official loop forms it; pair it with another block")
-        self.divisor = len(self.pairs) if divisor is None else int(divisor)
-        if self.divisor < 1:
-            raise ValueError(f"divisor must be a positive int (the official loops divide by a number of layers), "
-                             f"got {divisor!r}")
+        self.pairs = _check_pairs(pairs)
+        self.divisor = _check_divisor(divisor, len(self.pairs))
         self.kw = dict(bandwidth=bandwidth, normalized=normalized, scale=scale, eps=eps, repulsive=repulsive)
         self.gather = bool(gather)
 
@@ -195,28 +232,24 @@ class MagmaLoss(nn.Module):
         return torch.stack(terms).sum() / self.divisor
 
     def forward(self, feats: dict[int, Tensor], rows=None) -> Tensor:
-        if not len(feats):
-            raise ValueError(f"MagmaLoss got no features; run the model's forward with taps on blocks {list(self.layers)} first (BlockTaps)")
-        missing = [i for i in self.layers if i not in feats]
-        if missing:
-            raise ValueError(f"MagmaLoss needs features of blocks {missing}; got blocks {sorted(feats)}. Request taps for {list(self.layers)}")
+        _check_feats(feats, self.layers)
         if not (self.gather and _distributed()): return self._terms(feats, rows)
-        if rows is not None: raise ValueError("rows= and gather=True exclude each other: with gather, each process takes its own rows")
+        if rows is not None:
+            raise ValueError("rows= and gather=True exclude each other: with gather, each process takes its own rows")
         return self._global({i: feats[i] for i in self.layers})
 
     def _global(self, feats: dict[int, Tensor]) -> Tensor:
         "The loss of the graph over all processes' batches; every rank returns the same value."
         rank, world = dist.get_rank(), dist.get_world_size()
-        z = next(iter(feats.values())); B = len(z)
-        sizes = [torch.zeros((), dtype=torch.long, device=z.device) for _ in range(world)]
-        dist.all_gather(sizes, torch.tensor(B, device=z.device))
-        if any(int(s) != B for s in sizes):
-            raise ValueError(f"MagmaLoss(gather=True) needs the same batch size on every process, got {[int(s) for s in sizes]}; use drop_last=True")
+        z = next(iter(feats.values()))
+        B = len(z)
+        _check_same_batch(B, z.device)
         glob = {i: _AllGather.apply(v) for i, v in feats.items()}       # differentiable
-        if self.kw['repulsive']: return self._terms(glob)               # a log of a sum: rows do not add up, so take it whole
-        share = self._terms(glob, rows=slice(rank * B, (rank + 1) * B))   # this rank's rows of the trace, as the trainer does
-        total = share.detach().clone(); dist.all_reduce(total)
-        return world * share + (total - world * share).detach()        # value: the global loss; gradient: world x this share
+        if self.kw['repulsive']: return self._terms(glob)               # a log of a sum: rows do not add up
+        share = self._terms(glob, rows=slice(rank * B, (rank + 1) * B))   # this rank's rows, as the trainer does
+        total = share.detach().clone()
+        dist.all_reduce(total)
+        return world * share + (total - world * share).detach()        # value: the global loss; gradient: world x share
 
     def extra_repr(self):
         div = f", divisor={self.divisor}" if self.divisor != len(self.pairs) else ""
@@ -224,38 +257,64 @@ class MagmaLoss(nn.Module):
         return f"pairs={self.pairs}, {kw}, gather={self.gather}{div}"
 
 # %% ../nbs/00_manifold.ipynb #4e2d7e6a
+def _vit_blocks(model: nn.Module):
+    "`model.blocks`, the transformer blocks of a timm ViT; any other model is refused."
+    mods = getattr(model, 'blocks', None)
+    if not isinstance(mods, (nn.Sequential, nn.ModuleList)):
+        raise ValueError(f"model ({type(model).__name__}) has no `blocks` list of transformer blocks; "
+                         "BlockTaps needs a timm ViT (VisionTransformer, Eva, ...)")
+    return mods
+
+def _check_tap_blocks(blocks, n: int) -> tuple:
+    "The block indices to tap, as a tuple; refuses none at all, and any outside `-n..n-1`."
+    blocks = tuple(blocks)
+    if not blocks: raise ValueError("blocks is empty; name the block indices to tap, e.g. blocks=(10, 11)")
+    bad = [b for b in blocks if not isinstance(b, int) or isinstance(b, bool) or not -n <= b < n]
+    if bad:
+        raise ValueError(f"blocks {bad} out of range for a {n}-block ViT: "
+                         f"valid indices are {-n}..{n - 1} (-1 = last)")
+    return blocks
+
+def _prefix_tokens(model: nn.Module, num_prefix_tokens: int | None) -> int:
+    "How many leading tokens to leave out: `num_prefix_tokens` if given, else the model's own count."
+    k = getattr(model, 'num_prefix_tokens', None) if num_prefix_tokens is None else num_prefix_tokens
+    if not isinstance(k, int) or k < 0:
+        raise ValueError(f"model ({type(model).__name__}) has no `num_prefix_tokens`; "
+                         "pass num_prefix_tokens= (1 for a CLS token, 1 + registers)")
+    return k
+
+def _check_tokens(i: int, out, k: int) -> None:
+    "Refuse a block output that is not (B, k + patches, D) tokens."
+    if not isinstance(out, Tensor) or out.dim() != 3 or out.shape[1] <= k:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"block {i} returned {shape}; BlockTaps needs (B, prefix + patches, D) tokens, "
+                         f"with num_prefix_tokens={k}")
+
+# %% ../nbs/00_manifold.ipynb #deaafde4
 class BlockTaps(Mapping):
-    "Forward hooks on `model.blocks[i]` for `i` in `blocks`: after a forward, `taps[i]` is the mean of block `i`'s patch tokens (B, D), prefix tokens (CLS, registers) excluded."
+    ("Forward hooks on `model.blocks[i]` for `i` in `blocks`: after a forward, `taps[i]` is the mean of block `i`'s "
+     "patch tokens (B, D), prefix tokens (CLS, registers) excluded.")
     def __init__(self, model: nn.Module, blocks=(10, 11), num_prefix_tokens: int | None = None):
-        mods = getattr(model, 'blocks', None)
-        if not isinstance(mods, (nn.Sequential, nn.ModuleList)):
-            raise ValueError(f"model ({type(model).__name__}) has no `blocks` list of transformer blocks; BlockTaps needs a timm ViT (VisionTransformer, Eva, ...)")
-        self.blocks, n = tuple(blocks), len(mods)
-        if not self.blocks: raise ValueError("blocks is empty; name the block indices to tap, e.g. blocks=(10, 11)")
-        bad = [b for b in self.blocks if not isinstance(b, int) or isinstance(b, bool) or not -n <= b < n]
-        if bad: raise ValueError(f"blocks {bad} out of range for a {n}-block ViT: valid indices are {-n}..{n - 1} (-1 = last)")
-        k = getattr(model, 'num_prefix_tokens', None) if num_prefix_tokens is None else num_prefix_tokens
-        if not isinstance(k, int) or k < 0:
-            raise ValueError(f"model ({type(model).__name__}) has no `num_prefix_tokens`; pass num_prefix_tokens= (1 for a CLS token, 1 + registers)")
-        self.num_prefix_tokens, self._feats = k, {}
-        keys = {}                                            # block -> the requested indices it serves, e.g. 11 -> (11, -1)
-        for b in self.blocks: keys.setdefault(b % n, []).append(b)
+        mods = _vit_blocks(model)
+        self.blocks = _check_tap_blocks(blocks, len(mods))
+        self.num_prefix_tokens = _prefix_tokens(model, num_prefix_tokens)
+        self._feats = {}
+        keys = {}                                  # block -> the requested indices it serves, e.g. 11 -> (11, -1)
+        for b in self.blocks: keys.setdefault(b % len(mods), []).append(b)
         self._handles = [mods[0].register_forward_pre_hook(lambda m, a: self._feats.clear())]  # a new pass starts
         self._handles += [mods[i].register_forward_hook(self._hook(i, tuple(ks))) for i, ks in keys.items()]
 
     def _hook(self, i, keys):
         def hook(module, args, out):
-            if not isinstance(out, Tensor) or out.dim() != 3 or out.shape[1] <= self.num_prefix_tokens:
-                shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-                raise ValueError(f"block {i} returned {shape}; BlockTaps needs (B, prefix + patches, D) tokens, with num_prefix_tokens={self.num_prefix_tokens}")
+            _check_tokens(i, out, self.num_prefix_tokens)
             z = out[:, self.num_prefix_tokens:].mean(1)
             for k in keys: self._feats[k] = z
         return hook
 
     def __getitem__(self, b):
         if b not in self._feats:
-            raise KeyError(f"no tap for block {b!r}: tapped {list(self.blocks)}, and a forward must run first" if not self._feats
-                           else f"no tap for block {b!r}: tapped {list(self.blocks)}")
+            hint = ", and a forward must run first" if not self._feats else ""
+            raise KeyError(f"no tap for block {b!r}: tapped {list(self.blocks)}{hint}")
         return self._feats[b]
     def __iter__(self): return iter(self._feats)
     def __len__(self): return len(self._feats)
@@ -265,7 +324,9 @@ class BlockTaps(Mapping):
         self._handles, self._feats = [], {}
     def __enter__(self): return self
     def __exit__(self, *exc): self.remove()
-    def __repr__(self): return f"BlockTaps(blocks={self.blocks}, num_prefix_tokens={self.num_prefix_tokens}, filled={sorted(self._feats)})"
+    def __repr__(self):
+        return (f"BlockTaps(blocks={self.blocks}, num_prefix_tokens={self.num_prefix_tokens}, "
+                f"filled={sorted(self._feats)})")
 
 # %% ../nbs/00_manifold.ipynb #b6fee4be
 from torch.utils._python_dispatch import TorchDispatchMode

@@ -29,5 +29,7 @@ def create(name: str, **config) -> SSLMethod:
 def default_method() -> str:
     "The method a config uses when none is named: the one registered with `default=True` (M-MAE, the paper's subject)."
     marked = [n for n, s in METHODS.items() if s.default]
-    if len(marked) != 1: raise RuntimeError(f"exactly one registered method must be the default (register(..., default=True)); found {marked or 'none'}")
+    if len(marked) != 1:
+        raise RuntimeError(f"exactly one registered method must be the default (register(..., default=True)); "
+                           f"found {marked or 'none'}")
     return marked[0]

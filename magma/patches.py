@@ -19,7 +19,8 @@ def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
     x = imgs.reshape(B, C, H // p, p, W // p, p)
     return torch.einsum('nchpwq->nhwpqc', x).reshape(B, (H // p) * (W // p), p * p * C)
 
-def unpatchify(x: torch.Tensor, patch_size: int, img_size: int | tuple[int, int] | None = None, channels: int = 3) -> torch.Tensor:
+def unpatchify(x: torch.Tensor, patch_size: int, img_size: int | tuple[int, int] | None = None,
+               channels: int = 3) -> torch.Tensor:
     "(B, L, p*p*C) -> (B, C, H, W); square grid unless `img_size` says otherwise."
     B, L, _ = x.shape
     p = patch_size
@@ -34,10 +35,13 @@ def unpatchify(x: torch.Tensor, patch_size: int, img_size: int | tuple[int, int]
 
 # %% ../nbs/01b_patches.ipynb #c0d1021b
 def visible_patches(num_patches: int, mask_ratio: float) -> int:
-    "How many of `num_patches` patches an MAE keeps visible, `int(L * (1 - mask_ratio))`; the one check of `mask_ratio` (configs and MAE call it)."
+    ("How many of `num_patches` patches an MAE keeps visible, `int(L * (1 - mask_ratio))`; "
+     "the one check of `mask_ratio` (configs and MAE call it).")
     if not 0 < mask_ratio < 1: raise ValueError(f"mask_ratio={mask_ratio!r}: must be a number in (0, 1)")
     keep = int(num_patches * (1 - mask_ratio))
-    if keep < 1: raise ValueError(f"mask_ratio={mask_ratio!r}: keeps no visible patch of the {num_patches} patches; lower it or use more patches (a smaller patch_size)")
+    if keep < 1:
+        raise ValueError(f"mask_ratio={mask_ratio!r}: keeps no visible patch of the {num_patches} patches; "
+                         "lower it or use more patches (a smaller patch_size)")
     return keep
 
 # %% ../nbs/01b_patches.ipynb #fa4a85b7

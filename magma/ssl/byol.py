@@ -37,7 +37,7 @@ def _mlp(i: int, h: int, o: int) -> nn.Sequential:
 @register('m-byol', display='M-BYOL', baseline='byol', magma_weight=1.0)
 class BYOL(SSLMethod):
     "BYOL with a momentum target (updated in `on_step`) and an optional MAGMA term on the first view."
-    _view = dict(jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2)     # the fork's cifar/augmentations/asymmetric.yaml
+    _view = dict(jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2)   # fork's cifar/augmentations/asymmetric.yaml
     views = (_view, dict(_view, solarize_p=0.2))
     components = ('byol',)
     family = 'joint-embedding'
@@ -51,7 +51,8 @@ class BYOL(SSLMethod):
         super().__init__(**config)
         c = self.config
         if not 0 <= c['base_tau'] <= c['final_tau'] <= 1:
-            raise ValueError(f"base_tau={c['base_tau']}, final_tau={c['final_tau']}: need 0 <= base_tau <= final_tau <= 1")
+            raise ValueError(f"base_tau={c['base_tau']}, final_tau={c['final_tau']}: "
+                             "need 0 <= base_tau <= final_tau <= 1")
         self.projector = _mlp(self.encoder.embed_dim, c['proj_hidden_dim'], c['proj_output_dim'])
         self.predictor = _mlp(c['proj_output_dim'], c['pred_hidden_dim'], c['proj_output_dim'])
         self.target_encoder, self.target_projector = copy.deepcopy(self.encoder), copy.deepcopy(self.projector)

@@ -28,12 +28,15 @@ class MAEDecoder(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(sincos_pos_embed(dim, grid_size), requires_grad=False)
         norm = partial(nn.LayerNorm, eps=1e-6)
-        self.blocks = nn.ModuleList([Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm) for _ in range(depth)])
+        self.blocks = nn.ModuleList([Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm)
+                                     for _ in range(depth)])
         self.norm = norm(dim)
         self.pred = nn.Linear(dim, patch_size ** 2 * in_chans)
         nn.init.normal_(self.mask_token, std=0.02)
         for m in self.modules():
-            if isinstance(m, nn.Linear): nn.init.xavier_uniform_(m.weight); nn.init.zeros_(m.bias)
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         x = self.embed(x)
@@ -45,6 +48,13 @@ class MAEDecoder(nn.Module):
         return self.pred(self.norm(x))[:, 1:]
 
 # %% ../../nbs/04_mae.ipynb #150f4f94
+def _decoder_config(c: dict) -> dict:
+    "The decoder's `decoder_dim`, `decoder_depth`, `decoder_heads`: the preset `c['decoder']`, overridden where set."
+    if c['decoder'] not in DECODERS:
+        raise ValueError(f"unknown decoder preset {c['decoder']!r}; valid: {', '.join(DECODERS)}")
+    return {k: (DECODERS[c['decoder']][k] if c[k] is None else c[k]) for k in DECODERS['paper']}
+
+# %% ../../nbs/04_mae.ipynb #e8a38372
 @register('mae', display='MAE')
 @register('m-mae', display='M-MAE', baseline='mae', default=True, magma_weight=1.0)   # the project's default method
 @register('u-mae', display='U-MAE', uniformity_weight=0.01)
@@ -54,9 +64,12 @@ class MAE(SSLMethod):
     views = (dict(),)                   # one view: RandomResizedCrop(0.08, 1) + flip, the paper's appendix A (ii)
     components = ('mae', 'uniformity')
     family = 'mae'
-    config_help = dict(mask_ratio=(float, "MAE mask ratio, in (0, 1)"), decoder=(str, "decoder preset: paper (512-d, 8 blocks, 16 heads) or light (128, 2, 4)"),
-                       decoder_dim=(int, "MAE decoder width (overrides the preset)"), decoder_depth=(int, "MAE decoder blocks"),
-                       decoder_heads=(int, "MAE decoder heads"), norm_pix=(bool, "reconstruct per-patch normalized pixels (MAE's norm_pix_loss)"),
+    config_help = dict(mask_ratio=(float, "MAE mask ratio, in (0, 1)"),
+                       decoder=(str, "decoder preset: paper (512-d, 8 blocks, 16 heads) or light (128, 2, 4)"),
+                       decoder_dim=(int, "MAE decoder width (overrides the preset)"),
+                       decoder_depth=(int, "MAE decoder blocks"),
+                       decoder_heads=(int, "MAE decoder heads"),
+                       norm_pix=(bool, "reconstruct per-patch normalized pixels (MAE's norm_pix_loss)"),
                        uniformity_weight=(float, "U-MAE uniformity weight"))
     defaults = dict(mask_ratio=0.75, decoder='paper', decoder_dim=None, decoder_depth=None, decoder_heads=None,
                     norm_pix=True, uniformity_weight=0.0)
@@ -64,8 +77,7 @@ class MAE(SSLMethod):
     def __init__(self, **config):
         super().__init__(**config)
         c = self.config
-        if c['decoder'] not in DECODERS: raise ValueError(f"unknown decoder preset {c['decoder']!r}; valid: {', '.join(DECODERS)}")
-        d = {k: (DECODERS[c['decoder']][k] if c[k] is None else c[k]) for k in DECODERS['paper']}
+        d = _decoder_config(c)
         e = self.encoder
         visible_patches(e.num_patches, c['mask_ratio'])          # fail at construction, not at the first batch
         self.decoder = MAEDecoder(e.embed_dim, e.patch_embed.grid_size, e.patch_size, c['in_chans'],
@@ -75,7 +87,8 @@ class MAE(SSLMethod):
 
     def forward(self, batch: dict) -> dict:
         imgs = batch['img']
-        ids_keep, mask, ids_restore = random_masking(imgs.shape[0], self.encoder.num_patches, self.mask_ratio, imgs.device)
+        ids_keep, mask, ids_restore = random_masking(imgs.shape[0], self.encoder.num_patches, self.mask_ratio,
+                                                     imgs.device)
         tokens, taps = self.encoder.encode(imgs, taps=self.taps, ids_keep=ids_keep)
         pred = self.decoder(tokens, ids_restore)
         out = dict(mae=mae_loss(pred, imgs, mask, self.encoder.patch_size, self.norm_pix))

@@ -22,7 +22,8 @@ class SimCLR(SSLMethod):
     family = 'joint-embedding'
     config_help = dict(temperature=(float, "SimCLR temperature"), proj_hidden_dim=(int, "projector hidden width"),
                        proj_output_dim=(int, "projector output width"))
-    defaults = dict(temperature=0.2, proj_hidden_dim=2048, proj_output_dim=256, backbone_flavour='timm')   # official: timm's ViT
+    defaults = dict(temperature=0.2, proj_hidden_dim=2048, proj_output_dim=256,
+                    backbone_flavour='timm')   # official: timm's ViT
 
     def __init__(self, **config):
         super().__init__(**config)

@@ -22,7 +22,8 @@ class VICReg(SSLMethod):
     components = ('vicreg',)
     family = 'joint-embedding'
     config_help = dict(proj_hidden_dim=(int, "projector hidden width"), proj_output_dim=(int, "projector output width"),
-                       sim_weight=(float, "invariance weight"), var_weight=(float, "variance weight"), cov_weight=(float, "covariance weight"))
+                       sim_weight=(float, "invariance weight"), var_weight=(float, "variance weight"),
+                       cov_weight=(float, "covariance weight"))
     defaults = dict(proj_hidden_dim=2048, proj_output_dim=2048, sim_weight=25.0, var_weight=25.0, cov_weight=1.0,
                     backbone_flavour='timm')   # official: timm's ViT (3-head tiny, learned pos-embed)
 
@@ -44,14 +45,16 @@ class VICReg(SSLMethod):
         return dict({k: v.detach() for k, v in out.items()}, loss=loss, feats=c1.detach())
 
     def sync_batchnorm(self) -> VICReg:
-        "Under several processes, the projector's BatchNorm normalizes over the global batch (see *Synchronized BatchNorm*)."
+        ("Under several processes, the projector's BatchNorm normalizes over the global batch "
+         "(see *Synchronized BatchNorm*).")
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             self.projector = convert_sync_batchnorm(self.projector)
         return self
 
 # %% ../../nbs/06_vicreg.ipynb #9ada7a6b
 class GatherBatchNorm1d(nn.BatchNorm1d):
-    "BatchNorm1d whose training-mode statistics span all processes (gathered with gradient); for CPU, where `nn.SyncBatchNorm` does not run."
+    ("BatchNorm1d whose training-mode statistics span all processes (gathered with gradient); for CPU, where "
+     "`nn.SyncBatchNorm` does not run.")
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
@@ -64,20 +67,23 @@ class GatherBatchNorm1d(nn.BatchNorm1d):
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 f = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-                self.running_mean.lerp_(mean, f); self.running_var.lerp_(var * n / max(n - 1, 1), f)
+                self.running_mean.lerp_(mean, f)
+                self.running_var.lerp_(var * n / max(n - 1, 1), f)
         y = (x.float() - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine: y = y * self.weight.view(shape) + self.bias.view(shape)
         return y.to(x.dtype)
 
 # %% ../../nbs/06_vicreg.ipynb #6bf1cce6
 def convert_sync_batchnorm(module: nn.Module, cuda: bool | None = None) -> nn.Module:
-    "`module` with every BatchNorm1d synchronized over processes: `nn.SyncBatchNorm` on CUDA, `GatherBatchNorm1d` on CPU (`cuda=None`: where its parameters are)."
+    ("`module` with every BatchNorm1d synchronized over processes: `nn.SyncBatchNorm` on CUDA, `GatherBatchNorm1d` "
+     "on CPU (`cuda=None`: where its parameters are).")
     if cuda is None: cuda = any(t.is_cuda for t in [*module.parameters(), *module.buffers()])
     if cuda: return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     if isinstance(module, nn.BatchNorm1d) and not isinstance(module, GatherBatchNorm1d):
-        new = GatherBatchNorm1d(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        new = GatherBatchNorm1d(module.num_features, module.eps, module.momentum, module.affine,
+                                module.track_running_stats)
         for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
-            setattr(new, name, t)                                    # the same tensors: optimizers and checkpoints still fit
+            setattr(new, name, t)                      # the same tensors: optimizers and checkpoints still fit
         return new.train(module.training)
     for name, child in module.named_children(): module.add_module(name, convert_sync_batchnorm(child, cuda=False))
     return module
