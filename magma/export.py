@@ -53,7 +53,8 @@ _MODEL_ARGS = {'img_size', 'patch_size', 'in_chans', 'embed_dim', 'depth', 'num_
 _RUN_FILES = ('checkpoint.safetensors', 'results.json', 'metrics.csv')  # with a config.json not an export's: a run
 
 def _export_config(p: Path) -> bool:
-    "Whether `p` is an export's config.json (timm's format, as `timm_config` writes it): a new export may replace it."
+    """Whether `p` is an export's config.json (timm's format, as `timm_config` writes it), which a new export may
+    replace."""
     try: cfg = json.loads(p.read_text()) if p.stat().st_size < 2**20 else None
     except (OSError, ValueError): return False
     return isinstance(cfg, dict) and {'architecture', 'model_args', 'pretrained_cfg'} <= set(cfg)
