@@ -38,6 +38,7 @@ def _save(fig: Figure, path) -> Figure:
             fig.savefig(tmp, format=path.suffix[1:].lower() or 'png', dpi=120, bbox_inches='tight')
     return fig
 
+# %% ../nbs/12_figures.ipynb #bec1f439
 def _grid(B: int, n: int, ncols: int | None, size: float, titles) -> tuple:
     """A figure of `B` images x `n` panels each, every image's panels wrapped into rows of `ncols` (default: one row):
     (figure, axes[b][k]); the first image's panels carry `titles`, spare cells are blank."""
@@ -81,6 +82,7 @@ def read_metrics(csv) -> tuple:
     per_epoch = epochs.groupby('epoch')[num].last().combine_first(steps.groupby('epoch')[num].mean())
     return per_epoch[num].reset_index(), epochs
 
+# %% ../nbs/12_figures.ipynb #c595cc42
 def magma_label(epochs, lam) -> str:
     "Legend text of the epochs where λ > 0: its value (or its range) and the epoch window, e.g. `λ=1, epochs 10–39`."
     e, l = np.asarray(epochs), np.asarray(lam, dtype=float)
@@ -180,6 +182,7 @@ def layer_magma_matrix(encoder: nn.Module, x: Tensor, **magma_kw) -> Tensor:
     z = [feats[b].float() for b in blocks]
     return torch.tensor([[float(magma_loss(zk, zl, **magma_kw)) for zl in z] for zk in z])
 
+# %% ../nbs/12_figures.ipynb #80877fd3
 def draw_layer_magma(mats, path=None, vmax: float | None = None) -> Figure:
     """Fig. 3 from `layer_magma_matrix` results, `{name: (depth, depth) matrix}`: one heatmap per model, one colour
     scale (up to `vmax`, default the largest entry: pass it to draw models one per figure on the same scale)."""
@@ -227,6 +230,7 @@ def pacmap_panel(feats, labels, acc=None, n_classes: int = 10, seed: int = 0, ma
     return dict(embedding=pacmap_embed(X, seed=seed).astype(np.float32), labels=y, classes=np.asarray(cls),
                 dbi=float(davies_bouldin(X, y)), acc=float('nan') if acc is None else float(acc))
 
+# %% ../nbs/12_figures.ipynb #16673de3
 def draw_pacmap(panels: dict, path=None, classes=None, title: str | None = None) -> Figure:
     "Fig. 4 from `{name: pacmap_panel(...)}`: one scatter per drawn class (legend: `classes[label]` names when given)."
     fig = Figure(figsize=(6.2 * len(panels), 4.8))
@@ -276,6 +280,7 @@ def key_features(encoder: nn.Module, x: Tensor) -> list[Tensor]:
         for h in hooks: h.remove()
     return [keys[i] for i in range(len(encoder.blocks))]
 
+# %% ../nbs/12_figures.ipynb #bc0d9fdc
 def key_pca(encoder: nn.Module, x: Tensor) -> np.ndarray:
     "(depth, B, gh, gw): leading PCA component of each block's patch keys, fitted over all patches of the batch."
     from sklearn.decomposition import PCA
@@ -327,6 +332,7 @@ def cls_attention(encoder: nn.Module, x: Tensor, block: int = -1) -> Tensor:
     gh, gw = encoder.patch_embed.grid_size
     return a.reshape(B, attn.num_heads, gh, gw).float().cpu()
 
+# %% ../nbs/12_figures.ipynb #848dd37d
 def draw_attention(attn, images, path=None, ncols: int | None = None, title: str | None = None) -> Figure:
     "Fig. 6 from `cls_attention`'s (B, heads, gh, gw) maps and the B images (B, H, W, C) shown, `ncols` panels a row."
     imgs = np.asarray(images)
@@ -415,6 +421,7 @@ RECONSTRUCTION_CAPTION = ("(a) hidden patches at their own true mean and varianc
                           "hidden pixels); (b) at the mean and variance of the visible patches: nothing about the "
                           "hidden patches is used")
 
+# %% ../nbs/12_figures.ipynb #3ff648b4
 def draw_reconstruction(r: dict, path=None, title: str | None = None) -> Figure:
     """The reconstruction figure from `reconstruction_panels` (or `mae_reconstruction`): original, masked,
     reconstruction, reconstruction + visible; two labelled rows per image for a norm-pix model, captioned under the

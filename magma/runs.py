@@ -308,6 +308,7 @@ def evaluate_parameters(run: Run, device=None, data_dir=None, pretrain_params: d
     if data_dir is not None: p['data_dir'] = str(data_dir)
     return p
 
+# %% ../nbs/16_runs.ipynb #a7229bde
 RESULT_KEYS = dict(transfer={'linear_acc': 'linear_top1', 'linear_top5': 'linear_top5', 'knn_acc': 'knn_top1'},
                    finetune={'finetune_acc': 'finetune_top1', 'finetune_top5': 'finetune_top5'})
 
@@ -324,6 +325,7 @@ def _step_results(run: Run, nb: Path, eval_params: dict | None, t0: float) -> di
     if 'img_size' in ev: res['img_size'] = ev['img_size']
     return res
 
+# %% ../nbs/16_runs.ipynb #68c9ebe0
 def evaluate_run(run: Run, device=None, data_dir=None, pretrain_params: dict | None = None,
                  eval_params: dict | None = None, notebook=None, log_output: bool = False, execute=None) -> str:
     "Run `nbs/evaluate.ipynb` for a transfer or fine-tuning step unless its `results.json` exists: 'skipped' or 'ran'."
@@ -367,6 +369,7 @@ class _Children:
                 try: os.killpg(p.pid, signal.SIGTERM)
                 except ProcessLookupError: pass     # it had just ended
 
+# %% ../nbs/16_runs.ipynb #dcdbd98d
 def _last_line(log: Path) -> str:
     lines = [l.strip() for l in log.read_text(errors='replace').splitlines() if l.strip()]
     return lines[-1][:300] if lines else '(no output)'
@@ -404,6 +407,7 @@ def _launch_one(r: Run, execute, device, data_dir, pretrain_params, eval_params,
         st = evaluate_run(r, device, data_dir, pretrain_params, ep, execute=execute)
     return st, time.time() - t
 
+# %% ../nbs/16_runs.ipynb #4c962152
 def launch_all(runs, jobs: int = 1, device=None, data_dir=None, pretrain_params: dict | None = None,
                eval_params: dict | None = None, notebook=None, threads: int | None = None) -> dict:
     """Launch every pretraining run of `runs`, then every evaluation step, `jobs` at a time, each in a process of its
@@ -467,6 +471,7 @@ def _private_tmp() -> Path:
     if d.name != f"magma-smoke-{os.getuid()}": os.environ['MAGMA_SMOKE_RUNS'] = str(d)
     return d
 
+# %% ../nbs/16_runs.ipynb #ff8e60cc
 def as_list(x, cast=str) -> list | None:
     "A papermill parameter given as a list, a tuple, None, or a string '0,1,2' / '[0, 1, 2]'."
     if x is None: return None

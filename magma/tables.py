@@ -58,6 +58,7 @@ def paper_dataset(table: str, col: str) -> str:
             if c.col == col: return dataset_slug(c.target or c.dataset)
     return str(col)
 
+# %% ../nbs/17_tables.ipynb #535a29e5
 def collect(runs, metrics: dict) -> pd.DataFrame:
     """One row per (finished run, metric): table, row, col, metric, seed, value, data. Runs without `results.json` are
     left out."""
@@ -120,6 +121,7 @@ def render_markdown(df: pd.DataFrame, title: str = '') -> str:
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines) + '\n'
 
+# %% ../nbs/17_tables.ipynb #5e7b5886
 def write_table(df: pd.DataFrame, runs_dir, name: str, title: str = '', extra: str = '') -> tuple[Path, Path]:
     "Write `<runs_dir>/<name>.md` (the table, then `extra`) and `<runs_dir>/<name>.csv`; returns both paths."
     d = Path(runs_dir)
@@ -157,6 +159,7 @@ def floor_markdown(runs, metrics: dict | None = None) -> str:
                      ' | '.join(_cell(g[g.metric == m].value.tolist()) for m in metrics) + ' |')
     return '\n'.join(lines) + '\n'
 
+# %% ../nbs/17_tables.ipynb #78fd471b
 def magma_effect(runs, metrics: dict | None = None) -> pd.DataFrame:
     "MAGMA − base per (cell, metric), paired by seed: n, mean, std, ci95, ci_low, ci_high and the seeds used."
     metrics = metrics or {'kNN CLS': 'knn_acc', 'kNN mean-pool': 'knn_acc_mean', 'linear CLS': 'linear_acc'}
@@ -213,6 +216,7 @@ def end_features(metrics_csv) -> dict:
     ep = df[df.kind == 'epoch']
     return {k: float(ep[k].iloc[-1]) for k in ep.columns if k.startswith('tap') and len(ep)}
 
+# %% ../nbs/17_tables.ipynb #a439a1b9
 def ablation_frame(runs) -> pd.DataFrame:
     """One row per finished pretraining run: cell, seed, `ABLATION_METRICS`, switch-on and end-of-training diagnostics,
     `score`."""
@@ -234,7 +238,6 @@ def choose_schedule(frame: pd.DataFrame) -> dict:
     best = m.loc[m.score.idxmax()]
     lam, est, edur = _setting(best.col)
     return dict(col=best.col, score=float(best.score), magma_weight=lam, magma_start=est, magma_epochs=edur)
-
 
 # %% ../nbs/17_tables.ipynb #f02fb87e
 def _col_name(row, col) -> str:
