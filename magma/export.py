@@ -16,7 +16,8 @@ __all__ = ['dataset_stats', 'timm_config', 'export_timm', 'load_timm', 'parser',
 
 # %% ../nbs/13_export.ipynb #3d5e8a71
 def dataset_stats(dataset, root=None) -> tuple[tuple, tuple]:
-    "(mean, std) of a dataset: its own `.mean`/`.std`, or by name `magma.datasets.STATS`, else those `get_dataset` computes (folder:...)."
+    """(mean, std) of a dataset: its own `.mean`/`.std`, or by name `magma.datasets.STATS`, else those `get_dataset`
+    computes (folder:...)."""
     if hasattr(dataset, 'mean') and hasattr(dataset, 'std'): return tuple(dataset.mean), tuple(dataset.std)
     from magma.datasets import STATS, get_dataset
     if dataset in STATS: return tuple(STATS[dataset][0]), tuple(STATS[dataset][1])
@@ -24,7 +25,8 @@ def dataset_stats(dataset, root=None) -> tuple[tuple, tuple]:
     return tuple(ds.mean), tuple(ds.std)
 
 # %% ../nbs/13_export.ipynb #81aca285
-_ARCH = {192: 'vit_tiny_patch16_224', 384: 'vit_small_patch16_224', 768: 'vit_base_patch16_224', 1024: 'vit_large_patch16_224'}
+_ARCH = {192: 'vit_tiny_patch16_224', 384: 'vit_small_patch16_224', 768: 'vit_base_patch16_224',
+         1024: 'vit_large_patch16_224'}
 
 def timm_config(encoder: nn.Module, mean=None, std=None) -> dict:
     "timm (Hugging Face style) config of a magma ViT encoder: architecture, model_args and pretrained_cfg."
@@ -41,104 +43,106 @@ def timm_config(encoder: nn.Module, mean=None, std=None) -> dict:
                 mean=list(mean) if mean is not None else [0.0] * args['in_chans'],
                 std=list(std) if std is not None else [1.0] * args['in_chans'],
                 interpolation='bicubic', crop_pct=1.0, crop_mode='center', license='apache-2.0')
-    return dict(architecture=arch, num_classes=0, num_features=D, global_pool='token', model_args=args, pretrained_cfg=pcfg)
+    return dict(architecture=arch, num_classes=0, num_features=D, global_pool='token', model_args=args,
+                pretrained_cfg=pcfg)
 
-_MODEL_ARGS = {'img_size', 'patch_size', 'in_chans', 'embed_dim', 'depth', 'num_heads', 'mlp_ratio', 'qkv_bias', 'class_token',
-               'no_embed_class', 'global_pool', 'num_classes', 'fc_norm', 'pre_norm'}     # the keys timm_config writes
+# %% ../nbs/13_export.ipynb #a8db8190
+_MODEL_ARGS = {'img_size', 'patch_size', 'in_chans', 'embed_dim', 'depth', 'num_heads', 'mlp_ratio', 'qkv_bias',
+               'class_token', 'no_embed_class', 'global_pool', 'num_classes', 'fc_norm', 'pre_norm'}   # what it writes
 
-_RUN_FILES = ('checkpoint.safetensors', 'results.json', 'metrics.csv')      # with a config.json that is not an export's: a run
+_RUN_FILES = ('checkpoint.safetensors', 'results.json', 'metrics.csv')  # with a config.json not an export's: a run
 
 def _export_config(p: Path) -> bool:
-    "Whether `p` is an export's config.json (timm's format, as `timm_config` writes it), which a new export may replace."
+    """Whether `p` is an export's config.json (timm's format, as `timm_config` writes it), which a new export may
+    replace."""
     try: cfg = json.loads(p.read_text()) if p.stat().st_size < 2**20 else None
     except (OSError, ValueError): return False
     return isinstance(cfg, dict) and {'architecture', 'model_args', 'pretrained_cfg'} <= set(cfg)
 
 def _check_target(folder: Path):
-    "Refuse an export folder that is a file, or that holds a run or a config.json the export would replace: one line naming it."
+    """Refuse an export folder that is a file, or that holds a run or a config.json the export would replace: one line
+    naming it."""
     if folder.exists() and not folder.is_dir():
-        raise NotADirectoryError(f"export folder {folder} is a file; give a folder to write model.safetensors and config.json to")
+        raise NotADirectoryError(f"export folder {folder} is a file; "
+                                 "give a folder to write model.safetensors and config.json to")
     held = [n for n in _RUN_FILES if os.path.lexists(folder / n)]
-    if os.path.lexists(folder / 'config.json') and not _export_config(folder / 'config.json'): held.append('config.json')
+    if os.path.lexists(folder / 'config.json') and not _export_config(folder / 'config.json'):
+        held.append('config.json')
     if held:
-        raise FileExistsError(f"export folder {folder} holds a run ({', '.join(held)}), which an export must not overwrite; "
-                              f"export to a new folder, e.g. {folder / 'timm'}")
+        raise FileExistsError(f"export folder {folder} holds a run ({', '.join(held)}), which an export must not "
+                              f"overwrite; export to a new folder, e.g. {folder / 'timm'}")
 
+# %% ../nbs/13_export.ipynb #909cc540
 def _check_stats(mean, std, n: int | None = None, src: str = 'mean=/std= (--mean/--std)'):
-    "Refuse a mean or std that is not `n` (one per channel) finite numbers, a std not > 0: one line naming it and `src`."
+    """Refuse a mean or std that is not `n` (one per channel) finite numbers, a std not > 0: one line naming it and
+    `src`."""
     for name, v in (('mean', mean), ('std', std)):
         if v is None: continue
         try: vals = [float(x) for x in v]
         except (TypeError, ValueError): vals = None
-        if vals is None or (n is not None and len(vals) != n) or not all(map(math.isfinite, vals)) or (name == 'std' and min(vals, default=1) <= 0):
-            want = (f"{n} " if n is not None else '') + "finite numbers, one per channel" + (', each > 0' if name == 'std' else '')
+        bad = vals is None or (n is not None and len(vals) != n) or not all(map(math.isfinite, vals))
+        if bad or (name == 'std' and min(vals, default=1) <= 0):
+            want = f"{n} " if n is not None else ''
+            want += "finite numbers, one per channel" + (', each > 0' if name == 'std' else '')
             flag = f"{name}= (--{name})" if src.startswith('mean=') else f"the {name} of {src}"
-            raise ValueError(f"{flag} must be {want}; got {v!r}" + ('' if src.startswith('mean=') else f"; pass --{name} (or {name}=)"))
+            hint = '' if src.startswith('mean=') else f"; pass --{name} (or {name}=)"
+            raise ValueError(f"{flag} must be {want}; got {v!r}" + hint)
+
+# %% ../nbs/13_export.ipynb #b1e88427
+def _source_encoder(encoder) -> tuple:
+    "(the encoder, its run's config or None) of an encoder, a method model, a run directory or its checkpoint."
+    if isinstance(encoder, nn.Module): return load_encoder(encoder), None
+    if not Path(encoder).exists():
+        raise FileNotFoundError(f"checkpoint {encoder} does not exist; "
+                                "give a run directory or its checkpoint.safetensors")
+    model, cfg = load_pretrained(encoder)
+    return model.encoder, cfg
+
+def _run_dataset(encoder, cfg) -> str:
+    "The run's dataset, by name: refused when its statistics would come from files (and a cache) the checkpoint names."
+    from magma.datasets import STATS
+    if cfg.dataset not in STATS:
+        raise ValueError(f"{encoder}: its run was pretrained on {cfg.dataset!r}, whose statistics are computed from "
+                         "files; an export never reads the files a checkpoint names: pass --dataset (dataset=, with "
+                         "--data_dir) or --mean and --std")
+    return cfg.dataset                          # a name: constants, no file read
+
+def _pretraining_stats(encoder, cfg, mean, std, dataset, data_dir) -> tuple:
+    "(mean, std): those given, else `dataset`'s, else the run's own named dataset's (checked); None where unknown."
+    if dataset is None and cfg is not None and (mean is None or std is None): dataset = _run_dataset(encoder, cfg)
+    if (mean is None or std is None) and dataset is not None:
+        m, s = dataset_stats(dataset, data_dir)
+        src = f"dataset {getattr(dataset, 'name', dataset)!r}"
+        _check_stats(m if mean is None else None, s if std is None else None, src=src)
+        mean, std = m if mean is None else mean, s if std is None else std
+    return mean, std
+
+# %% ../nbs/13_export.ipynb #3e5bee58
+def _write_export(folder: Path, enc: nn.Module, mean, std):
+    "The two files, each written atomically: `model.safetensors` (checked: no NaN or inf) and `config.json`."
+    from safetensors.torch import save_file
+    cfg = timm_config(enc, mean, std)
+    sd = {k: v.detach().cpu().contiguous() for k, v in enc.state_dict().items() if not k.startswith('head.')}
+    check_weights(sd, 'export_timm', 'encoder')           # an in-memory encoder too: no NaN or inf exported
+    with atomic_path(folder / 'model.safetensors') as tmp: save_file(sd, str(tmp), metadata={'format': 'pt'})
+    write_json(folder / 'config.json', cfg)
 
 def export_timm(encoder, folder, mean=None, std=None, dataset=None, data_dir=None) -> Path:
     """Write `folder/model.safetensors` (the encoder's state dict under timm's names) and `folder/config.json` for an
     encoder, a run directory or its checkpoint; never modifies the source. `mean`/`std` default to the pretraining
     dataset's: `dataset` (a dataset or its name, with `data_dir`), else the run's own when it is one of the named
     datasets with published statistics (`magma.datasets.STATS`). No file a checkpoint names is ever read or written."""
-    from safetensors.torch import save_file
-    from magma.datasets import STATS
-    folder = Path(folder); _check_target(folder); _check_stats(mean, std)
-    if isinstance(encoder, nn.Module): enc, cfg = load_encoder(encoder), None
-    else:
-        if not Path(encoder).exists(): raise FileNotFoundError(f"checkpoint {encoder} does not exist; give a run directory or its checkpoint.safetensors")
-        model, cfg = load_pretrained(encoder); enc = model.encoder
-    if dataset is None and cfg is not None and (mean is None or std is None):
-        if cfg.dataset not in STATS:                  # its statistics would come from files (and a cache) the checkpoint names
-            raise ValueError(f"{encoder}: its run was pretrained on {cfg.dataset!r}, whose statistics are computed from files; an "
-                             f"export never reads the files a checkpoint names: pass --dataset (dataset=, with --data_dir) or --mean and --std")
-        dataset = cfg.dataset                          # a name: constants, no file read
-    if (mean is None or std is None) and dataset is not None:
-        m, s = dataset_stats(dataset, data_dir)
-        _check_stats(m if mean is None else None, s if std is None else None, src=f"dataset {getattr(dataset, 'name', dataset)!r}")
-        mean, std = m if mean is None else mean, s if std is None else std
+    folder = Path(folder)
+    _check_target(folder)
+    _check_stats(mean, std)
+    enc, cfg = _source_encoder(encoder)
+    mean, std = _pretraining_stats(encoder, cfg, mean, std, dataset, data_dir)
     _check_stats(mean, std, enc.patch_embed.proj.in_channels)
     if mean is None or std is None:
         warnings.warn("export_timm: no dataset given, so pretrained_cfg gets mean 0 and std 1 (no normalization); "
                       "pass dataset=, or mean= and std=, so that timm's data config normalizes as in pretraining")
-    cfg = timm_config(enc, mean, std)
-    sd = {k: v.detach().cpu().contiguous() for k, v in enc.state_dict().items() if not k.startswith('head.')}
-    check_weights(sd, 'export_timm', 'encoder')           # an in-memory encoder too: no NaN or inf exported
-    with atomic_path(folder / 'model.safetensors') as tmp: save_file(sd, str(tmp), metadata={'format': 'pt'})
-    write_json(folder / 'config.json', cfg)
+    _write_export(folder, enc, mean, std)
     return folder
-
-def load_timm(folder) -> nn.Module:
-    """A plain timm `VisionTransformer` built from `config.json`'s `model_args`, weights loaded with strict=True through
-    magma's one loader. The config names a registered timm architecture and only the `model_args` `timm_config` writes:
-    nothing in it (an `hf-hub:`/`local-dir:` name, a `checkpoint_path`) decides which file is read. Nothing is built
-    before its sizes are checked (`_check_model_args`) and the weights' names and shapes match the model they describe
-    (built on the meta device, which allocates nothing)."""
-    import timm
-    folder = Path(folder); cj = folder / 'config.json'
-    if not cj.is_file(): raise FileNotFoundError(f"{folder}/config.json not found: not an export_timm folder")
-    try: cfg = json.loads(cj.read_text()) if cj.stat().st_size < 2**20 else None
-    except (ValueError, UnicodeDecodeError) as e: raise CheckpointError(f"{cj}: not JSON ({_line(e)}); not an export_timm folder") from None
-    arch, args = (cfg.get('architecture'), cfg.get('model_args')) if isinstance(cfg, dict) else (None, None)
-    if not isinstance(arch, str) or ':' in arch or not timm.is_model(arch) or not isinstance(args, dict):
-        raise CheckpointError(f"{cj}: not an export_timm config (a registered timm 'architecture', without a source prefix such as "
-                              f"'local-dir:', and 'model_args', in under 1 MiB); export again with magma.export")
-    extra = sorted(set(args) - _MODEL_ARGS)
-    if extra: raise CheckpointError(f"{cj}: model_args {extra[0]!r} is not one export_timm writes ({', '.join(sorted(_MODEL_ARGS))})")
-    _check_model_args(cj, arch, args)                     # sizes capped: nothing huge is built, even on the meta device
-    sd, _ = load_tensors(folder / 'model.safetensors')
-    try:
-        with torch.device('meta'): meta = timm.create_model(arch, pretrained=False, **args)
-    except Exception as e:
-        raise CheckpointError(f"{cj}: its model_args do not build {arch} ({type(e).__name__}: {_line(e)})") from None
-    shapes, have = {k: tuple(v.shape) for k, v in meta.state_dict().items()}, {k: tuple(v.shape) for k, v in sd.items()}
-    odd = next((k for k in sorted(set(shapes) | set(have)) if shapes.get(k) != have.get(k)), None)
-    if odd is not None:                                   # the weights decide what may be built, before building
-        raise CheckpointError(f"{folder}/model.safetensors does not fit {cj}: tensor {odd!r} is "
-                              f"{have.get(odd, 'absent')} in the weights but {shapes.get(odd, 'absent')} in the {arch} "
-                              f"its model_args describe; export again with magma.export")
-    model = timm.create_model(arch, pretrained=False, **args)
-    return load_state_dict_checked(model, sd, what=f"{folder}/model.safetensors").eval()
-
 
 # %% ../nbs/13_export.ipynb #c4e1a019
 _CAPS = dict(img_size=4096, patch_size=256, in_chans=16, embed_dim=4096, depth=64, num_heads=256)    # largest of each
@@ -163,15 +167,67 @@ def _check_model_args(cj, arch: str, args: dict):
         if not ok: raise CheckpointError(f"{cj}: model_args {k}={json.dumps(v)[:80]} is not what export_timm writes "
                                          f"({want}); export again with magma.export")
 
+# %% ../nbs/13_export.ipynb #351fbfb1
+def _export_model_args(folder: Path) -> tuple:
+    "(config.json's path, architecture, model_args) of an export folder: refused in one line unless an export's."
+    import timm
+    cj = folder / 'config.json'
+    if not cj.is_file(): raise FileNotFoundError(f"{folder}/config.json not found: not an export_timm folder")
+    try: cfg = json.loads(cj.read_text()) if cj.stat().st_size < 2**20 else None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cj}: not JSON ({_line(e)}); not an export_timm folder") from None
+    arch, args = (cfg.get('architecture'), cfg.get('model_args')) if isinstance(cfg, dict) else (None, None)
+    if not isinstance(arch, str) or ':' in arch or not timm.is_model(arch) or not isinstance(args, dict):
+        raise CheckpointError(f"{cj}: not an export_timm config (a registered timm 'architecture', without a source "
+                              f"prefix such as 'local-dir:', and 'model_args', in under 1 MiB); export again with "
+                              f"magma.export")
+    extra = sorted(set(args) - _MODEL_ARGS)
+    if extra:
+        raise CheckpointError(f"{cj}: model_args {extra[0]!r} is not one export_timm writes "
+                              f"({', '.join(sorted(_MODEL_ARGS))})")
+    _check_model_args(cj, arch, args)                     # sizes capped: nothing huge is built, even on the meta device
+    return cj, arch, args
+
+def _check_fits(folder: Path, cj: Path, arch: str, args: dict, sd: dict):
+    "Refuse weights whose names or shapes are not those of the `arch` that `args` describe (built on the meta device)."
+    import timm
+    try:
+        with torch.device('meta'): meta = timm.create_model(arch, pretrained=False, **args)
+    except Exception as e:
+        raise CheckpointError(f"{cj}: its model_args do not build {arch} ({type(e).__name__}: {_line(e)})") from None
+    shapes, have = {k: tuple(v.shape) for k, v in meta.state_dict().items()}, {k: tuple(v.shape) for k, v in sd.items()}
+    odd = next((k for k in sorted(set(shapes) | set(have)) if shapes.get(k) != have.get(k)), None)
+    if odd is not None:                                   # the weights decide what may be built, before building
+        raise CheckpointError(f"{folder}/model.safetensors does not fit {cj}: tensor {odd!r} is "
+                              f"{have.get(odd, 'absent')} in the weights but {shapes.get(odd, 'absent')} in the {arch} "
+                              f"its model_args describe; export again with magma.export")
+
+# %% ../nbs/13_export.ipynb #da7e5326
+def load_timm(folder) -> nn.Module:
+    """A plain timm `VisionTransformer` built from `config.json`'s `model_args`, weights loaded with strict=True through
+    magma's one loader. The config names a registered timm architecture and only the `model_args` `timm_config` writes:
+    nothing in it (an `hf-hub:`/`local-dir:` name, a `checkpoint_path`) decides which file is read. Nothing is built
+    before its sizes are checked (`_check_model_args`) and the weights' names and shapes match the model they describe
+    (built on the meta device, which allocates nothing)."""
+    import timm
+    folder = Path(folder)
+    cj, arch, args = _export_model_args(folder)
+    sd, _ = load_tensors(folder / 'model.safetensors')
+    _check_fits(folder, cj, arch, args, sd)
+    model = timm.create_model(arch, pretrained=False, **args)
+    return load_state_dict_checked(model, sd, what=f"{folder}/model.safetensors").eval()
 
 # %% ../nbs/13_export.ipynb #0c9d4a7e
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='python -m magma.export', description="Export a run's encoder as a timm-loadable folder: "
-                                "model.safetensors (timm's state-dict names) and config.json (model_args, pretrained_cfg).")
+    p = argparse.ArgumentParser(prog='python -m magma.export',
+                                description="Export a run's encoder as a timm-loadable folder: model.safetensors "
+                                            "(timm's state-dict names) and config.json (model_args, pretrained_cfg).")
     p.add_argument('run_dir', help="a run directory or its checkpoint.safetensors")
     p.add_argument('out_dir', help="the folder to write model.safetensors and config.json to")
-    p.add_argument('--dataset', help="dataset whose mean/std go into pretrained_cfg (default: the run's own, if it has published statistics)")
-    p.add_argument('--data_dir', help="data root for --dataset folder:... statistics (default: data/ or $MAGMA_DATA; never the run's)")
+    p.add_argument('--dataset', help="dataset whose mean/std go into pretrained_cfg "
+                                     "(default: the run's own, if it has published statistics)")
+    p.add_argument('--data_dir', help="data root for --dataset folder:... statistics "
+                                      "(default: data/ or $MAGMA_DATA; never the run's)")
     p.add_argument('--mean', type=float, nargs='+', help="explicit per-channel mean (overrides the dataset's)")
     p.add_argument('--std', type=float, nargs='+', help="explicit per-channel std (overrides the dataset's)")
     return p

@@ -30,12 +30,15 @@ def _as_dict(x) -> dict:
     return dict(x) if isinstance(x, dict) else {'': x}
 
 def _save(fig: Figure, path) -> Figure:
-    "Save `fig` at `path` (PNG unless its suffix names another format) atomically: a file planted there, a symlink included, is replaced, never written through."
+    """Save `fig` at `path` (PNG unless its suffix names another format) atomically: a file planted there, a symlink
+    included, is replaced, never written through."""
     if path is not None:
         path = Path(path)
-        with atomic_path(path) as tmp: fig.savefig(tmp, format=path.suffix[1:].lower() or 'png', dpi=120, bbox_inches='tight')
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=path.suffix[1:].lower() or 'png', dpi=120, bbox_inches='tight')
     return fig
 
+# %% ../nbs/12_figures.ipynb #bec1f439
 def _grid(B: int, n: int, ncols: int | None, size: float, titles) -> tuple:
     """A figure of `B` images x `n` panels each, every image's panels wrapped into rows of `ncols` (default: one row):
     (figure, axes[b][k]); the first image's panels carry `titles`, spare cells are blank."""
@@ -52,21 +55,26 @@ def _show_images(x: Tensor, mean=None, std=None) -> np.ndarray:
     "Batch (B, C, H, W) as normalized by the eval transform -> (B, H, W, C) in [0, 1] for imshow."
     x = x.detach().float().cpu()
     if mean is not None: x = x * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)
-    elif x.min() < 0 or x.max() > 1: x = (x - x.amin((1, 2, 3), keepdim=True)) / (x.amax((1, 2, 3), keepdim=True) - x.amin((1, 2, 3), keepdim=True) + 1e-8)
+    elif x.min() < 0 or x.max() > 1:
+        lo, hi = x.amin((1, 2, 3), keepdim=True), x.amax((1, 2, 3), keepdim=True)
+        x = (x - lo) / (hi - lo + 1e-8)
     return x.clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
 # %% ../nbs/12_figures.ipynb #2f90078d
 def read_metrics(csv) -> tuple:
-    """(one row per epoch, the epoch rows) of a trainer metrics CSV. An epoch's values are its `epoch` row's (the trainer's
-    means over every step of the epoch); a value that row lacks, and an epoch without one, get the mean of its logged
-    `step` rows. An empty log (0 bytes, or a header and no rows) is refused in one line naming the file."""
+    """(one row per epoch, the epoch rows) of a trainer metrics CSV. An epoch's values are its `epoch` row's (the
+    trainer's means over every step of the epoch); a value that row lacks, and an epoch without one, get the mean of its
+    logged `step` rows. An empty log (0 bytes, or a header and no rows) is refused in one line naming the file."""
     import pandas as pd
     try: df = pd.read_csv(csv)
     except pd.errors.EmptyDataError:
-        raise ValueError(f"{csv}: the metrics log is empty (0 bytes), there is nothing to plot; a run writes it at its first "
-                         f"logged step (an interrupted write can leave it empty: resume the run, or delete the file)") from None
+        raise ValueError(f"{csv}: the metrics log is empty (0 bytes), there is nothing to plot; a run writes it at its "
+                         f"first logged step (an interrupted write can leave it empty: resume the run, or delete the "
+                         f"file)") from None
     for c in ('kind', 'epoch'):
-        if c not in df: raise ValueError(f"{csv}: not a magma metrics CSV (no {c!r} column); expected the trainer's <run_dir>/metrics.csv")
+        if c not in df:
+            raise ValueError(f"{csv}: not a magma metrics CSV (no {c!r} column); "
+                             f"expected the trainer's <run_dir>/metrics.csv")
     if not len(df): raise ValueError(f"{csv}: the metrics log holds a header and no rows, there is nothing to plot; "
                                      f"a run writes a row at each logged step and at the end of each epoch")
     steps, epochs = df[df.kind == 'step'], df[df.kind == 'epoch']
@@ -74,6 +82,7 @@ def read_metrics(csv) -> tuple:
     per_epoch = epochs.groupby('epoch')[num].last().combine_first(steps.groupby('epoch')[num].mean())
     return per_epoch[num].reset_index(), epochs
 
+# %% ../nbs/12_figures.ipynb #c595cc42
 def magma_label(epochs, lam) -> str:
     "Legend text of the epochs where λ > 0: its value (or its range) and the epoch window, e.g. `λ=1, epochs 10–39`."
     e, l = np.asarray(epochs), np.asarray(lam, dtype=float)
@@ -89,47 +98,71 @@ def _run_names(csvs) -> dict:
     if isinstance(csvs, dict): return {(k or Path(v).parent.name or Path(v).stem): v for k, v in csvs.items()}
     return {Path(c).parent.name or Path(c).stem: c for c in ([csvs] if isinstance(csvs, (str, Path)) else csvs)}
 
-def fig2_training(csvs, path=None, components=(), max_markers: int = 30, ncols: int = 4) -> Figure:
-    """Fig. 2 and a run's training curves: (a) the loss and its `components` (`MethodSpec.components`, or {run: components}),
-    (b) λ as applied, (c) the raw MAGMA term (solid: backpropagated, with its λ; dashed: logged only), (d) online accuracy (%);
-    `ncols` panels a row (4: one row, as a run draws it; 2: a 2x2 grid, readable at a page's width)."""
-    runs = _run_names(csvs)
-    if ncols not in (1, 2, 4): raise ValueError(f"fig2_training: ncols={ncols!r}; give 1, 2 or 4 (panels a row)")
-    fig = Figure(figsize=(4.75 * ncols, 4.2 * (4 // ncols))); axs = np.asarray(fig.subplots(4 // ncols, ncols)).ravel()
-    magma_terms = []
-    for i, (name, csv) in enumerate(runs.items()):
-        col = f"C{i}"
-        lab = (lambda s: f"{name}: {s}") if len(runs) > 1 else (lambda s: s)
-        pe, ep = read_metrics(csv)
-        kw = dict(marker='o', ms=3) if len(pe) <= max_markers else {}      # a run of 1 or 2 epochs is points, not lines
-        mk = lambda m: {**kw, 'marker': m} if kw else {}
-        comps = components.get(name, ()) if isinstance(components, dict) else components
-        comps = [c for c in comps if c not in ('loss', 'magma') and c in pe and pe[c].notna().any()]
-        if 'loss' in pe: axs[0].plot(pe.epoch, pe.loss, color=col, lw=2, label=lab('loss'), **kw)
-        for j, c in enumerate(comps):
-            axs[0].plot(pe.epoch, pe[c], color=col, lw=1, ls=[':', '-.', (0, (5, 1))][j % 3], label=lab(c), **mk('s^vD'[j % 4]))
+# %% ../nbs/12_figures.ipynb #a14f8a65
+def _plot_run(axs, name: str, csv, col: str, lab, components, max_markers: int):
+    "One run's curves on the four panels in colour `col`, labelled by `lab`; returns its MAGMA term (None: unlogged)."
+    pe, ep = read_metrics(csv)
+    kw = dict(marker='o', ms=3) if len(pe) <= max_markers else {}      # a run of 1 or 2 epochs is points, not lines
+    mk = lambda m: {**kw, 'marker': m} if kw else {}
+    comps = components.get(name, ()) if isinstance(components, dict) else components
+    comps = [c for c in comps if c not in ('loss', 'magma') and c in pe and pe[c].notna().any()]
+    if 'loss' in pe: axs[0].plot(pe.epoch, pe.loss, color=col, lw=2, label=lab('loss'), **kw)
+    for j, c in enumerate(comps):
+        axs[0].plot(pe.epoch, pe[c], color=col, lw=1, ls=[':', '-.', (0, (5, 1))][j % 3], label=lab(c),
+                    **mk('s^vD'[j % 4]))
+    if 'magma_weight' in pe:
+        lam = magma_label(pe.epoch, pe.magma_weight)
+        axs[1].plot(pe.epoch, pe.magma_weight, color=col, lw=2, label=lab(lam), **kw)
+    term = None
+    if 'magma' in pe and pe.magma.notna().any():
+        term = pe.magma.dropna()
         if 'magma_weight' in pe:
-            axs[1].plot(pe.epoch, pe.magma_weight, color=col, lw=2, label=lab(magma_label(pe.epoch, pe.magma_weight)), **kw)
-        if 'magma' in pe and pe.magma.notna().any():
-            magma_terms.append(pe.magma.dropna())
-            if 'magma_weight' in pe:
-                on = pe.magma_weight > 0
-                off = ~on                          # dashed where λ=0, reaching the neighbouring epochs so that the curve is unbroken
-                near = off | off.shift(1, fill_value=False) | off.shift(-1, fill_value=False)
-                if off.any(): axs[2].plot(pe.epoch, pe.magma.where(near), color=col, ls='--', lw=1, label=lab("logged only, λ=0"), **kw)
-                if on.any(): axs[2].plot(pe.epoch, pe.magma.where(on), color=col, lw=2, label=lab(f"backprop, {magma_label(pe.epoch, pe.magma_weight)}"), **kw)
-            else: axs[2].plot(pe.epoch, pe.magma, color=col, lw=2, label=lab("λ not logged"), **kw)
-        for c, ls, m, what in (('online_acc', '-', 'o', 'evaluation split'), ('online_train_acc', ':', 's', 'training batches')):
-            acc = ep[['epoch', c]].dropna() if c in ep else ep.iloc[:0]
-            if len(acc): axs[3].plot(acc.epoch, acc[c], color=col, ls=ls, label=lab(what), **(mk(m) or dict(marker='.')))
+            on = pe.magma_weight > 0
+            off = ~on                  # dashed where λ=0, reaching the neighbouring epochs: the curve is unbroken
+            near = off | off.shift(1, fill_value=False) | off.shift(-1, fill_value=False)
+            if off.any():
+                axs[2].plot(pe.epoch, pe.magma.where(near), color=col, ls='--', lw=1,
+                            label=lab("logged only, λ=0"), **kw)
+            if on.any():
+                axs[2].plot(pe.epoch, pe.magma.where(on), color=col, lw=2,
+                            label=lab(f"backprop, {magma_label(pe.epoch, pe.magma_weight)}"), **kw)
+        else: axs[2].plot(pe.epoch, pe.magma, color=col, lw=2, label=lab("λ not logged"), **kw)
+    for c, ls, m, what in (('online_acc', '-', 'o', 'evaluation split'),
+                           ('online_train_acc', ':', 's', 'training batches')):
+        acc = ep[['epoch', c]].dropna() if c in ep else ep.iloc[:0]
+        if len(acc): axs[3].plot(acc.epoch, acc[c], color=col, ls=ls, label=lab(what), **(mk(m) or dict(marker='.')))
+    return term
+
+# %% ../nbs/12_figures.ipynb #18ee72ae
+def _finish_panels(axs, ncols: int, magma_terms: list):
+    "Titles, axis labels, whole-number epoch ticks and legends of Fig. 2's panels; the MAGMA term log-scaled if > 0."
     titles = ["(a) loss", "(b) λ applied (MAGMA weight)", "(c) MAGMA term (raw)", "(d) online linear accuracy"]
     for ax, t, yl in zip(axs, titles, ["loss", "λ", r"$\mathcal{L}_{Reg}$", "top-1 accuracy (%)"]):
-        ax.set_title(t); ax.set_xlabel("epoch"); ax.set_ylabel(yl); ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(t)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(yl)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         lo, hi = ax.get_xlim()
         if hi - lo < 2: ax.set_xlim((lo + hi) / 2 - 1, (lo + hi) / 2 + 1)     # one epoch: whole-number ticks around it
         if ax.lines: ax.legend(fontsize=7 if ncols == 4 else 8)
         else: ax.text(0.5, 0.5, "not logged", ha='center', va='center', transform=ax.transAxes, color='0.5')
     if magma_terms and all((m > 0).all() for m in magma_terms): axs[2].set_yscale('log')
+
+def fig2_training(csvs, path=None, components=(), max_markers: int = 30, ncols: int = 4) -> Figure:
+    """Fig. 2 and a run's training curves: (a) the loss and its `components` (`MethodSpec.components`, or {run:
+    components}), (b) λ as applied, (c) the raw MAGMA term (solid: backpropagated, with its λ; dashed: logged only),
+    (d) online accuracy (%); `ncols` panels a row (4: one row, as a run draws it; 2: a 2x2 grid, readable at a page's
+    width)."""
+    runs = _run_names(csvs)
+    if ncols not in (1, 2, 4): raise ValueError(f"fig2_training: ncols={ncols!r}; give 1, 2 or 4 (panels a row)")
+    fig = Figure(figsize=(4.75 * ncols, 4.2 * (4 // ncols)))
+    axs = np.asarray(fig.subplots(4 // ncols, ncols)).ravel()
+    magma_terms = []
+    for i, (name, csv) in enumerate(runs.items()):
+        lab = (lambda s: f"{name}: {s}") if len(runs) > 1 else (lambda s: s)
+        term = _plot_run(axs, name, csv, f"C{i}", lab, components, max_markers)
+        if term is not None: magma_terms.append(term)
+    _finish_panels(axs, ncols, magma_terms)
     if len(runs) == 1: fig.suptitle(next(iter(runs)))
     fig.tight_layout()
     return _save(fig, path)
@@ -137,8 +170,10 @@ def fig2_training(csvs, path=None, components=(), max_markers: int = 30, ncols: 
 # %% ../nbs/12_figures.ipynb #bc10f70b
 @torch.no_grad()
 def layer_magma_matrix(encoder: nn.Module, x: Tensor, **magma_kw) -> Tensor:
-    "(depth, depth) matrix of `magma_loss(z_k, z_l)` for every block pair, z = patch-mean block features on the batch `x`."
-    was = encoder.training; encoder.eval()
+    """(depth, depth) matrix of `magma_loss(z_k, z_l)` for every block pair, z = patch-mean block features on the batch
+    `x`."""
+    was = encoder.training
+    encoder.eval()
     try:
         check_resolution(encoder, x)
         blocks = tuple(range(len(encoder.blocks)))
@@ -147,24 +182,30 @@ def layer_magma_matrix(encoder: nn.Module, x: Tensor, **magma_kw) -> Tensor:
     z = [feats[b].float() for b in blocks]
     return torch.tensor([[float(magma_loss(zk, zl, **magma_kw)) for zl in z] for zk in z])
 
+# %% ../nbs/12_figures.ipynb #80877fd3
 def draw_layer_magma(mats, path=None, vmax: float | None = None) -> Figure:
-    """Fig. 3 from `layer_magma_matrix` results, `{name: (depth, depth) matrix}`: one heatmap per model, one colour scale
-    (up to `vmax`, default the largest entry: pass it to draw models one per figure on the same scale)."""
+    """Fig. 3 from `layer_magma_matrix` results, `{name: (depth, depth) matrix}`: one heatmap per model, one colour
+    scale (up to `vmax`, default the largest entry: pass it to draw models one per figure on the same scale)."""
     import seaborn as sns
     mats = {n: np.asarray(m, dtype=float) for n, m in _as_dict(mats).items()}
     vmax = max(float(m.max()) for m in mats.values()) if vmax is None else vmax
-    fig = Figure(figsize=(5.2 * len(mats), 4.4)); axs = np.atleast_1d(fig.subplots(1, len(mats)))
+    fig = Figure(figsize=(5.2 * len(mats), 4.4))
+    axs = np.atleast_1d(fig.subplots(1, len(mats)))
     for ax, (n, m) in zip(axs, mats.items()):
         L = len(m)
-        sns.heatmap(m, ax=ax, vmin=0, vmax=vmax, cmap='viridis', square=True, annot=L <= 12, fmt='.2f', annot_kws={'size': 6},
-                    xticklabels=range(1, L + 1), yticklabels=range(1, L + 1), cbar_kws={'shrink': 0.8})
-        ax.set_xlabel('target block $l$'); ax.set_ylabel('reference block $k$'); ax.set_title(n or 'MAGMA term')
+        sns.heatmap(m, ax=ax, vmin=0, vmax=vmax, cmap='viridis', square=True, annot=L <= 12, fmt='.2f',
+                    annot_kws={'size': 6}, xticklabels=range(1, L + 1), yticklabels=range(1, L + 1),
+                    cbar_kws={'shrink': 0.8})
+        ax.set_xlabel('target block $l$')
+        ax.set_ylabel('reference block $k$')
+        ax.set_title(n or 'MAGMA term')
     fig.tight_layout()
     return _save(fig, path)
 
 def fig3_layer_magma(encoders, x: Tensor, path=None, **magma_kw) -> Figure:
     "Fig. 3: heatmap of the MAGMA term between every pair of blocks, one panel per model."
-    return draw_layer_magma({n: layer_magma_matrix(e, x, **magma_kw).numpy() for n, e in _as_dict(encoders).items()}, path)
+    mats = {n: layer_magma_matrix(e, x, **magma_kw).numpy() for n, e in _as_dict(encoders).items()}
+    return draw_layer_magma(mats, path)
 
 # %% ../nbs/12_figures.ipynb #360e86bd
 def pacmap_embed(feats, n_neighbors: int = 10, seed: int = 0) -> np.ndarray:
@@ -174,7 +215,8 @@ def pacmap_embed(feats, n_neighbors: int = 10, seed: int = 0) -> np.ndarray:
     nn_ = max(2, min(n_neighbors, len(X) - 2))
     import contextlib, io
     with contextlib.redirect_stdout(io.StringIO()):     # pacmap prints a note about the fixed random state
-        return pacmap.PaCMAP(n_components=2, n_neighbors=nn_, random_state=seed, verbose=False).fit_transform(X, init='pca')
+        embedder = pacmap.PaCMAP(n_components=2, n_neighbors=nn_, random_state=seed, verbose=False)
+        return embedder.fit_transform(X, init='pca')
 
 def pacmap_panel(feats, labels, acc=None, n_classes: int = 10, seed: int = 0, max_per_class: int | None = 500) -> dict:
     """Fig. 4's data for one model: `n_classes` classes drawn at random (seeded), at most `max_per_class` points each:
@@ -188,9 +230,11 @@ def pacmap_panel(feats, labels, acc=None, n_classes: int = 10, seed: int = 0, ma
     return dict(embedding=pacmap_embed(X, seed=seed).astype(np.float32), labels=y, classes=np.asarray(cls),
                 dbi=float(davies_bouldin(X, y)), acc=float('nan') if acc is None else float(acc))
 
+# %% ../nbs/12_figures.ipynb #16673de3
 def draw_pacmap(panels: dict, path=None, classes=None, title: str | None = None) -> Figure:
     "Fig. 4 from `{name: pacmap_panel(...)}`: one scatter per drawn class (legend: `classes[label]` names when given)."
-    fig = Figure(figsize=(6.2 * len(panels), 4.8)); axs = np.atleast_1d(fig.subplots(1, len(panels)))
+    fig = Figure(figsize=(6.2 * len(panels), 4.8))
+    axs = np.atleast_1d(fig.subplots(1, len(panels)))
     for ax, (name, p) in zip(axs, panels.items()):
         emb, y, acc = p['embedding'], np.asarray(p['labels']), float(p['acc'])
         cmap = matplotlib.colormaps['tab10' if len(p['classes']) <= 10 else 'tab20']
@@ -208,8 +252,8 @@ def draw_pacmap(panels: dict, path=None, classes=None, title: str | None = None)
 
 def fig4_pacmap(data, path=None, n_classes: int = 10, seed: int = 0, max_per_class: int | None = 500,
                 classes=None, title: str | None = None) -> Figure:
-    """Fig. 4: PaCMAP of `n_classes` random classes, with a class legend (`classes[label]` names when given); the run's name
-    (`title`, default the folder `path` is saved in), linear accuracy and Davies-Bouldin index in the title."""
+    """Fig. 4: PaCMAP of `n_classes` random classes, with a class legend (`classes[label]` names when given); the run's
+    name (`title`, default the folder `path` is saved in), linear accuracy and Davies-Bouldin index in the title."""
     data = _as_dict(data) if isinstance(data, dict) else {'': data}
     if title is None and path is not None: title = Path(path).resolve().parent.name
     panels = {n: pacmap_panel(*(tuple(d) + (None,))[:3], n_classes=n_classes, seed=seed, max_per_class=max_per_class)
@@ -219,12 +263,15 @@ def fig4_pacmap(data, path=None, n_classes: int = 10, seed: int = 0, max_per_cla
 # %% ../nbs/12_figures.ipynb #3452fc53
 @torch.no_grad()
 def key_features(encoder: nn.Module, x: Tensor) -> list[Tensor]:
-    "Per block, the attention keys of the patch tokens (B, N, D): the K third of `attn.qkv`, captured by a forward hook."
+    """Per block, the attention keys of the patch tokens (B, N, D): the K third of `attn.qkv`, captured by a forward
+    hook."""
     keys, hooks = {}, []
     for i, blk in enumerate(encoder.blocks):
         D = blk.attn.qkv.out_features // 3
-        hooks.append(blk.attn.qkv.register_forward_hook(lambda m, inp, out, i=i, D=D: keys.__setitem__(i, out[:, 1:, D:2 * D].float().cpu())))
-    was = encoder.training; encoder.eval()
+        keep = lambda m, inp, out, i=i, D=D: keys.__setitem__(i, out[:, 1:, D:2 * D].float().cpu())
+        hooks.append(blk.attn.qkv.register_forward_hook(keep))
+    was = encoder.training
+    encoder.eval()
     try:
         check_resolution(encoder, x)
         encoder.encode(x) if hasattr(encoder, 'encode') else encoder.forward_features(x)
@@ -233,6 +280,7 @@ def key_features(encoder: nn.Module, x: Tensor) -> list[Tensor]:
         for h in hooks: h.remove()
     return [keys[i] for i in range(len(encoder.blocks))]
 
+# %% ../nbs/12_figures.ipynb #bc0d9fdc
 def key_pca(encoder: nn.Module, x: Tensor) -> np.ndarray:
     "(depth, B, gh, gw): leading PCA component of each block's patch keys, fitted over all patches of the batch."
     from sklearn.decomposition import PCA
@@ -246,7 +294,8 @@ def key_pca(encoder: nn.Module, x: Tensor) -> np.ndarray:
 
 def draw_key_pca(comps, images, path=None, ncols: int | None = None, title: str | None = None) -> Figure:
     "Fig. 5 from `key_pca`'s (depth, B, gh, gw) and the B images (B, H, W, C) shown: input and blocks, `ncols` a row."
-    comps = np.asarray(comps); L, B = comps.shape[:2]
+    comps = np.asarray(comps)
+    L, B = comps.shape[:2]
     fig, ax = _grid(B, L + 1, ncols, 1.6, ['input'] + [f'block {l + 1}' for l in range(L)])
     for b in range(B):
         ax[b][0].imshow(images[b])
@@ -267,32 +316,41 @@ def cls_attention(encoder: nn.Module, x: Tensor, block: int = -1) -> Tensor:
     attn = encoder.blocks[block].attn
     got = {}
     h = attn.register_forward_hook(lambda m, inp, out: got.__setitem__('x', inp[0]))
-    was = encoder.training; encoder.eval()
+    was = encoder.training
+    encoder.eval()
     try:
         check_resolution(encoder, x)
         encoder.encode(x) if hasattr(encoder, 'encode') else encoder.forward_features(x)
     finally:
-        encoder.train(was); h.remove()
-    t = got['x']; B, N, _ = t.shape
+        encoder.train(was)
+        h.remove()
+    t = got['x']
+    B, N, _ = t.shape
     qkv = attn.qkv(t).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
     a = ((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)).softmax(-1)[:, :, 0, 1:]   # (B, H, N-1)
     gh, gw = encoder.patch_embed.grid_size
     return a.reshape(B, attn.num_heads, gh, gw).float().cpu()
 
+# %% ../nbs/12_figures.ipynb #848dd37d
 def draw_attention(attn, images, path=None, ncols: int | None = None, title: str | None = None) -> Figure:
     "Fig. 6 from `cls_attention`'s (B, heads, gh, gw) maps and the B images (B, H, W, C) shown, `ncols` panels a row."
-    imgs = np.asarray(images); B, H = np.shape(attn)[:2]
-    up = F.interpolate(torch.as_tensor(np.asarray(attn, dtype=np.float32)), size=imgs.shape[1:3], mode='nearest').numpy()
+    imgs = np.asarray(images)
+    B, H = np.shape(attn)[:2]
+    up = F.interpolate(torch.as_tensor(np.asarray(attn, dtype=np.float32)), size=imgs.shape[1:3], mode='nearest')
+    up = up.numpy()
     fig, ax = _grid(B, H + 1, ncols, 1.5, ['input'] + [f'head {h + 1}' for h in range(H)])
     for b in range(B):
         ax[b][0].imshow(imgs[b])
-        for hd in range(H): ax[b][hd + 1].imshow(imgs[b]); ax[b][hd + 1].imshow(up[b, hd], cmap='inferno', alpha=0.6)
+        for hd in range(H):
+            ax[b][hd + 1].imshow(imgs[b])
+            ax[b][hd + 1].imshow(up[b, hd], cmap='inferno', alpha=0.6)
     if title: fig.suptitle(title)
     fig.tight_layout()
     return _save(fig, path)
 
-def fig6_attention(encoder: nn.Module, x: Tensor, path=None, mean=None, std=None, max_images: int = 3, block: int = -1) -> Figure:
+def fig6_attention(encoder: nn.Module, x: Tensor, path=None, mean=None, std=None, max_images: int = 3,
+                   block: int = -1) -> Figure:
     "Fig. 6: CLS-to-patch attention of every head of the last block, over each input image."
     x = x[:max_images]
     return draw_attention(cls_attention(encoder, x, block), _show_images(x, mean, std), path)
@@ -314,25 +372,26 @@ def mae_predict(model: nn.Module, images: Tensor, seed: int = 0) -> tuple[Tensor
 @torch.no_grad()
 def reconstruction_panels(images: Tensor, pred: Tensor, mask: Tensor, patch_size: int, norm_pix: bool = True,
                           mean=None, std=None) -> dict:
-    """Panels from normalized `images` (B, C, H, W), MAE's `pred` and `mask`: `original`, `masked` (masked patches grey),
-    `reconstruction` (every patch predicted), `pasted` (visible patches pasted back), each (B, H, W, C) in [0, 1] for
-    imshow, and `mask` (B, H, W), 1 on masked pixels. With `norm_pix`, `reconstruction` and `pasted` give each hidden patch
-    its own true mean and variance; `masked_visible_stats`, `reconstruction_visible_stats` and `pasted_visible_stats` use
-    nothing about the hidden patches: every patch gets the mean over the image's visible patches of their means and
-    variances (and, without `mean`/`std`, the display range of the visible pixels)."""
+    """Panels from normalized `images` (B, C, H, W), MAE's `pred` and `mask`: `original`, `masked` (masked patches
+    grey), `reconstruction` (every patch predicted), `pasted` (visible patches pasted back), each (B, H, W, C) in [0, 1]
+    for imshow, and `mask` (B, H, W), 1 on masked pixels. With `norm_pix`, `reconstruction` and `pasted` give each
+    hidden patch its own true mean and variance; `masked_visible_stats`, `reconstruction_visible_stats` and
+    `pasted_visible_stats` use nothing about the hidden patches: every patch gets the mean over the image's visible
+    patches of their means and variances (and, without `mean`/`std`, the display range of the visible pixels)."""
     p, C, (H, W), dev = patch_size, images.shape[1], images.shape[-2:], images.device
     pred, m = pred.float(), mask.float()
-    t, vis = patchify(images.float(), p), (m < 0.5)[..., None]                   # vis (B, L, 1): True on visible patches
+    t, vis = patchify(images.float(), p), (m < 0.5)[..., None]               # vis (B, L, 1): True on visible patches
     if norm_pix:                                   # predictions are per-patch normalized (the norm-pix target)
         mu, var = t.mean(-1, keepdim=True), t.var(-1, keepdim=True)                # every patch's own statistics
         n_vis = vis.sum(1, keepdim=True).clamp_min(1)
-        mu_v = torch.where(vis, mu, 0).sum(1, keepdim=True) / n_vis              # (B, 1, 1): from the visible patches only
+        mu_v = torch.where(vis, mu, 0).sum(1, keepdim=True) / n_vis          # (B, 1, 1): from the visible patches only
         var_v = torch.where(vis, var, 0).sum(1, keepdim=True) / n_vis
         pred, pred_v = pred * (var + 1e-6) ** 0.5 + mu, pred * (var_v + 1e-6) ** 0.5 + mu_v
     else: pred_v = pred                            # pixels: nothing to undo
     mpix = unpatchify(m[..., None].expand(-1, -1, p * p * C), p, (H, W), C)      # (B, C, H, W), 1 = masked
     if mean is not None:
-        un = lambda x: x * torch.tensor(std, device=dev).view(1, -1, 1, 1) + torch.tensor(mean, device=dev).view(1, -1, 1, 1)
+        s_, m_ = torch.tensor(std, device=dev).view(1, -1, 1, 1), torch.tensor(mean, device=dev).view(1, -1, 1, 1)
+        un = lambda x: x * s_ + m_
         un_v = un
     else:                                          # no statistics: each image's own range, shared by its panels
         lo, hi = images.amin((1, 2, 3), keepdim=True), images.amax((1, 2, 3), keepdim=True)
@@ -344,28 +403,36 @@ def reconstruction_panels(images: Tensor, pred: Tensor, mask: Tensor, patch_size
     show = lambda x, u: u(x.float()).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
     mk = mpix.permute(0, 2, 3, 1).cpu().numpy() > 0.5
     orig, rec = show(images, un), show(unpatchify(pred, p, (H, W), C), un)
-    orig_v, rec_v = np.where(mk, 0.5, show(images, un_v)), show(unpatchify(pred_v, p, (H, W), C), un_v)   # hidden pixels never read
+    orig_v = np.where(mk, 0.5, show(images, un_v))                      # hidden pixels never read
+    rec_v = show(unpatchify(pred_v, p, (H, W), C), un_v)
     return dict(original=orig, masked=np.where(mk, 0.5, orig), reconstruction=rec, pasted=np.where(mk, rec, orig),
-                masked_visible_stats=orig_v, reconstruction_visible_stats=rec_v, pasted_visible_stats=np.where(mk, rec_v, orig_v),
+                masked_visible_stats=orig_v, reconstruction_visible_stats=rec_v,
+                pasted_visible_stats=np.where(mk, rec_v, orig_v),
                 mask=mk[..., 0].astype(np.float32), norm_pix=bool(norm_pix))
 
 # %% ../nbs/12_figures.ipynb #6e2a9d47
 def mae_reconstruction(model: nn.Module, images: Tensor, mean=None, std=None, seed: int = 0) -> dict:
     "`reconstruction_panels` of an MAE-family `model` on normalized `images`, one mask drawn with `seed`."
     pred, mask = mae_predict(model, images, seed)
-    return reconstruction_panels(images, pred, mask, model.encoder.patch_size, getattr(model, 'norm_pix', False), mean, std)
+    norm_pix = getattr(model, 'norm_pix', False)
+    return reconstruction_panels(images, pred, mask, model.encoder.patch_size, norm_pix, mean, std)
 
-RECONSTRUCTION_CAPTION = ("(a) hidden patches at their own true mean and variance (the norm-pix target: uses the hidden pixels); "
-                          "(b) at the mean and variance of the visible patches: nothing about the hidden patches is used")
+RECONSTRUCTION_CAPTION = ("(a) hidden patches at their own true mean and variance (the norm-pix target: uses the "
+                          "hidden pixels); (b) at the mean and variance of the visible patches: nothing about the "
+                          "hidden patches is used")
 
+# %% ../nbs/12_figures.ipynb #3ff648b4
 def draw_reconstruction(r: dict, path=None, title: str | None = None) -> Figure:
-    """The reconstruction figure from `reconstruction_panels` (or `mae_reconstruction`): original, masked, reconstruction,
-    reconstruction + visible; two labelled rows per image for a norm-pix model, captioned under the title."""
+    """The reconstruction figure from `reconstruction_panels` (or `mae_reconstruction`): original, masked,
+    reconstruction, reconstruction + visible; two labelled rows per image for a norm-pix model, captioned under the
+    title."""
     B, two = len(r['original']), bool(r['norm_pix'])
-    cols = [('original', 'original'), ('masked', f"masked ({np.mean(r['mask']):.0%})"), ('reconstruction', 'reconstruction'),
-            ('pasted', 'reconstruction + visible')]
-    rows = [('', "(a) true hidden\nmean, variance"), ('_visible_stats', "(b) visible-patch\nmean, variance")] if two else [('', '')]
-    caption = RECONSTRUCTION_CAPTION if two else "the model predicts pixels (norm_pix=False): nothing about the hidden patches is used"
+    cols = [('original', 'original'), ('masked', f"masked ({np.mean(r['mask']):.0%})"),
+            ('reconstruction', 'reconstruction'), ('pasted', 'reconstruction + visible')]
+    rows = [('', "(a) true hidden\nmean, variance"), ('_visible_stats', "(b) visible-patch\nmean, variance")]
+    if not two: rows = [('', '')]
+    caption = RECONSTRUCTION_CAPTION if two else ("the model predicts pixels (norm_pix=False): "
+                                                  "nothing about the hidden patches is used")
     n = B * len(rows)
     fig = Figure(figsize=(1.8 * len(cols), 1.8 * n + 0.6), layout='constrained')     # room for the caption
     axs = np.array(fig.subplots(n, len(cols), squeeze=False))
@@ -373,19 +440,22 @@ def draw_reconstruction(r: dict, path=None, title: str | None = None) -> Figure:
         for j, (suffix, label) in enumerate(rows):
             ax = axs[b * len(rows) + j]
             for c, (k, _) in enumerate(cols):
-                if c == 0 and suffix: ax[c].set_frame_on(False)       # the original shows the hidden pixels: not in row (b)
+                if c == 0 and suffix: ax[c].set_frame_on(False)   # the original shows the hidden pixels: not in row (b)
                 else: ax[c].imshow(r[k + suffix][b], interpolation='nearest')
             ax[0].set_ylabel(label, fontsize=7)
     for c, (_, t) in enumerate(cols): axs[0, c].set_title(t, fontsize=8)
-    for ax in axs.flat: ax.set_xticks([]); ax.set_yticks([])
+    for ax in axs.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
     fig.suptitle('\n'.join(([title] if title else []) + textwrap.wrap(caption, 12 * len(cols) + 10)), fontsize=7)
     return _save(fig, path)
 
 def fig_reconstruction(model: nn.Module, images: Tensor, path=None, mean=None, std=None, seed: int = 0,
                        max_images: int = 6, title: str | None = None) -> Figure:
-    """MAE reconstructions, as FB MAE's demo: original, masked, reconstruction, reconstruction + visible. For a norm-pix
-    model two rows per image, labelled and captioned: (a) de-normalized with each hidden patch's own statistics, (b) with
-    the visible patches' only (`reconstruction_panels`); a model that predicts pixels has one row, which uses neither."""
+    """MAE reconstructions, as FB MAE's demo: original, masked, reconstruction, reconstruction + visible. For a
+    norm-pix model two rows per image, labelled and captioned: (a) de-normalized with each hidden patch's own
+    statistics, (b) with the visible patches' only (`reconstruction_panels`); a model that predicts pixels has one row,
+    which uses neither."""
     return draw_reconstruction(mae_reconstruction(model, images[:max_images], mean, std, seed), path, title)
 
 # %% ../nbs/12_figures.ipynb #bde5ffcf
@@ -403,7 +473,8 @@ def figure_data(model: nn.Module, images: Tensor, mean=None, std=None, seed: int
     panels) and, when `pacmap` = (features, labels, linear_acc) and the pacmap package imports, `pacmap_*` (Fig. 4)."""
     enc, u8 = getattr(model, 'encoder', model), lambda a: np.round(np.asarray(a) * 255).astype(np.uint8)
     d = dict(images=u8(_show_images(images, mean, std)), layer_magma=layer_magma_matrix(enc, images).numpy(),
-             key_pca=key_pca(enc, images[:n_pca]).astype(np.float32), cls_attention=cls_attention(enc, images[:n_attention]).numpy())
+             key_pca=key_pca(enc, images[:n_pca]).astype(np.float32),
+             cls_attention=cls_attention(enc, images[:n_attention]).numpy())
     if hasattr(model, 'mask_ratio'):
         r = mae_reconstruction(model, images[:n_reconstruction], mean, std, seed)
         d.update({f'rec_{k}': np.asarray(v) if k in ('mask', 'norm_pix') else u8(v) for k, v in r.items()})

@@ -21,6 +21,7 @@ def _grid(text: str, cols, metrics) -> dict:
         out.update({(m, c, k): float(v) for (c, k), v in zip(keys, vals)})
     return out
 
+# %% ../nbs/15_paper.ipynb #140ac491
 # Table 1: linear / kNN (k=10) accuracy, pretrained and evaluated on the same dataset
 PAPER_TABLE1 = _grid("""
 mae      38.2 36.6 66.5 62.0 17.8 17.7 58.0 47.5
@@ -33,6 +34,7 @@ vicreg   63.6 60.8 87.4 84.5 45.2 40.5 68.4 62.1
 m-vicreg 64.7 61.9 87.4 84.5 45.8 40.5 70.4 65.1
 """, TABLE1_DATASETS, ('linear', 'knn'))
 
+# %% ../nbs/15_paper.ipynb #365c5004
 # Table 2: M-MAE on ImageNet-100, linear accuracy for (lambda, e_st, e_dur)
 TABLE2_SETTINGS = ((1, 10, 100), (0.1, 10, 100), (0.01, 10, 100), (10, 10, 100), (1, 0, 100), (1, 2, 100),
                    (1, 20, 100), (1, 50, 100), (1, 10, 10), (1, 10, 50), (1, 10, 200), (1, 10, 390))
@@ -40,6 +42,7 @@ def table2_col(lam, est, edur) -> str: return f"lam{lam:g}-est{est}-edur{edur}"
 PAPER_TABLE2 = {('m-mae', table2_col(*s), 'linear'): a for s, a in
                 zip(TABLE2_SETTINGS, (69.0, 60.0, 54.6, 67.9, 68.2, 69.0, 65.5, 62.7, 68.5, 68.8, 69.0, 68.5))}
 
+# %% ../nbs/15_paper.ipynb #88316610
 # Table 3: linear accuracy on ImageNet-100 by backbone
 PAPER_TABLE3 = _grid("""
 mae    46.8 57.9 60.6
@@ -68,6 +71,7 @@ u-mae  48.6
 mu-mae 53.3
 """, ('imagenet',), ('linear',))
 
+# %% ../nbs/15_paper.ipynb #4edb790a
 PAPER_TABLES = dict(table1=PAPER_TABLE1, table2=PAPER_TABLE2, table3=PAPER_TABLE3, table6=PAPER_TABLE6,
                     table7=PAPER_TABLE7, table8=PAPER_TABLE8)
 # paper metric -> results.json key

@@ -19,47 +19,58 @@ __all__ = ['LINEAR_MODES', 'PAPER_PRECISION_RULE', 'OUT_DIR_RULE', 'PAPER_HELP_D
 
 # %% ../nbs/14_pretrain.ipynb #9eea4b7a
 LINEAR_MODES = {'fast': 'fast (cached, standardized features; not the paper protocol)',
-                'paper': "paper (augmented, frozen encoder: the protocol) for linear_acc and random_linear_acc; the other linear_* are fast"}
+                'paper': "paper (augmented, frozen encoder: the protocol) for linear_acc and random_linear_acc; "
+                         "the other linear_* are fast"}
 
 def run(cfg: PretrainConfig | None = None, *, progress: bool = True, evaluate: bool = True, **params) -> dict:
-    "Pretrain, evaluate, plot and write `results.json` in `cfg.out_dir` (None: `configs.default_out_dir`); returns the results dict."
+    """Pretrain, evaluate, plot and write `results.json` in `cfg.out_dir` (None: `configs.default_out_dir`); returns
+    the results dict."""
     from contextlib import ExitStack
     with ExitStack() as held:                   # the folder's lock: train() takes it, released after results.json
         return _run(held, cfg, progress, evaluate, params)
 
+# %% ../nbs/14_pretrain.ipynb #1a4ca3b2
+def _evaluate_run(res: dict, cfg, model, data, device) -> tuple:
+    "Score the trained encoder and its random-init floor into `res`; returns (scores, features, 8 test images)."
+    import torch
+    import magma.datasets as _datasets, magma.loader as _loader, magma.evaluate as _evaluate
+    from magma.train import build_method
+    bank_ds, val_ds, test_ds = data.bank, data.val, data.test
+    kw = dict(val=val_ds, linear=cfg.linear_mode, k=cfg.knn_k, epochs=cfg.linear_epochs, seed=cfg.seed, device=device,
+              num_workers=cfg.num_workers)
+    ours, feats = _evaluate.evaluate(model.encoder, bank_ds, test_ds, **kw)
+    torch.manual_seed(cfg.seed)             # the random-init floor: the same architecture and seed, untrained
+    floor, _ = _evaluate.evaluate(build_method(cfg).to(device).encoder, bank_ds, test_ds, prefix='random_', **kw)
+    res.update(ours, **floor, linear_mode=LINEAR_MODES[cfg.linear_mode],
+               n_bank=len(bank_ds), n_val=len(val_ds) if val_ds is not None else 0, n_test=len(test_ds))
+    few = _datasets.subset(test_ds, torch.linspace(0, len(test_ds) - 1, 8).long())   # the figures' 8 test images
+    x = next(iter(_loader.eval_loader(few, 8, device, img_size=cfg.img_size, mean=bank_ds.mean, std=bank_ds.std,
+                                      num_workers=cfg.num_workers)))['img']
+    return ours, feats, x
+
+# %% ../nbs/14_pretrain.ipynb #f9229c2f
 def _run(held, cfg, progress: bool, evaluate: bool, params: dict) -> dict:
-    import torch, torch.distributed as dist     # imported here, not at the top: `--help` and `--print-config` need none of it
-    from magma.train import train, build_method, pretraining_data_of, precision_flags
+    import torch.distributed as dist     # imported here, not at the top: `--help` and `--print-config` need none of it
+    from magma.train import train, pretraining_data_of, precision_flags
     from magma.checkpoints import write_json
     from magma.figures import run_figures
     from magma.base import method_spec
-    import magma.datasets as _datasets, magma.loader as _loader, magma.evaluate as _evaluate
     cfg = cfg if isinstance(cfg, PretrainConfig) else resolve_config(**params)
-    res, model, logger = train(cfg, progress=progress, keep_logger=True, lock=held)   # sets cfg.out_dir when None (rank 0's under DDP)
+    # train sets cfg.out_dir when None (rank 0's under DDP)
+    res, model, logger = train(cfg, progress=progress, keep_logger=True, lock=held)
     t0 = time.time()  # evaluation clock: `wall_seconds` spans every sitting of a resumed run, so never subtract it
     if dist.is_initialized() and dist.get_rank() != 0: return res
     out, device = Path(cfg.out_dir), next(model.parameters()).device
     data = pretraining_data_of(cfg)             # the held-out val part: scored, never pretrained on nor in the bank
-    bank_ds, val_ds, test_ds = data.bank, data.val, data.test
     with precision_flags(cfg.precision, device):   # the evaluation in the run's precision (fp32: IEEE, TF32 off)
-        if evaluate:
-            kw = dict(val=val_ds, linear=cfg.linear_mode, k=cfg.knn_k, epochs=cfg.linear_epochs, seed=cfg.seed, device=device,
-                      num_workers=cfg.num_workers)
-            ours, feats = _evaluate.evaluate(model.encoder, bank_ds, test_ds, **kw)
-            torch.manual_seed(cfg.seed)             # the random-init floor: the same architecture and seed, untrained
-            floor, _ = _evaluate.evaluate(build_method(cfg).to(device).encoder, bank_ds, test_ds, prefix='random_', **kw)
-            res.update(ours, **floor, linear_mode=LINEAR_MODES[cfg.linear_mode],
-                       n_bank=len(bank_ds), n_val=len(val_ds) if val_ds is not None else 0, n_test=len(test_ds))
-            few = _datasets.subset(test_ds, torch.linspace(0, len(test_ds) - 1, 8).long())   # the figures' 8 test images
-            x = next(iter(_loader.eval_loader(few, 8, device, img_size=cfg.img_size, mean=bank_ds.mean, std=bank_ds.std,
-                                              num_workers=cfg.num_workers)))['img']
+        if evaluate: ours, feats, x = _evaluate_run(res, cfg, model, data, device)
     res['eval_seconds'] = time.time() - t0
     if logger is not None:                      # TensorBoard (and wandb): evaluation metrics, hyperparameters
         logger.summary({k: v for k, v in res.items() if k not in ('epochs', 'seed', 'epochs_done', 'world_size')})
     write_json(out / 'results.json', res)                   # atomic, with the run's file mode; the figures come after
-    with precision_flags(cfg.precision, device):  # figure data and PNGs (figures.run_figures: without seaborn/pacmap, one line)
-        run_figures(out, model if evaluate else None, x if evaluate else None, bank_ds.mean, bank_ds.std, cfg.seed,
-                    (*feats['test']['cls'], ours['linear_acc']) if evaluate else None, test_ds.classes,
+    with precision_flags(cfg.precision, device):  # figure data and PNGs (without seaborn/pacmap, one line says so)
+        run_figures(out, model if evaluate else None, x if evaluate else None, data.bank.mean, data.bank.std, cfg.seed,
+                    (*feats['test']['cls'], ours['linear_acc']) if evaluate else None, data.test.classes,
                     method_spec(cfg.method).components, out.name)
     if logger is not None:                      # and the figures
         for p in sorted(out.glob('*.png')): logger.figure(p.stem, p)
@@ -76,40 +87,47 @@ def _resume(s: str):
     "--resume true|false|auto (auto: continue a checkpoint of the same config, else start)."
     if s.lower() == 'auto': return 'auto'
     try: return _bool(s)
-    except argparse.ArgumentTypeError: raise argparse.ArgumentTypeError(f"expected true, false or auto, got {s!r}") from None
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected true, false or auto, got {s!r}") from None
 
+# %% ../nbs/14_pretrain.ipynb #0e811e14
 PAPER_PRECISION_RULE = 'bf16 on CUDA, fp32 elsewhere'
 OUT_DIR_RULE = 'a fresh runs/<method>-<dataset>-s<seed>, -2, -3 ... when taken; smoke: in a private temp folder'
-PAPER_HELP_DATASET = 'cifar100'                 # the dataset whose paper values `--profile paper --help` shows by default
+PAPER_HELP_DATASET = 'cifar100'                 # whose paper values `--profile paper --help` shows by default
 
 def resolved_defaults(profile: str = 'smoke', method: str | None = None, dataset: str | None = None) -> dict:
-    "Every field's value when not given, under `profile` (`method`, `dataset`): what `--help` shows (a copy of `_resolved_defaults`)."
+    """Every field's value when not given, under `profile` (`method`, `dataset`): what `--help` shows (a copy of
+    `_resolved_defaults`)."""
     return dict(_resolved_defaults(profile, method, dataset))
 
 @functools.lru_cache(maxsize=64)
 def _resolved_defaults(profile: str, method: str | None, dataset: str | None) -> dict:
     """Every field's value when not given, under `profile` (and `method`, `dataset`; paper: cifar100 unless `dataset`),
-    as `resolve_config` gives it: what `--help` shows (cached). A bad `profile`/`method`/`dataset` falls back to the defaults
-    (argparse then names the bad flag)."""
+    as `resolve_config` gives it: what `--help` shows (cached). A bad `profile`/`method`/`dataset` falls back to the
+    defaults (argparse then names the bad flag)."""
     if profile == 'paper' and dataset is None: dataset = PAPER_HELP_DATASET
     for p, m, d in ((profile, method, dataset), (profile, None, dataset), ('smoke', None, None)):
         try: r = asdict(resolve_config(p, method=m, dataset=d, out_dir='-'), dict_factory=dict) | {'out_dir': None}
         except ValueError: continue
-        if p == 'paper': r['precision'] = PAPER_PRECISION_RULE   # configs.paper_precision in words: the same help on every machine
+        if p == 'paper': r['precision'] = PAPER_PRECISION_RULE   # configs.paper_precision in words: the same everywhere
         return r
     return {f.name: f.default for f in fields(PretrainConfig)}
 
+# %% ../nbs/14_pretrain.ipynb #21655573
 def _shown(v) -> str:
     if isinstance(v, (tuple, list)): return ' '.join(map(str, v))
     return json.dumps(v) if isinstance(v, dict) else str(v)
 
 def profile_defaults(name: str) -> str:
-    "What `name` resolves to under each profile, in numbers (paper: on cifar100 with the default method), for the notebook's comments."
+    """What `name` resolves to under each profile, in numbers (paper: on cifar100 with the default method), for the
+    notebook's comments."""
     vals = {p: _shown(resolved_defaults(p)[name]) for p in ('smoke', 'mini', 'paper')}
     if name == 'out_dir': return f"default: {OUT_DIR_RULE}"
     if len(set(vals.values())) == 1: return f"default {vals['smoke']}"
-    return 'defaults: ' + ', '.join(f"{p} {v}" + (f" on {PAPER_HELP_DATASET}" if p == 'paper' and name != 'dataset' else '') for p, v in vals.items())
+    on = lambda p: f" on {PAPER_HELP_DATASET}" if p == 'paper' and name != 'dataset' else ''
+    return 'defaults: ' + ', '.join(f"{p} {v}" + on(p) for p, v in vals.items())
 
+# %% ../nbs/14_pretrain.ipynb #7edb33f2
 def cli_prog(argv0: str | None = None) -> str:
     "The name the CLI was invoked by, `magma-pretrain` (the console script) or `python -m magma.pretrain`"
     name = Path(argv0 or sys.argv[0] or '').name
@@ -129,58 +147,78 @@ def method_keys() -> dict:
             if k not in PARAMS: own.setdefault(k, (typ, hlp, {}))[2][name] = spec.config.get(k)
     return dict(sorted(own.items()))   # by name: the registry's order depends on which modules were imported first
 
+# %% ../nbs/14_pretrain.ipynb #ddba1ebf
+def _help_at(profile: str, method: str | None, dataset: str | None, d: dict) -> str:
+    "The flags whose values the help lines show: `--profile smoke`, with `--method` and `--dataset` where they matter."
+    at = f"--profile {profile}"
+    if profile == 'paper' or method: at += f" --method {d['method']}"
+    if profile == 'paper' or dataset: at += f" --dataset {d['dataset']}"
+    return at
+
+def _field_flag(f, hint, d: dict) -> dict:
+    "`add_argument`'s keywords for the `PretrainConfig` field `f` (of type `hint`), its help ending with `d`'s value."
+    args = typing.get_args(hint)
+    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    shown = 'None, a fresh directory' if f.name == 'out_dir' else _shown(d[f.name])
+    kw = dict(help=f"{f.metadata.get('help', '')} [default: {shown}]".replace('%', '%%'), default=None)
+    if f.name == 'magma_layers': kw.update(type=int, nargs='+')
+    elif f.name == 'resume':                                        # --resume alone means true
+        kw.update(type=_resume, nargs='?', const=True, metavar='true|false|auto')
+    elif base is bool: kw.update(type=_bool, nargs='?', const=True, metavar='true|false')
+    elif base in (int, float, str): kw['type'] = base
+    if f.name in _CHOICES: kw['choices'] = [c for c in _CHOICES[f.name] if c is not None]
+    return kw
+
+def _method_key_flag(k: str, typ, hlp: str, names: dict, d: dict) -> dict:
+    "`add_argument`'s keywords for a method's own key `k`: its default for the chosen method, or each method's."
+    vals = {n: v for n, v in names.items() if d['method'] == n} or names    # the chosen method's, or each method's
+    if len(set(map(str, vals.values()))) == 1: dflt = _shown(next(iter(vals.values())))
+    else: dflt = ', '.join(f"{n} {v}" for n, v in sorted(vals.items()))
+    if k == 'decoder': dflt = decoder_preset(d)    # the preset of the profile's decoder_* (smoke, mini: light)
+    return dict(type=_bool if typ is bool else typ, default=None,
+                help=f"{hlp} (only {', '.join(sorted(names))}) [default: {dflt}]")
+
+# %% ../nbs/14_pretrain.ipynb #5247321d
 def parser(profile: str = 'smoke', method: str | None = None, dataset: str | None = None,
            prog: str | None = None) -> argparse.ArgumentParser:
     """The CLI, built from `PretrainConfig` (types, help, choices) and from every registered method's own keys. Each
     flag's help ends with ONE default: the value it resolves to under `profile` (`--profile paper --help` shows the
     paper's numbers, for `dataset` or cifar100). `prog`: the name in its messages (default: `cli_prog()`)."""
     d = resolved_defaults(profile, method, dataset)
-    at = f"--profile {profile}" + (f" --method {d['method']}" if profile == 'paper' or method else '') + (f" --dataset {d['dataset']}" if profile == 'paper' or dataset else '')
-    p = argparse.ArgumentParser(prog=prog or cli_prog(), allow_abbrev=False,
-                                description=f"Pretrain a ViT with MAGMA (the parameters of nbs/pretrain.ipynb). A flag not given takes its "
-                                            f"profile's value: each help line shows it for {at} (--profile mini --help or --profile paper "
-                                            f"--dataset stl10 --help shows theirs). --config replays a run's config.json or a YAML file; "
-                                            f"--print-config prints the resolved config and exits.")
-    p.add_argument('--config', default=None, help="a run's config.json (or a YAML/JSON file of parameters) to start from; flags given here win; "
-                                                  "its out_dir is not reused: the replay goes into a new directory unless --out_dir is given")
-    p.add_argument('--print-config', action='store_true', help="print the resolved config (JSON) and exit without running")
+    at = _help_at(profile, method, dataset, d)
+    p = argparse.ArgumentParser(
+        prog=prog or cli_prog(), allow_abbrev=False,
+        description=f"Pretrain a ViT with MAGMA (the parameters of nbs/pretrain.ipynb). A flag not given takes its "
+                    f"profile's value: each help line shows it for {at} (--profile mini --help or --profile paper "
+                    f"--dataset stl10 --help shows theirs). --config replays a run's config.json or a YAML file; "
+                    f"--print-config prints the resolved config and exits.")
+    p.add_argument('--config', default=None,
+                   help="a run's config.json (or a YAML/JSON file of parameters) to start from; flags given here win; "
+                        "its out_dir is not reused: the replay goes into a new directory unless --out_dir is given")
+    p.add_argument('--print-config', action='store_true',
+                   help="print the resolved config (JSON) and exit without running")
     hints = typing.get_type_hints(PretrainConfig)
     for f in fields(PretrainConfig):
-        t = hints[f.name]; args = typing.get_args(t)
-        base = next((a for a in args if a is not type(None)), t) if args else t
-        shown = 'None, a fresh directory' if f.name == 'out_dir' else _shown(d[f.name])
-        kw = dict(help=f"{f.metadata.get('help', '')} [default: {shown}]".replace('%', '%%'), default=None)
-        if f.name == 'magma_layers': kw.update(type=int, nargs='+')
-        elif f.name == 'resume': kw.update(type=_resume, nargs='?', const=True, metavar='true|false|auto')   # --resume alone means true
-        elif base is bool: kw.update(type=_bool, nargs='?', const=True, metavar='true|false')
-        elif base in (int, float, str): kw['type'] = base
-        if f.name in _CHOICES: kw['choices'] = [c for c in _CHOICES[f.name] if c is not None]
-        p.add_argument(f'--{f.name}', **kw)
+        p.add_argument(f'--{f.name}', **_field_flag(f, hints[f.name], d))
     for k, (typ, hlp, names) in method_keys().items():
-        vals = {n: v for n, v in names.items() if d['method'] == n} or names    # the chosen method's, or each method's
-        dflt = _shown(next(iter(vals.values()))) if len(set(map(str, vals.values()))) == 1 else ', '.join(f"{n} {v}" for n, v in sorted(vals.items()))
-        if k == 'decoder': dflt = decoder_preset(d)    # the preset of the profile's decoder_* (smoke, mini: light)
-        p.add_argument(f'--{k}', type=_bool if typ is bool else typ, default=None, help=f"{hlp} (only {', '.join(sorted(names))}) [default: {dflt}]")
+        p.add_argument(f'--{k}', **_method_key_flag(k, typ, hlp, names, d))
     return p
 
-#| export
+# %% ../nbs/14_pretrain.ipynb #934beb7b
 CONFIG_MAX_BYTES = 1 << 20          # a parameter file is a few KB; a bigger one is not one
 CONFIG_MAX_DEPTH = 8                # a config.json nests 2 levels (method_args); 3,000 levels ended in a RecursionError
 SNAPSHOT_KEYS = ('versions',)       # in a run's config.json, not parameters: ignored by --config and the notebook
 RUN_KEYS = ('out_dir', 'resume', 'overwrite')   # where a replayed run went and how: never reused
 
-def _load_params(path) -> dict:
-    """Parameters from a run's `config.json` or a YAML/JSON file; snapshot-only (versions) and run-specific entries (out_dir,
-    resume, overwrite) are left out. Refused in one line naming the file: more than `CONFIG_MAX_BYTES`, YAML aliases
-    (a 491-byte file of nested aliases expanded to a 322 MB message), nesting deeper than `CONFIG_MAX_DEPTH` (3,000
-    levels ended in a 3,000-line RecursionError), invalid YAML, not a mapping."""
+def _yaml_loader(bad):
+    "A `yaml.SafeLoader` that refuses aliases and nesting deeper than `CONFIG_MAX_DEPTH` with `bad(why)`, an exception."
     import yaml
-    def bad(why): return ValueError(f"--config {path}: {why}")
     class NoAliases(yaml.SafeLoader):
         def compose_node(self, parent, index):
             if self.check_event(yaml.AliasEvent):
                 ev = self.peek_event()
-                raise bad(f"YAML aliases are not accepted (*{ev.anchor} at line {ev.start_mark.line + 1}); write the values out")
+                raise bad(f"YAML aliases are not accepted (*{ev.anchor} at line {ev.start_mark.line + 1}); "
+                          "write the values out")
             self.depth = getattr(self, 'depth', 0) + 1            # the composer recurses once per level: bound it
             if self.depth > CONFIG_MAX_DEPTH:
                 line = self.peek_event().start_mark.line + 1
@@ -188,18 +226,31 @@ def _load_params(path) -> dict:
                           "a parameter file is a mapping of values")
             try: return super().compose_node(parent, index)
             finally: self.depth -= 1
+    return NoAliases
+
+# %% ../nbs/14_pretrain.ipynb #15992fd8
+def _load_params(path) -> dict:
+    """Parameters from a run's `config.json` or a YAML/JSON file; snapshot-only (versions) and run-specific entries
+    (out_dir, resume, overwrite) are left out. Refused in one line naming the file: more than `CONFIG_MAX_BYTES`, YAML
+    aliases (a 491-byte file of nested aliases expanded to a 322 MB message), nesting deeper than `CONFIG_MAX_DEPTH`
+    (3,000 levels ended in a 3,000-line RecursionError), invalid YAML, not a mapping."""
+    import yaml
+    def bad(why): return ValueError(f"--config {path}: {why}")
     try:
         with open(path, 'rb') as f: raw = f.read(CONFIG_MAX_BYTES + 1)
-    except OSError as e: raise bad(f"cannot be read ({e.strerror}); give a run's config.json or a YAML/JSON file") from None
+    except OSError as e:
+        raise bad(f"cannot be read ({e.strerror}); give a run's config.json or a YAML/JSON file") from None
     if len(raw) > CONFIG_MAX_BYTES: raise bad(f"larger than {CONFIG_MAX_BYTES} bytes; a parameter file is a few KB")
-    try: d = yaml.load(raw.decode('utf-8'), Loader=NoAliases)
+    try: d = yaml.load(raw.decode('utf-8'), Loader=_yaml_loader(bad))
     except UnicodeDecodeError: raise bad("not UTF-8 text; give a run's config.json or a YAML/JSON file") from None
     except yaml.YAMLError as e:
         mark = getattr(e, 'problem_mark', None)
-        raise bad(f"not valid YAML/JSON: {getattr(e, 'problem', None) or type(e).__name__}" + (f" at line {mark.line + 1}" if mark else '')) from None
+        where = f" at line {mark.line + 1}" if mark else ''
+        raise bad(f"not valid YAML/JSON: {getattr(e, 'problem', None) or type(e).__name__}{where}") from None
     if not isinstance(d, dict): raise bad(f"expected a mapping of parameters, got {type(d).__name__}")
     return {k: v for k, v in d.items() if k not in SNAPSHOT_KEYS + RUN_KEYS}
 
+# %% ../nbs/14_pretrain.ipynb #e43b1fd7
 def expand_decoder(params: dict) -> dict:
     """A `decoder` preset (the MAE family's key, as a parameter or in `method_args`) written out as `decoder_dim`,
     `decoder_depth` and `decoder_heads`, each unless given away from `PretrainConfig`'s default (the method's own rule):
@@ -208,7 +259,8 @@ def expand_decoder(params: dict) -> dict:
     p, ma = dict(params), _coerce('method_args', params.get('method_args'), 'dict', True) or {}   # a dict or its JSON
     spec = METHODS.get(p.get('method') or PretrainConfig.method)   # an unknown method: resolve_config names it
     if spec is None or 'decoder' not in spec.config_help: return p
-    name = p.pop('decoder', None) or ma.pop('decoder', None); ma.pop('decoder', None)
+    name = p.pop('decoder', None) or ma.pop('decoder', None)
+    ma.pop('decoder', None)
     if name is None: return params
     if name not in DECODERS: raise ValueError(f"decoder={name!r} is not a decoder preset; valid: {', '.join(DECODERS)}")
     dflt = {f.name: f.default for f in fields(PretrainConfig)}
@@ -216,6 +268,7 @@ def expand_decoder(params: dict) -> dict:
     if 'method_args' in p: p['method_args'] = ma or None
     return p
 
+# %% ../nbs/14_pretrain.ipynb #320df3bb
 def notebook_config(params: dict) -> PretrainConfig:
     """The config of `nbs/pretrain.ipynb` from its parameters (papermill's `-p` values go through the same coercion as
     the CLI's). A run's `config.json` given with `-f` is a replay: its snapshot-only keys (versions) are ignored and,
@@ -227,6 +280,7 @@ def notebook_config(params: dict) -> PretrainConfig:
         for k in RUN_KEYS: p.pop(k, None)
     return resolve_config(**expand_decoder(p))
 
+# %% ../nbs/14_pretrain.ipynb #770360cb
 _FLAG_NAMES = None
 def cli_message(e: BaseException) -> str:
     "An error's message in the CLI's words: `name=value` as `--name value`, `resume=True` as `--resume`; one line."
@@ -234,38 +288,58 @@ def cli_message(e: BaseException) -> str:
     if _FLAG_NAMES is None:
         _FLAG_NAMES = sorted(set(PARAMS) | {k for s in METHODS.values() for k in s.config_help}, key=len, reverse=True)
     msg = ' '.join(str(e).split())
-    return re.sub(r"(?<![\w-])(" + '|'.join(_FLAG_NAMES) + r")=(True(?![\w.]))?", lambda m: f"--{m[1]}" + ('' if m[2] else ' '), msg)
+    flag = lambda m: f"--{m[1]}" + ('' if m[2] else ' ')
+    return re.sub(r"(?<![\w-])(" + '|'.join(_FLAG_NAMES) + r")=(True(?![\w.]))?", flag, msg)
 
-REFUSALS = (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ModuleNotFoundError)
+REFUSALS = (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+            ModuleNotFoundError)
 
-def main(argv=None, prog: str | None = None):
-    """`python -m magma.pretrain` (or `magma-pretrain`): parse, resolve, then `--print-config` or `run`; a refusal is
-    one line naming the flag, under the invoked name (`prog`, default `cli_prog()`); MAGMA_TRACEBACK=1 raises it."""
-    argv = sys.argv[1:] if argv is None else list(argv)
+# %% ../nbs/14_pretrain.ipynb #514d0efb
+def _parse(argv: list, prog: str | None) -> tuple:
+    "The parser for the `--profile`, `--method` and `--dataset` in `argv` (the defaults its help shows), and the flags."
     pre = argparse.ArgumentParser(add_help=False)
     for k in ('--profile', '--method', '--dataset'): pre.add_argument(k)
     k = pre.parse_known_args(argv)[0]
     p = parser(k.profile or 'smoke', k.method, k.dataset, prog=prog)
-    a = vars(p.parse_args(argv))
+    return p, vars(p.parse_args(argv))
+
+def _resolved(a: dict, cfg_file) -> PretrainConfig:
+    "The config of the flags given in `a` over the parameters of `cfg_file` (`--config`), under their profile."
+    given = {k: v for k, v in a.items() if v is not None}
+    a = expand_decoder({**(_load_params(cfg_file) if cfg_file else {}), **given})
+    profile = a.pop('profile', None) or 'smoke'
+    return resolve_config(profile, **a)
+
+def _report(res: dict):
+    "Rank 0's last words: the headline numbers as one JSON line, and where `results.json` is."
+    import torch.distributed as dist
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        keys = ('method', 'dataset', 'knn_acc', 'linear_acc', 'online_acc', 'images_per_sec')
+        print(json.dumps({k: res.get(k) for k in keys}))
+        print(f"results: {Path(res['config']['out_dir']) / 'results.json'}")
+
+# %% ../nbs/14_pretrain.ipynb #0842e2d2
+def main(argv=None, prog: str | None = None):
+    """`python -m magma.pretrain` (or `magma-pretrain`): parse, resolve, then `--print-config` or `run`; a refusal is
+    one line naming the flag, under the invoked name (`prog`, default `cli_prog()`); MAGMA_TRACEBACK=1 raises it."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p, a = _parse(argv, prog)
     cfg_file, show = a.pop('config'), a.pop('print_config')
     try:
-        given = {k: v for k, v in a.items() if v is not None}
-        a = expand_decoder({**(_load_params(cfg_file) if cfg_file else {}), **given})
-        profile = a.pop('profile', None) or 'smoke'
-        cfg = resolve_config(profile, **a)
-        if show: print(json.dumps(asdict(cfg), indent=1)); return
+        cfg = _resolved(a, cfg_file)
+        if show:
+            print(json.dumps(asdict(cfg), indent=1))
+            return
         from magma.train import Preempted                         # the trainer (and torch) only for a run
         try: res = run(cfg)
-        except Preempted as e:                                    # a scheduler's SIGTERM: the last epoch is checkpointed
+        except Preempted as e:                            # a scheduler's SIGTERM: the last epoch is checkpointed
             print(f"{p.prog}: {cli_message(e)}", file=sys.stderr, flush=True)
-            _end_distributed(); raise SystemExit(128 + e.signum) from None   # 143 for SIGTERM, what the signal would give
+            _end_distributed()
+            raise SystemExit(128 + e.signum) from None            # 143 for SIGTERM, what the signal would give
     except REFUSALS as e:
         if os.environ.get('MAGMA_TRACEBACK'): raise
         p.exit(2, f"{p.prog}: error: {cli_message(e)}\n")
-    import torch.distributed as dist
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(json.dumps({k: res.get(k) for k in ('method', 'dataset', 'knn_acc', 'linear_acc', 'online_acc', 'images_per_sec')}))
-        print(f"results: {Path(res['config']['out_dir']) / 'results.json'}")
+    _report(res)
     _end_distributed()
 
 def _end_distributed():

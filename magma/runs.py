@@ -12,7 +12,8 @@ from typing import NamedTuple
 from .checkpoints import write_json
 from .configs import uses_cuda
 from .methods import METHODS
-from .paper import PAPER_TABLE1, PAPER_TABLE2, PAPER_TABLE3, PAPER_TABLE8, PAPER_TABLES, TABLE1_DATASETS, TABLE2_SETTINGS, table2_col
+from .paper import (PAPER_TABLE1, PAPER_TABLE2, PAPER_TABLE3, PAPER_TABLE8, PAPER_TABLES, TABLE1_DATASETS,
+                         TABLE2_SETTINGS, table2_col)
 
 # %% auto #0
 __all__ = ['DEFAULT_CELLS', 'DEFAULT_SEEDS', 'MINI_TABLE2_SETTINGS', 'RESULT_KEYS', 'SMOKE_PARAMS', 'SMOKE_EVAL',
@@ -59,6 +60,7 @@ class Run:
     @property
     def results(self) -> Path: return Path(self.out_dir) / 'results.json'
 
+# %% ../nbs/16_runs.ipynb #e206ac91
 def _tag(params: dict) -> str:
     return ''.join(f"-{k.replace('magma_', 'm')}{v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool)
                    else f"-{v}" for k, v in sorted(params.items()))
@@ -75,10 +77,12 @@ class Cell(NamedTuple):
     step: str           # 'pretrain', 'transfer' or 'finetune'
     target: str | None  # the paper's evaluation dataset (transfer, finetune)
 
+# %% ../nbs/16_runs.ipynb #4a85ccb5
 def table_cells(table: str, profile: str = 'paper') -> list[Cell]:
     "Every `Cell` of `table` under `profile`, in the paper's order."
     if table == 'table1':                             # the paper's rows, in the paper's order
-        return [Cell(m, d, m, d, {}, 'pretrain', None) for m in dict.fromkeys(k[0] for k in PAPER_TABLE1) for d in TABLE1_DATASETS]
+        return [Cell(m, d, m, d, {}, 'pretrain', None)
+                for m in dict.fromkeys(k[0] for k in PAPER_TABLE1) for d in TABLE1_DATASETS]
     if table == 'table2' and profile == 'mini':       # the mini ablation, with MAE (λ = 0) as its reference row
         (m,), base = _rows(PAPER_TABLE2), METHODS[_rows(PAPER_TABLE2)[0]].baseline
         return [Cell(base, 'lam0', base, 'imagenet100', {}, 'pretrain', None)] + [
@@ -87,19 +91,22 @@ def table_cells(table: str, profile: str = 'paper') -> list[Cell]:
     if table == 'table2':
         return [Cell(m, table2_col(*s), m, 'imagenet100', dict(magma_weight=s[0], magma_start=s[1], magma_epochs=s[2]),
                  'pretrain', None) for m in _rows(PAPER_TABLE2) for s in TABLE2_SETTINGS]
-    if table == 'table3': return [Cell(m, b, m, 'imagenet100', dict(backbone=b), 'pretrain', None) for m in _rows(PAPER_TABLE3)
-                                  for b in ('vit_small', 'vit_base', 'vit_large')]
+    if table == 'table3':
+        return [Cell(m, b, m, 'imagenet100', dict(backbone=b), 'pretrain', None)
+                for m in _rows(PAPER_TABLE3) for b in ('vit_small', 'vit_base', 'vit_large')]
     if table in ('table6', 'table7'):
         step = 'transfer' if table == 'table6' else 'finetune'
         return [Cell(m, t, m, 'imagenet100', {}, step, t) for m in _rows(PAPER_TABLES[table]) for t in TABLE1_DATASETS]
     if table == 'table8': return [Cell(m, 'imagenet', m, 'imagenet', {}, 'pretrain', None) for m in _rows(PAPER_TABLE8)]
     raise ValueError(f"unknown table {table!r}; valid: {', '.join(PAPER_TABLES)}")
 
+# %% ../nbs/16_runs.ipynb #a2d9046d
 # cells run when `cells` is None: smoke = one cell (seconds), mini = what fits a 2-core CPU, paper = every cell
 DEFAULT_CELLS = {
     'smoke': dict(table1=['m-mae/cifar100'], table2=['m-mae/lam1-est0-edur100'], table3=['m-mae/vit_small'],
                   table6=['m-mae/imagenet100'], table7=['m-mae/imagenet100'], table8=['m-mae/imagenet']),
-    'mini': dict(table1=[f'{m}/cifar100' for m, s in METHODS.items() if s.family == 'mae'], table2=None,   # the registry's MAE family
+    'mini': dict(table1=[f'{m}/cifar100' for m, s in METHODS.items() if s.family == 'mae'],  # the registry's MAE family
+                 table2=None,
                  table3=['mae/vit_small', 'm-mae/vit_small'], table6=['mae/imagenet100', 'm-mae/imagenet100'],
                  table7=['mae/imagenet100', 'm-mae/imagenet100'], table8=None),
     'paper': {},
@@ -116,16 +123,26 @@ def default_seeds(profile: str, method: str, table: str = 'table1') -> tuple:
 # cells on the validation split (`choose_schedule`).
 MINI_TABLE2_SETTINGS = ((1, 2, 10), (0.1, 2, 10), (10, 2, 10), (1, 0, 10), (1, 5, 10), (1, 2, 2), (1, 2, 38), (1, 1, 2))
 
+# %% ../nbs/16_runs.ipynb #339def8d
 def _keep(cell: Cell, cells) -> bool:
     row, col = cell.row, cell.col
     return cells is None or any(c in (row, col, f"{row}/{col}") for c in cells)
 
+def _cell_run(table: str, cell: Cell, seed, profile: str, root: Path, mini_data, pp: dict) -> Run:
+    "The pretraining run of `cell` for `seed`, under `root`: named by its method, dataset, own parameters and seed."
+    from magma.configs import resolve_config
+    ds = profile_dataset(cell.dataset, profile, mini_data)
+    base = resolve_config(profile, method=cell.method, dataset=ds, **pp)       # cell params equal to it are dropped,
+    params = {k: v for k, v in cell.params.items() if getattr(base, k) != v}  # so equal configs share one run
+    out = root / f"{cell.method}-{dataset_slug(ds)}{_tag(params)}-s{seed}"
+    return Run(table, cell.row, cell.col, cell.method, ds, int(seed), profile, str(out), dict(params))
+
+# %% ../nbs/16_runs.ipynb #2ed87a2d
 def table_runs(table: str, profile: str = 'smoke', seeds=None, cells=None, runs_dir='runs', mini_data=None,
                pretrain_params: dict | None = None) -> list[Run]:
     """Every run of `table` under `profile`, pretraining runs first (deduplicated, seed by seed), then evaluations.
     `cells`: method, column or `method/column` names to keep (None: `DEFAULT_CELLS[profile]`, else all).
     `seeds`: the seeds of every cell (None: `default_seeds(profile, method)` per cell)."""
-    from magma.configs import resolve_config
     if cells is None: cells = DEFAULT_CELLS.get(profile, {}).get(table)
     if isinstance(cells, str): cells = [cells]
     pp = {k: v for k, v in (pretrain_params or {}).items() if k != 'progress'}
@@ -137,18 +154,17 @@ def table_runs(table: str, profile: str = 'smoke', seeds=None, cells=None, runs_
     pre, evals = {}, []
     per = [tuple(seeds) if seeds is not None else default_seeds(profile, c.method, table) for c in todo]
     for seed in dict.fromkeys(s for p in per for s in p):
-        for (row, col, method, pds, params, step, target), cs in zip(todo, per):
+        for c, cs in zip(todo, per):
             if seed not in cs: continue
-            ds = profile_dataset(pds, profile, mini_data)
-            base = resolve_config(profile, method=method, dataset=ds, **pp)      # cell params equal to it are dropped,
-            params = {k: v for k, v in params.items() if getattr(base, k) != v}  # so equal configs share one run
-            out = root / f"{method}-{dataset_slug(ds)}{_tag(params)}-s{seed}"
-            r = Run(table, row, col, method, ds, int(seed), profile, str(out), dict(params))
-            if step == 'pretrain': pre[(r.cell, seed)] = r; continue
+            r = _cell_run(table, c, seed, profile, root, mini_data, pp)
+            if c.step == 'pretrain':
+                pre[(r.cell, seed)] = r
+                continue
+            out = Path(r.out_dir)
             pre.setdefault(('pretrain', out), r)
-            tds = profile_dataset(target, profile, mini_data)
-            evals.append(Run(table, row, col, method, ds, int(seed), profile, str(out / f"{step}-{dataset_slug(target)}"),
-                             dict(params), step, tds, str(out)))
+            tds = profile_dataset(c.target, profile, mini_data)
+            evals.append(Run(table, c.row, c.col, c.method, r.dataset, int(seed), profile,
+                             str(out / f"{c.step}-{dataset_slug(c.target)}"), dict(r.params), c.step, tds, str(out)))
     return list(pre.values()) + evals
 
 # %% ../nbs/16_runs.ipynb #dbb5d025
@@ -169,6 +185,30 @@ def _papermill():
     import papermill as pm
     return pm.execute_notebook
 
+# %% ../nbs/16_runs.ipynb #fd233939
+def _not_this(f: Path, run: Run, why: str) -> ValueError:
+    return ValueError(f"{f}: {why}, so it is not {run.cell}'s results; remove it (or the folder) and launch again")
+
+def _check_pretrain_results(run: Run, f: Path, res: dict, pretrain_params: dict | None):
+    "Refuse a pretraining `results.json` whose config is not `run`'s (or was made with other `pretrain_params`)."
+    c = res.get('config')
+    if not isinstance(c, dict): raise _not_this(f, run, 'it holds no run config')
+    want = dict(method=run.method, seed=run.seed, profile=run.profile, **run.params)
+    got = {k: c.get(k) for k in want}
+    want, got = json.loads(json.dumps(want)), json.loads(json.dumps(got))   # tuples as lists, as config.json holds them
+    if got != want or dataset_slug(str(c.get('dataset', ''))) != dataset_slug(run.dataset):
+        raise _not_this(f, run, f"its config differs (dataset {c.get('dataset')!r}, {got} instead of {want})")
+    _same_params(f, pretrain_params, {**c, **(c.get('method_args') or {})}, 'pretrain_params')
+
+def _check_eval_results(run: Run, f: Path, res: dict, eval_params: dict | None):
+    "Refuse an evaluation step's `results.json` that is not `run`'s (or was made with other `eval_params`)."
+    want = dict(method=run.method, seed=run.seed, step=run.step, target=run.target)
+    if {k: res.get(k) for k in want} != want:
+        raise _not_this(f, run, f"it is {({k: res.get(k) for k in want})}, not {want}")
+    ep = res.get('eval_params')
+    _same_params(f, eval_params, ep if isinstance(ep, dict) else {}, 'eval_params')
+
+# %% ../nbs/16_runs.ipynb #d43022e4
 def finished(run: Run, pretrain_params: dict | None = None, eval_params: dict | None = None) -> bool:
     """Whether `run` has finished: its `results.json` is a regular file (not a symlink), parses as a JSON object and
     is this run's (method, seed, profile, dataset, the cell's parameters and the given `pretrain_params` in its
@@ -178,27 +218,15 @@ def finished(run: Run, pretrain_params: dict | None = None, eval_params: dict | 
     f = run.results
     try: st = f.lstat()
     except FileNotFoundError: return False
-    def bad(why): return ValueError(f"{f}: {why}, so it is not {run.cell}'s results; remove it (or the folder) and launch again")
-    if not stat.S_ISREG(st.st_mode): raise bad('not a regular file (a symlink or other)')
+    if not stat.S_ISREG(st.st_mode): raise _not_this(f, run, 'not a regular file (a symlink or other)')
     try: res = json.loads(f.read_text())
-    except (ValueError, UnicodeDecodeError): raise bad('not valid JSON') from None
-    if not isinstance(res, dict): raise bad('not a JSON object')
-    if run.step == 'pretrain':
-        c = res.get('config')
-        if not isinstance(c, dict): raise bad('it holds no run config')
-        want = dict(method=run.method, seed=run.seed, profile=run.profile, **run.params)
-        got = {k: c.get(k) for k in want}
-        want, got = json.loads(json.dumps(want)), json.loads(json.dumps(got))      # tuples as lists, as config.json holds them
-        if got != want or dataset_slug(str(c.get('dataset', ''))) != dataset_slug(run.dataset):
-            raise bad(f"its config differs (dataset {c.get('dataset')!r}, {got} instead of {want})")
-        _same_params(f, pretrain_params, {**c, **(c.get('method_args') or {})}, 'pretrain_params')
-    else:
-        want = dict(method=run.method, seed=run.seed, step=run.step, target=run.target)
-        if {k: res.get(k) for k in want} != want: raise bad(f"it is {({k: res.get(k) for k in want})}, not {want}")
-        ep = res.get('eval_params')
-        _same_params(f, eval_params, ep if isinstance(ep, dict) else {}, 'eval_params')
+    except (ValueError, UnicodeDecodeError): raise _not_this(f, run, 'not valid JSON') from None
+    if not isinstance(res, dict): raise _not_this(f, run, 'not a JSON object')
+    if run.step == 'pretrain': _check_pretrain_results(run, f, res, pretrain_params)
+    else: _check_eval_results(run, f, res, eval_params)
     return True
 
+# %% ../nbs/16_runs.ipynb #18a8c867
 # how and where a run goes, not what it computes: never compared
 _NOT_COMPARED = ('out_dir', 'resume', 'overwrite', 'device', 'data_dir', 'download', 'log_every', 'save_every',
                  'num_workers', 'compile', 'loggers', 'wandb_project', 'wandb_mode', 'progress')
@@ -213,15 +241,17 @@ def _same_params(f: Path, given: dict | None, stored: dict, name: str):
         raise ValueError(f"{f}: finished with other {name} ({what}), so its numbers are not this call's; pass the same "
                          f"{name}, another runs_dir, or remove {f.parent} to run it again")
 
+# %% ../nbs/16_runs.ipynb #b4939faa
 def launch(run: Run, device=None, data_dir=None, pretrain_params: dict | None = None, notebook=None,
            log_output: bool = False, execute=None) -> str:
     "Run the pretraining notebook for `run` unless it has `finished`: 'skipped' or 'ran'."
-    if run.step != 'pretrain': raise ValueError(f"launch runs pretraining; {run.cell} is a {run.step} step (use evaluate_run)")
+    if run.step != 'pretrain':
+        raise ValueError(f"launch runs pretraining; {run.cell} is a {run.step} step (use evaluate_run)")
     if finished(run, pretrain_params): return 'skipped'
     Path(run.out_dir).mkdir(parents=True, exist_ok=True)
     execute = execute or _papermill()
     nb = Path(notebook) if notebook else project_root() / 'nbs' / 'pretrain.ipynb'
-    with _locked(run.out_dir):                  # two notebooks (or array tasks) on one run: the second waits, then skips
+    with _locked(run.out_dir):          # two notebooks (or array tasks) on one run: the second waits, then skips
         if finished(run, pretrain_params): return 'skipped'
         execute(str(nb), str(_fresh(Path(run.out_dir) / 'pretrain.ipynb', 'executed notebook')),
                 parameters=pretrain_parameters(run, device, data_dir, pretrain_params), progress_bar=False,
@@ -234,31 +264,43 @@ def _fresh(path: Path, what: str) -> Path:
     if path.is_symlink() or (path.exists() and not path.is_file()):
         raise FileExistsError(f"{path} is a symbolic link or not a regular file: the launcher writes its {what} only "
                               f"as a new file, never through a link; remove it and launch again")
-    path.unlink(missing_ok=True); return path   # a previous launch's; another hard link to it keeps its bytes
+    path.unlink(missing_ok=True)                # a previous launch's; another hard link to it keeps its bytes
+    return path
 
+# %% ../nbs/16_runs.ipynb #7eee9af4
 class _locked:
-    "An exclusive `flock` on `<dir>/.lock` (released by the OS once no process holds it open: it does not outlive them)."
-    held = {}                                   # dir -> its open lock file, passed on to the run's process by `launch_all`
+    """An exclusive `flock` on `<dir>/.lock` (released by the OS once no process holds it open: it does not outlive
+    them)."""
+    held = {}                           # dir -> its open lock file, passed on to the run's process by `launch_all`
     def __init__(self, d): self.path = Path(d) / '.lock'
     def __enter__(self):
         import fcntl, stat
-        try: fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)   # never truncated
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK        # never truncated
+        try: fd = os.open(self.path, flags, 0o644)
         except OSError as e: fd, err = None, e.strerror
-        if fd is not None and not stat.S_ISREG(os.fstat(fd).st_mode): os.close(fd); fd, err = None, 'not a regular file'
-        if fd is None: raise FileExistsError(f"{self.path}: cannot open the run's lock ({err}); the launcher never "
-                                             f"opens it through a symbolic link: remove it and launch again")
-        self.f = os.fdopen(fd, 'rb+'); fcntl.flock(self.f, fcntl.LOCK_EX); _locked.held[self.path.parent] = self.f
+        if fd is not None and not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            fd, err = None, 'not a regular file'
+        if fd is None:
+            raise FileExistsError(f"{self.path}: cannot open the run's lock ({err}); the launcher never "
+                                  f"opens it through a symbolic link: remove it and launch again")
+        self.f = os.fdopen(fd, 'rb+')
+        fcntl.flock(self.f, fcntl.LOCK_EX)
+        _locked.held[self.path.parent] = self.f
         return self
     def __exit__(self, *a):
         import fcntl
-        _locked.held.pop(self.path.parent, None); fcntl.flock(self.f, fcntl.LOCK_UN); self.f.close()
+        _locked.held.pop(self.path.parent, None)
+        fcntl.flock(self.f, fcntl.LOCK_UN)
+        self.f.close()
 
 # %% ../nbs/16_runs.ipynb #61b2cd1a
 def evaluate_parameters(run: Run, device=None, data_dir=None, pretrain_params: dict | None = None,
                         eval_params: dict | None = None) -> dict:
     "The papermill parameters of `nbs/evaluate.ipynb` for the evaluation step `run`."
     ep = dict(eval_params or {})
-    p = dict(checkpoint=str(run.pretrain_dir), dataset=run.target, task=run.step, out_dir=str(run.out_dir), seed=run.seed)
+    p = dict(checkpoint=str(run.pretrain_dir), dataset=run.target, task=run.step, out_dir=str(run.out_dir),
+             seed=run.seed)
     if 'epochs' in ep: p['epochs'] = int(ep.pop('epochs'))
     if ep: p['eval_kwargs'] = ep
     if run.target == 'synthetic': p['n_per_class'] = int((pretrain_params or {}).get('n_per_class') or 16)
@@ -266,13 +308,29 @@ def evaluate_parameters(run: Run, device=None, data_dir=None, pretrain_params: d
     if data_dir is not None: p['data_dir'] = str(data_dir)
     return p
 
+# %% ../nbs/16_runs.ipynb #a7229bde
 RESULT_KEYS = dict(transfer={'linear_acc': 'linear_top1', 'linear_top5': 'linear_top5', 'knn_acc': 'knn_top1'},
                    finetune={'finetune_acc': 'finetune_top1', 'finetune_top5': 'finetune_top5'})
 
-def evaluate_run(run: Run, device=None, data_dir=None, pretrain_params: dict | None = None, eval_params: dict | None = None,
-                 notebook=None, log_output: bool = False, execute=None) -> str:
+def _step_results(run: Run, nb: Path, eval_params: dict | None, t0: float) -> dict:
+    "The step's `results.json`: who it is, and the numbers of the notebook's `eval_results.json` under `RESULT_KEYS`."
+    ev_path = Path(run.out_dir) / 'eval_results.json'
+    if not ev_path.exists(): raise RuntimeError(f"{nb} finished without writing {ev_path}")
+    ev = json.loads(ev_path.read_text())
+    pre = Path(run.pretrain_dir) / 'results.json'
+    res = dict(method=run.method, dataset=run.dataset, target=run.target, step=run.step, seed=run.seed,
+               backbone=json.loads(pre.read_text()).get('backbone') if pre.exists() else None,
+               pretrain_dir=run.pretrain_dir, eval_params=dict(eval_params or {}),
+               **{k: ev.get(v) for k, v in RESULT_KEYS[run.step].items()}, wall_seconds=time.time() - t0)
+    if 'img_size' in ev: res['img_size'] = ev['img_size']
+    return res
+
+# %% ../nbs/16_runs.ipynb #68c9ebe0
+def evaluate_run(run: Run, device=None, data_dir=None, pretrain_params: dict | None = None,
+                 eval_params: dict | None = None, notebook=None, log_output: bool = False, execute=None) -> str:
     "Run `nbs/evaluate.ipynb` for a transfer or fine-tuning step unless its `results.json` exists: 'skipped' or 'ran'."
-    if run.step not in RESULT_KEYS: raise ValueError(f"evaluate_run handles transfer and finetune steps, not {run.step!r}")
+    if run.step not in RESULT_KEYS:
+        raise ValueError(f"evaluate_run handles transfer and finetune steps, not {run.step!r}")
     if finished(run, eval_params=eval_params): return 'skipped'
     if not (Path(run.pretrain_dir) / 'checkpoint.safetensors').exists():
         raise FileNotFoundError(f"{run.cell}: no checkpoint in {run.pretrain_dir}; launch its pretraining run first")
@@ -284,28 +342,21 @@ def evaluate_run(run: Run, device=None, data_dir=None, pretrain_params: dict | N
         import time
         t0, params = time.time(), evaluate_parameters(run, device, data_dir, pretrain_params, eval_params)
         execute(str(nb), str(_fresh(Path(run.out_dir) / 'evaluate.ipynb', 'executed notebook')), parameters=params,
-                progress_bar=False,
-                log_output=log_output, cwd=str(project_root()))
-        ev_path = Path(run.out_dir) / 'eval_results.json'
-        if not ev_path.exists(): raise RuntimeError(f"{nb} finished without writing {ev_path}")
-        ev = json.loads(ev_path.read_text())
-        pre = Path(run.pretrain_dir) / 'results.json'
-        res = dict(method=run.method, dataset=run.dataset, target=run.target, step=run.step, seed=run.seed,
-                   backbone=json.loads(pre.read_text()).get('backbone') if pre.exists() else None,
-                   pretrain_dir=run.pretrain_dir, eval_params=dict(eval_params or {}),
-                   **{k: ev.get(v) for k, v in RESULT_KEYS[run.step].items()}, wall_seconds=time.time() - t0)
-        if 'img_size' in ev: res['img_size'] = ev['img_size']
-        write_json(run.results, res)                # atomic: a killed step leaves no half-written results.json to skip on
+                progress_bar=False, log_output=log_output, cwd=str(project_root()))
+        res = _step_results(run, nb, eval_params, t0)
+        write_json(run.results, res)    # atomic: a killed step leaves no half-written results.json to skip on
     return 'ran'
 
 # %% ../nbs/16_runs.ipynb #9f1518b0
 class _Children:
-    "The papermill processes of one `launch_all` call; `stop` ends those running (and their kernels) and starts no more."
+    """The papermill processes of one `launch_all` call; `stop` ends those running (and their kernels) and starts no
+    more."""
     def __init__(self): self.procs, self.lock, self.stopped = set(), threading.Lock(), False
     def run(self, cmd, log, env, fds=()) -> int:
         with self.lock:
             if self.stopped: raise RuntimeError('launch_all was stopped before this run started')
-            p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, pass_fds=fds)
+            p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                 pass_fds=fds)
             self.procs.add(p)
         try: return p.wait()
         finally:
@@ -318,17 +369,20 @@ class _Children:
                 try: os.killpg(p.pid, signal.SIGTERM)
                 except ProcessLookupError: pass     # it had just ended
 
+# %% ../nbs/16_runs.ipynb #dcdbd98d
 def _last_line(log: Path) -> str:
     lines = [l.strip() for l in log.read_text(errors='replace').splitlines() if l.strip()]
     return lines[-1][:300] if lines else '(no output)'
 
 def _cli_execute(children: _Children, env: dict | None = None, log_name: str = 'launch.log'):
-    "An `execute` for `launch` and `evaluate_run`: papermill's command line in a process of its own, output in `<out_dir>/<log_name>`."
+    """An `execute` for `launch` and `evaluate_run`: papermill's command line in a process of its own, output in
+    `<out_dir>/<log_name>`."""
     def execute(nb, out, parameters, cwd=None, **_):
         import yaml
-        ps = yaml.safe_dump(json.loads(json.dumps(parameters, default=str)))   # tuples as lists; YAML keeps 1e-05 a float
+        ps = yaml.safe_dump(json.loads(json.dumps(parameters, default=str)))   # tuples as lists; YAML: 1e-05 a float
         cmd = [sys.executable, '-m', 'papermill', str(nb), str(out), '-y', ps, '--log-output', '--no-progress-bar']
-        log, lock = Path(out).parent / log_name, _locked.held.get(Path(out).parent)   # the run's lock, shared with its process
+        log = Path(out).parent / log_name
+        lock = _locked.held.get(Path(out).parent)             # the run's lock, shared with its process
         fd = os.open(_fresh(log, 'log'), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         with os.fdopen(fd, 'w') as f:
             rc = children.run(cmd + (['--cwd', str(cwd)] if cwd else []), f, env, (lock.fileno(),) if lock else ())
@@ -339,7 +393,8 @@ def _cli_execute(children: _Children, env: dict | None = None, log_name: str = '
 def _run_env(jobs: int, device=None, threads: int | None = None) -> dict:
     "The environment of each run's process (see above)."
     env = dict(os.environ, PYTHONUNBUFFERED='1')
-    if threads is None and jobs > 1 and 'OMP_NUM_THREADS' not in env and uses_cuda(device): threads = max(1, (os.cpu_count() or 1) // jobs)
+    if threads is None and jobs > 1 and 'OMP_NUM_THREADS' not in env and uses_cuda(device):
+        threads = max(1, (os.cpu_count() or 1) // jobs)
     if threads is not None: env['OMP_NUM_THREADS'] = str(int(threads))
     return env
 
@@ -352,18 +407,23 @@ def _launch_one(r: Run, execute, device, data_dir, pretrain_params, eval_params,
         st = evaluate_run(r, device, data_dir, pretrain_params, ep, execute=execute)
     return st, time.time() - t
 
+# %% ../nbs/16_runs.ipynb #4c962152
 def launch_all(runs, jobs: int = 1, device=None, data_dir=None, pretrain_params: dict | None = None,
                eval_params: dict | None = None, notebook=None, threads: int | None = None) -> dict:
     """Launch every pretraining run of `runs`, then every evaluation step, `jobs` at a time, each in a process of its
-    own; finished runs are skipped. Once all have ended, one RuntimeError names every failed run. {out_dir: 'ran' or 'skipped'}."""
+    own; finished runs are skipped. Once all have ended, one RuntimeError names every failed run.
+    {out_dir: 'ran' or 'skipped'}."""
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs={jobs!r}: the number of runs at a time must be an integer of 1 or more")
     kids, done, failed = _Children(), {}, {}
     execute = _cli_execute(kids, _run_env(jobs, device, threads))
-    def report(r, what): print(f"[{len(done) + len(failed)}/{len(runs)}] {what}  {r.step} {r.cell} seed {r.seed}  {r.out_dir}", flush=True)
+    def report(r, what):
+        n = len(done) + len(failed)
+        print(f"[{n}/{len(runs)}] {what}  {r.step} {r.cell} seed {r.seed}  {r.out_dir}", flush=True)
     for group in ([r for r in runs if r.step == 'pretrain'], [r for r in runs if r.step != 'pretrain']):
         for r in [r for r in group if r.pretrain_dir in failed]:
-            failed[r.out_dir] = f"not run: its pretraining run {r.pretrain_dir} failed"; report(r, 'FAILED ')
+            failed[r.out_dir] = f"not run: its pretraining run {r.pretrain_dir} failed"
+            report(r, 'FAILED ')
         with ThreadPoolExecutor(jobs) as ex:
             futs = {ex.submit(_launch_one, r, execute, device, data_dir, pretrain_params, eval_params, notebook): r
                     for r in group if r.out_dir not in failed}
@@ -371,9 +431,16 @@ def launch_all(runs, jobs: int = 1, device=None, data_dir=None, pretrain_params:
                 for f in as_completed(futs):
                     r = futs[f]
                     try: st, secs = f.result()
-                    except Exception as e: failed[r.out_dir] = f"{type(e).__name__}: {e}"; report(r, 'FAILED ')
-                    else: done[r.out_dir] = st; report(r, f"{st:7s} {secs:5.0f} s")
-            except BaseException: ex.shutdown(wait=False, cancel_futures=True); kids.stop(); raise   # interrupted: stop them all
+                    except Exception as e:
+                        failed[r.out_dir] = f"{type(e).__name__}: {e}"
+                        report(r, 'FAILED ')
+                    else:
+                        done[r.out_dir] = st
+                        report(r, f"{st:7s} {secs:5.0f} s")
+            except BaseException:                   # interrupted: stop them all
+                ex.shutdown(wait=False, cancel_futures=True)
+                kids.stop()
+                raise
     if failed: raise RuntimeError(f"{len(failed)} of {len(runs)} runs failed (every other one ended): "
                                   + '; '.join(f"{d}: {m}" for d, m in failed.items()))
     return {r.out_dir: done[r.out_dir] for r in runs if r.out_dir in done}
@@ -391,16 +458,20 @@ def smoke_runs_dir() -> Path:
     import hashlib
     root, h = project_root(), hashlib.sha1()
     for f in sorted((root / 'magma').rglob('*.py')) + [root / 'nbs' / 'pretrain.ipynb']:
-        if f.exists(): h.update(str(f.relative_to(root)).encode()); h.update(f.read_bytes())
+        if f.exists():
+            h.update(str(f.relative_to(root)).encode())
+            h.update(f.read_bytes())
     return _private_tmp() / h.hexdigest()[:12]
 
 def _private_tmp() -> Path:
-    "This user's private `<tmp>/magma-smoke-<uid>` (`configs.private_dir`: 0700, owned, not a symlink; else a fresh `mkdtemp`), remembered in `$MAGMA_SMOKE_RUNS` when it is a fresh one."
+    """This user's private `<tmp>/magma-smoke-<uid>` (`configs.private_dir`: 0700, owned, not a symlink; else a fresh
+    `mkdtemp`), remembered in `$MAGMA_SMOKE_RUNS` when it is a fresh one."""
     from magma.configs import private_dir
     d = private_dir(f"magma-smoke-{os.getuid()}")
     if d.name != f"magma-smoke-{os.getuid()}": os.environ['MAGMA_SMOKE_RUNS'] = str(d)
     return d
 
+# %% ../nbs/16_runs.ipynb #ff8e60cc
 def as_list(x, cast=str) -> list | None:
     "A papermill parameter given as a list, a tuple, None, or a string '0,1,2' / '[0, 1, 2]'."
     if x is None: return None
@@ -409,11 +480,13 @@ def as_list(x, cast=str) -> list | None:
     return [cast(v) for v in x]
 
 def as_dict(x, name: str) -> dict | None:
-    "A papermill parameter given as a dict, None, or its JSON text (`-p pretrain_params '{\"epochs\": 1}'`); one line naming `name` else."
+    """A papermill parameter given as a dict, None, or its JSON text (`-p pretrain_params '{\"epochs\": 1}'`); one line
+    naming `name` else."""
     if x is None or isinstance(x, dict): return x
     if isinstance(x, str):
         try: d = json.loads(x)
-        except ValueError as e: raise ValueError(f"{name}={x[:80]!r} is not JSON ({e.msg}); pass e.g. '{{\"epochs\": 1}}'") from None
+        except ValueError as e:
+            raise ValueError(f"{name}={x[:80]!r} is not JSON ({e.msg}); pass e.g. '{{\"epochs\": 1}}'") from None
         if isinstance(d, dict): return d
     raise ValueError(f"{name}={str(x)[:80]!r} must be a dict of parameters, or its JSON text '{{\"epochs\": 1}}'")
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np, pandas as pd
 from .methods import METHODS
 from .paper import PAPER_TABLES, TABLE_METRICS
-from .runs import SMOKE_EVAL, SMOKE_PARAMS, as_dict, as_list, dataset_slug, default_runs_dir, launch_all, table_runs, table_cells
+from .runs import (SMOKE_EVAL, SMOKE_PARAMS, as_dict, as_list, dataset_slug, default_runs_dir, launch_all,
+                        table_runs, table_cells)
 
 # %% auto #0
 __all__ = ['BACKBONES', 'SETTING_HEADS', 'FLOOR_METRICS', 'ABLATION_METRICS', 'SELECT_ON', 'display_name', 'summarize',
@@ -25,7 +26,8 @@ def display_name(name: str) -> str:
 # %% ../nbs/17_tables.ipynb #fe5e00b8
 def summarize(values) -> dict:
     "n, mean, std (ddof=1) and the 95% t-interval half-width of `values` (NaN where undefined; None/NaN dropped)."
-    v = np.asarray([float(x) for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))], dtype=float)
+    v = np.asarray([float(x) for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))],
+                   dtype=float)
     n = len(v)
     if n == 0: return dict(n=0, mean=math.nan, std=math.nan, ci95=math.nan)
     if n == 1: return dict(n=1, mean=float(v[0]), std=math.nan, ci95=math.nan)
@@ -35,11 +37,12 @@ def summarize(values) -> dict:
 
 # %% ../nbs/17_tables.ipynb #a941081d
 BACKBONES = {'vit_tiny': 'ViT-T', 'vit_small': 'ViT-S', 'vit_base': 'ViT-B', 'vit_large': 'ViT-L'}
-SETTING_HEADS = dict(table1='Paper dataset', table2='λ, e_st, e_dur', table3='Backbone', table6='Target', table7='Target',
-                     table8='Paper dataset')
+SETTING_HEADS = dict(table1='Paper dataset', table2='λ, e_st, e_dur', table3='Backbone', table6='Target',
+                     table7='Target', table8='Paper dataset')
 
 def _setting(col: str) -> tuple:
-    "(λ, e_st, e_dur) of a Table 2 column name `lam<λ>-est<e_st>-edur<e_dur>` (the inverse of `magma.paper.table2_col`)."
+    """(λ, e_st, e_dur) of a Table 2 column name `lam<λ>-est<e_st>-edur<e_dur>` (the inverse of
+    `magma.paper.table2_col`)."""
     lam, est, edur = col.replace('lam', '').replace('-est', ' ').replace('-edur', ' ').split()
     return float(lam), int(est), int(edur)
 
@@ -55,21 +58,24 @@ def paper_dataset(table: str, col: str) -> str:
             if c.col == col: return dataset_slug(c.target or c.dataset)
     return str(col)
 
+# %% ../nbs/17_tables.ipynb #535a29e5
 def collect(runs, metrics: dict) -> pd.DataFrame:
-    "One row per (finished run, metric): table, row, col, metric, seed, value, data. Runs without `results.json` are left out."
+    """One row per (finished run, metric): table, row, col, metric, seed, value, data. Runs without `results.json` are
+    left out."""
     rows = []
     for r in runs:
         if not r.results.exists(): continue
         res = json.loads(r.results.read_text())
         for m, key in metrics.items():
-            rows.append(dict(table=r.table, row=r.row, col=r.col, metric=m, seed=r.seed, value=res.get(key), data=dataset_slug(r.target or r.dataset),
-                             results=str(r.results)))
+            rows.append(dict(table=r.table, row=r.row, col=r.col, metric=m, seed=r.seed, value=res.get(key),
+                             data=dataset_slug(r.target or r.dataset), results=str(r.results)))
     return pd.DataFrame(rows, columns=['table', 'row', 'col', 'metric', 'seed', 'value', 'data', 'results'])
 
 def aggregate(runs, table: str, metrics: dict | None = None, paper: dict | None = None) -> pd.DataFrame:
     """Per cell and metric: paper, mean, std, ci95 (half-width), ci_low, ci_high, n, diff = mean − paper, planned (runs
     asked for), seeds, data (what ran), setting (`setting_label`) and paper_data (`paper_dataset`)."""
-    metrics = metrics or TABLE_METRICS[table]; paper = PAPER_TABLES[table] if paper is None else paper
+    metrics = metrics or TABLE_METRICS[table]
+    paper = PAPER_TABLES[table] if paper is None else paper
     df = collect(runs, metrics)
     cells = list(dict.fromkeys((r.row, r.col) for r in runs))
     planned = {c: sum((r.row, r.col) == c for r in runs) for c in cells}
@@ -79,8 +85,9 @@ def aggregate(runs, table: str, metrics: dict | None = None, paper: dict | None 
             sub = df[(df.row == row) & (df.col == col) & (df.metric == m)]
             s = summarize(sub.value.tolist())
             p = paper.get((row, col, m), math.nan)
-            out.append(dict(table=table, row=row, col=col, setting=setting_label(table, col), metric=m, paper=p, **s, ci_low=s['mean'] - s['ci95'], ci_high=s['mean'] + s['ci95'],
-                            diff=s['mean'] - p, planned=planned[(row, col)], seeds=' '.join(str(x) for x in sorted(sub.seed.tolist())),
+            out.append(dict(table=table, row=row, col=col, setting=setting_label(table, col), metric=m, paper=p, **s,
+                            ci_low=s['mean'] - s['ci95'], ci_high=s['mean'] + s['ci95'], diff=s['mean'] - p,
+                            planned=planned[(row, col)], seeds=' '.join(str(x) for x in sorted(sub.seed.tolist())),
                             data=' '.join(sorted(set(sub.data))), paper_data=paper_dataset(table, col)))
     return pd.DataFrame(out)
 
@@ -92,13 +99,14 @@ def _same_data(r) -> bool:
     return not r.data or r.data == getattr(r, 'paper_data', r.col)
 
 def render_markdown(df: pd.DataFrame, title: str = '') -> str:
-    """The aggregated table as Markdown: method, the row's setting (the table's column: dataset, λ/e_st/e_dur, backbone),
-    the data we ran, paper, ours (mean ± std), 95% CI, n; Δ = ours − paper only on the paper's data."""
+    """The aggregated table as Markdown: method, the row's setting (the table's column: dataset, λ/e_st/e_dur,
+    backbone), the data we ran, paper, ours (mean ± std), 95% CI, n; Δ = ours − paper only on the paper's data."""
     table = df.table.iloc[0] if 'table' in df and len(df) else ''
     ran_paper_data = any(r.n > 0 and _same_data(r) for r in df.itertuples())
-    head = (['Method', SETTING_HEADS.get(table, 'Setting'), 'Data', 'Metric', 'Paper', 'Ours (mean ± std)', '95% CI', 'n']
-            + (['Δ (ours − paper)'] if ran_paper_data else []))
-    lines = ([f"**{title}**", ''] if title else []) + ['| ' + ' | '.join(head) + ' |', '|' + '|'.join(['---'] * len(head)) + '|']
+    head = (['Method', SETTING_HEADS.get(table, 'Setting'), 'Data', 'Metric', 'Paper', 'Ours (mean ± std)', '95% CI',
+             'n'] + (['Δ (ours − paper)'] if ran_paper_data else []))
+    lines = ([f"**{title}**", ''] if title else []) + ['| ' + ' | '.join(head) + ' |',
+                                                       '|' + '|'.join(['---'] * len(head)) + '|']
     for r in df.itertuples():
         same = _same_data(r)
         setting = getattr(r, 'setting', None) or setting_label(table, r.col)
@@ -108,15 +116,19 @@ def render_markdown(df: pd.DataFrame, title: str = '') -> str:
             ours = _f(r.mean) + (f" ± {_f(r.std)}" if r.n > 1 else '')
             ci = f"[{_f(r.ci_low)}, {_f(r.ci_high)}]" if r.n > 1 else '–'
             d = ('+' if r.diff > 0 else '') + _f(r.diff) if same else '–'
-        cells = [display_name(r.row), setting, r.data or '–', r.metric, paper, ours, ci, str(r.n)] + ([d] if ran_paper_data else [])
+        cells = [display_name(r.row), setting, r.data or '–', r.metric, paper, ours, ci, str(r.n)]
+        cells += [d] if ran_paper_data else []
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines) + '\n'
 
+# %% ../nbs/17_tables.ipynb #5e7b5886
 def write_table(df: pd.DataFrame, runs_dir, name: str, title: str = '', extra: str = '') -> tuple[Path, Path]:
     "Write `<runs_dir>/<name>.md` (the table, then `extra`) and `<runs_dir>/<name>.csv`; returns both paths."
-    d = Path(runs_dir); d.mkdir(parents=True, exist_ok=True)
+    d = Path(runs_dir)
+    d.mkdir(parents=True, exist_ok=True)
     md, csv = d / f"{name}.md", d / f"{name}.csv"
-    md.write_text(render_markdown(df, title) + extra); df.to_csv(csv, index=False)
+    md.write_text(render_markdown(df, title) + extra)
+    df.to_csv(csv, index=False)
     return md, csv
 
 # %% ../nbs/17_tables.ipynb #ad90fc6f
@@ -133,7 +145,8 @@ def _cell(x) -> str:
     return '–' if s['n'] == 0 else _f(s['mean']) + (f" ± {_f(s['std'])}" if s['n'] > 1 else '')
 
 def floor_markdown(runs, metrics: dict | None = None) -> str:
-    "Per cell: each `FLOOR_METRICS` value as mean ± std over the seeds, the random-init floor beside ours ('' if none ran)."
+    """Per cell: each `FLOOR_METRICS` value as mean ± std over the seeds, the random-init floor beside ours ('' if none
+    ran)."""
     metrics = metrics or FLOOR_METRICS
     df = collect([r for r in runs if r.step == 'pretrain'], metrics)
     if df.empty: return ''
@@ -141,10 +154,12 @@ def floor_markdown(runs, metrics: dict | None = None) -> str:
     lines = [f'| Method | {SETTING_HEADS.get(table, "Setting")} | Data | n | ' + ' | '.join(metrics) + ' |',
              '|' + '|'.join(['---'] * (len(metrics) + 4)) + '|']
     for (row, col), g in df.groupby(['row', 'col'], sort=False):
-        lines.append(f"| {display_name(row)} | {setting_label(table, col)} | {' '.join(sorted(set(g.data))) or '–'} | {g.seed.nunique()} | " +
+        data = ' '.join(sorted(set(g.data))) or '–'
+        lines.append(f"| {display_name(row)} | {setting_label(table, col)} | {data} | {g.seed.nunique()} | " +
                      ' | '.join(_cell(g[g.metric == m].value.tolist()) for m in metrics) + ' |')
     return '\n'.join(lines) + '\n'
 
+# %% ../nbs/17_tables.ipynb #78fd471b
 def magma_effect(runs, metrics: dict | None = None) -> pd.DataFrame:
     "MAGMA − base per (cell, metric), paired by seed: n, mean, std, ci95, ci_low, ci_high and the seeds used."
     metrics = metrics or {'kNN CLS': 'knn_acc', 'kNN mean-pool': 'knn_acc_mean', 'linear CLS': 'linear_acc'}
@@ -153,14 +168,16 @@ def magma_effect(runs, metrics: dict | None = None) -> pd.DataFrame:
     for m, base in magma_pairs().items():
         for col in dict.fromkeys(df[df.row == m].col):
             for k in metrics:
-                a, b = (df[(df.row == r) & (df.col == col) & (df.metric == k)].dropna(subset=['value']).set_index('seed').value
-                        for r in (m, base))
+                a, b = (df[(df.row == r) & (df.col == col) & (df.metric == k)].dropna(subset=['value'])
+                        .set_index('seed').value for r in (m, base))
                 both = sorted(set(a.index) & set(b.index))
                 s = summarize([a[x] - b[x] for x in both])
                 data = ' '.join(sorted(set(df[df.row.isin((m, base)) & (df.col == col)].data)))
-                out.append(dict(row=m, base=base, col=col, setting=setting_label(df.table.iloc[0], col), data=data, metric=k, **s, ci_low=s['mean'] - s['ci95'],
-                                ci_high=s['mean'] + s['ci95'], seeds=' '.join(map(str, both))))
-    return pd.DataFrame(out, columns=['row', 'base', 'col', 'setting', 'data', 'metric', 'n', 'mean', 'std', 'ci95', 'ci_low', 'ci_high', 'seeds'])
+                out.append(dict(row=m, base=base, col=col, setting=setting_label(df.table.iloc[0], col), data=data,
+                                metric=k, **s, ci_low=s['mean'] - s['ci95'], ci_high=s['mean'] + s['ci95'],
+                                seeds=' '.join(map(str, both))))
+    return pd.DataFrame(out, columns=['row', 'base', 'col', 'setting', 'data', 'metric', 'n', 'mean', 'std', 'ci95',
+                                      'ci_low', 'ci_high', 'seeds'])
 
 def effect_markdown(eff: pd.DataFrame) -> str:
     "The paired differences as Markdown ('' when no pair has a common seed)."
@@ -170,19 +187,22 @@ def effect_markdown(eff: pd.DataFrame) -> str:
     for r in eff.itertuples():
         d = ('+' if r.mean > 0 else '') + _f(r.mean, 2) + (f" ± {_f(r.std, 2)}" if r.n > 1 else '')
         ci = f"[{_f(r.ci_low, 2)}, {_f(r.ci_high, 2)}]" if r.n > 1 else '–'
-        lines.append(f"| {display_name(r.row)} − {display_name(r.base)} | {r.setting} | {r.data or '–'} | {r.metric} | {d} | {ci} | {r.seeds} |")
+        pair = f"{display_name(r.row)} − {display_name(r.base)}"
+        lines.append(f"| {pair} | {r.setting} | {r.data or '–'} | {r.metric} | {d} | {ci} | {r.seeds} |")
     return '\n'.join(lines) + '\n'
 
 # %% ../nbs/17_tables.ipynb #172dafec
-ABLATION_METRICS = {'val kNN CLS': 'val_knn_acc', 'val kNN mean': 'val_knn_acc_mean', 'val linear CLS': 'val_linear_acc',
-                    'val linear mean': 'val_linear_acc_mean', 'test kNN CLS': 'knn_acc', 'test kNN mean': 'knn_acc_mean',
+ABLATION_METRICS = {'val kNN CLS': 'val_knn_acc', 'val kNN mean': 'val_knn_acc_mean',
+                    'val linear CLS': 'val_linear_acc', 'val linear mean': 'val_linear_acc_mean',
+                    'test kNN CLS': 'knn_acc', 'test kNN mean': 'knn_acc_mean',
                     'test linear CLS': 'linear_acc', 'test linear mean': 'linear_acc_mean',
                     'val random kNN CLS': 'val_random_knn_acc', 'val random linear CLS': 'val_random_linear_acc',
                     'test random kNN CLS': 'random_knn_acc', 'test random linear CLS': 'random_linear_acc'}
 SELECT_ON = ('val_knn_acc', 'val_linear_acc')   # the selection rule: the mean of these, fixed before any run finished
 
 def switch_on(metrics_csv, objective: str) -> dict:
-    "λ, the raw MAGMA term, the method's `objective` loss and λ·term / objective at the first logged step with λ > 0 ({} if never on)."
+    """λ, the raw MAGMA term, the method's `objective` loss and λ·term / objective at the first logged step with λ > 0
+    ({} if never on)."""
     df = pd.read_csv(metrics_csv)
     st = df[(df.kind == 'step') & (df.magma_weight > 0)]
     if st.empty or objective not in st: return {}
@@ -192,11 +212,14 @@ def switch_on(metrics_csv, objective: str) -> dict:
 
 def end_features(metrics_csv) -> dict:
     "The tapped features' norm and spread after the last epoch (`tap<block>_norm`, `tap<block>_spread`)."
-    df = pd.read_csv(metrics_csv); ep = df[df.kind == 'epoch']
+    df = pd.read_csv(metrics_csv)
+    ep = df[df.kind == 'epoch']
     return {k: float(ep[k].iloc[-1]) for k in ep.columns if k.startswith('tap') and len(ep)}
 
+# %% ../nbs/17_tables.ipynb #a439a1b9
 def ablation_frame(runs) -> pd.DataFrame:
-    "One row per finished pretraining run: cell, seed, `ABLATION_METRICS`, switch-on and end-of-training diagnostics, `score`."
+    """One row per finished pretraining run: cell, seed, `ABLATION_METRICS`, switch-on and end-of-training diagnostics,
+    `score`."""
     rows = []
     for r in runs:
         if r.step != 'pretrain' or not r.results.exists(): continue
@@ -210,11 +233,11 @@ def ablation_frame(runs) -> pd.DataFrame:
 def choose_schedule(frame: pd.DataFrame) -> dict:
     "The MAGMA cell of `frame` with the highest `score` (validation only): its column, score and (λ, e_st, e_dur)."
     m = frame[frame.row.map(lambda r: METHODS[r].uses_magma)].dropna(subset=['score'])
-    if m.empty: raise ValueError("no finished MAGMA run with validation numbers to choose from; run the mini ablation first")
+    if m.empty:
+        raise ValueError("no finished MAGMA run with validation numbers to choose from; run the mini ablation first")
     best = m.loc[m.score.idxmax()]
     lam, est, edur = _setting(best.col)
     return dict(col=best.col, score=float(best.score), magma_weight=lam, magma_start=est, magma_epochs=edur)
-
 
 # %% ../nbs/17_tables.ipynb #f02fb87e
 def _col_name(row, col) -> str:
@@ -223,7 +246,8 @@ def _col_name(row, col) -> str:
     return f"λ={lam:g}, e_st={est}, e_dur={edur}"
 
 def ablation_markdown(frame: pd.DataFrame) -> str:
-    "The ablation as Markdown: validation, test, floors, switch-on ratio, end-of-training tap norm and spread, the choice."
+    """The ablation as Markdown: validation, test, floors, switch-on ratio, end-of-training tap norm and spread, the
+    choice."""
     if frame.empty: return ''
     taps = sorted({k[3:].split('_')[0] for k in frame.columns if k.startswith('tap')}, key=int)
     acc = ['val kNN CLS', 'val kNN mean', 'val linear CLS', 'val linear mean', 'test kNN CLS', 'test kNN mean',
@@ -237,13 +261,15 @@ def ablation_markdown(frame: pd.DataFrame) -> str:
                  [_f(r.get(f"tap{t}_{w}", math.nan), 2) for t in taps for w in ('norm', 'spread')])
         lines.append('| ' + ' | '.join(cells) + ' |')
     fl = frame.iloc[0]
-    lines += ['', f"Random-init floor (same architecture, seed {fl.seed}): validation kNN CLS {_f(fl['val random kNN CLS'], 2)}, "
+    lines += ['', f"Random-init floor (same architecture, seed {fl.seed}): "
+              f"validation kNN CLS {_f(fl['val random kNN CLS'], 2)}, "
               f"linear CLS {_f(fl['val random linear CLS'], 2)}; test kNN CLS {_f(fl['test random kNN CLS'], 2)}, "
               f"linear CLS {_f(fl['test random linear CLS'], 2)}."]
     try:
         ch = choose_schedule(frame)
+        name = _col_name(frame.loc[frame.col == ch['col'], 'row'].iloc[0], ch['col'])
         lines += ['', f"**Chosen on validation** (highest mean of validation kNN and linear top-1 on CLS): "
-                  f"{_col_name(frame.loc[frame.col == ch['col'], 'row'].iloc[0], ch['col'])}, score {_f(ch['score'], 2)}."]
+                  f"{name}, score {_f(ch['score'], 2)}."]
     except ValueError: pass
     return '\n'.join(lines) + '\n'
 
@@ -258,16 +284,18 @@ def _seed_note(runs) -> str:
     return '; '.join(f"{', '.join(ms)} seeds {', '.join(map(str, ss))}" for ss, ms in groups.items())
 
 def run_table(table: str, profile: str = 'smoke', seeds=None, cells=None, runs_dir=None, data_dir=None, device=None,
-              pretrain_params: dict | None = None, eval_params: dict | None = None, mini_data=None, launch_runs: bool = True,
-              jobs: int = 1) -> tuple[pd.DataFrame, str]:
+              pretrain_params: dict | None = None, eval_params: dict | None = None, mini_data=None,
+              launch_runs: bool = True, jobs: int = 1) -> tuple[pd.DataFrame, str]:
     """Launch (skipping finished runs, `jobs` at a time: `launch_all`), evaluate, aggregate and write one table; returns
-    (aggregated frame, Markdown): the paper's table, then ours beside the random-init floor and MAGMA's paired effect."""
+    (aggregated frame, Markdown): the paper's table, then ours beside the random-init floor and MAGMA's paired
+    effect."""
     seeds, cells = as_list(seeds, int), as_list(cells)
-    pretrain_params, eval_params = as_dict(pretrain_params, 'pretrain_params'), as_dict(eval_params, 'eval_params')   # papermill -p gives JSON text
+    pretrain_params = as_dict(pretrain_params, 'pretrain_params')     # papermill -p gives JSON text
+    eval_params = as_dict(eval_params, 'eval_params')
     if runs_dir is None: runs_dir = default_runs_dir(profile)
     if pretrain_params is None: pretrain_params = dict(SMOKE_PARAMS) if profile == 'smoke' else {}
     runs = table_runs(table, profile, seeds, cells, runs_dir, mini_data, pretrain_params)
-    if launch_runs:                             # eval_params None: SMOKE_EVAL, one dict per step, in smoke; none otherwise
+    if launch_runs:                     # eval_params None: SMOKE_EVAL, one dict per step, in smoke; none otherwise
         ep = eval_params if eval_params is not None else (SMOKE_EVAL if profile == 'smoke' else {})
         launch_all(runs, jobs, device, data_dir, pretrain_params, ep)
     shown = [r for r in runs if r.step != 'pretrain'] or runs
@@ -276,8 +304,8 @@ def run_table(table: str, profile: str = 'smoke', seeds=None, cells=None, runs_d
     sections = [('Ours beside the random-init floor (mean ± std over seeds, %)', floor_markdown(shown)),
                 ("MAGMA's effect, paired by seed (MAGMA − base, points)", effect_markdown(magma_effect(shown)))]
     if table == 'table2' and profile == 'mini':
-        sections.append(('The mini ablation: validation (held out of training) and test top-1 (%), and the MAGMA diagnostics',
-                         ablation_markdown(ablation_frame(shown))))
+        sections.append(('The mini ablation: validation (held out of training) and test top-1 (%), '
+                         'and the MAGMA diagnostics', ablation_markdown(ablation_frame(shown))))
     extra = ''.join(f"\n**{head}**\n\n{body}" for head, body in sections if body)
     md, csv = write_table(df, Path(runs_dir) / profile, f"{table}-{profile}", title, extra)
     print(f"wrote {md}\n      {csv}")
