@@ -4,27 +4,33 @@
 
 # %% ../nbs/10_train.ipynb #12e540d9
 from __future__ import annotations
-import contextlib, csv, json, math, os, time, platform, shutil, signal, threading, warnings
+import contextlib, math, os, time, signal, threading, warnings
 from pathlib import Path
-from dataclasses import dataclass, asdict, fields
+from dataclasses import dataclass, fields
 from typing import NamedTuple
 import torch, torch.nn as nn, torch.nn.functional as F
 import torch.distributed as dist
 from .configs import PretrainConfig, PARAMS, resolve_config, check_config, method_uses_magma, default_out_dir
 from .base import method_spec
-from .checkpoints import (CheckpointError, save_checkpoint, load_checkpoint, load_weights, write_json, atomic_path,
-                               remove_stray_temps, _require, _line)
+from .checkpoints import CheckpointError, load_checkpoint, load_weights, _require
 from .loggers import RunLogger, parse_backends
+from .rundir import (NonFiniteLoss, NonFiniteState, RunLock, versions, rng_states, save_training_state,
+                          load_training_state, read_log, _CSVLog, _check_run_dir, _start_run_dir, _kept, _advice,
+                          _run_lock, _resume_or_seed, _open_logs, _log_step, _log_epoch, _summary)
 import magma.methods as _methods
 import magma.datasets as _datasets
 import magma.loader as _loader
 
 # %% auto #0
-__all__ = ['lr_at', 'magma_lambda', 'init_distributed', 'pick_device', 'method_kwargs', 'global_graph', 'batch_arithmetic',
-           'build_method', 'pretraining_data_of', 'pretraining_splits', 'param_groups', 'TrainParts', 'build_parts',
-           'precision_flags', 'wrap_parts', 'NonFiniteLoss', 'micro_batches', 'train_step', 'NonFiniteState',
-           'versions', 'rng_states', 'save_training_state', 'load_training_state', 'read_log', 'EpochStats',
-           'epoch_row', 'RunLock', 'TrainResult', 'Preempted', 'StopOnSignal', 'train', 'load_pretrained']
+__all__ = ['lr_at', 'magma_lambda', 'init_distributed', 'pick_device', 'method_kwargs', 'global_graph', 'build_method',
+           'batch_arithmetic', 'pretraining_data_of', 'pretraining_splits', 'param_groups', 'TrainParts', 'build_parts',
+           'wrap_parts', 'precision_flags', 'micro_batches', 'train_step', 'EpochStats', 'epoch_row', 'TrainResult',
+           'Preempted', 'StopOnSignal', 'train', 'load_pretrained', 'NonFiniteLoss', 'NonFiniteState', 'versions',
+           'rng_states', 'save_training_state', 'load_training_state', 'read_log', 'RunLock']
+
+# %% ../nbs/10_train.ipynb #7a1c0e02
+_all_ = ['NonFiniteLoss', 'NonFiniteState', 'versions', 'rng_states', 'save_training_state', 'load_training_state',
+         'read_log', 'RunLock']
 
 # %% ../nbs/10_train.ipynb #21c49134
 def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> float:
@@ -33,7 +39,8 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> flo
     t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return base_lr * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
-def magma_lambda(epoch: int, schedule: str = 'warmup', weight: float = 1.0, start: int = 0, duration: int = 100) -> float:
+def magma_lambda(epoch: int, schedule: str = 'warmup', weight: float = 1.0, start: int = 0,
+                 duration: int = 100) -> float:
     "λ for `epoch` under `schedule` (warmup, constant, step or triangle)."
     if schedule == 'constant': return weight
     if schedule == 'step': return weight if epoch >= start else 0.0
@@ -83,32 +90,38 @@ def method_kwargs(cfg: PretrainConfig) -> dict:
 def _world_size() -> int: return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 def global_graph(cfg: PretrainConfig, world: int) -> bool:
-    "Whether the MAGMA graph spans the global batch: `magma_global` if set, else yes exactly when there are several processes."
+    """Whether the MAGMA graph spans the global batch: `magma_global` if set, else yes exactly when there are several
+    processes."""
     return bool(cfg.magma_global) if cfg.magma_global is not None else world > 1
 
+def build_method(cfg: PretrainConfig) -> nn.Module:
+    return _methods.create(cfg.method, **method_kwargs(cfg))
+
+# %% ../nbs/10_train.ipynb #7a1c0e04
 def batch_arithmetic(cfg: PretrainConfig, world: int) -> dict:
-    "Global batch, per-process batch and micro-batch, the scaled learning rate and the MAGMA graph's size for `world` processes."
+    """Global batch, per-process batch and micro-batch, the scaled learning rate and the MAGMA graph's size for `world`
+    processes."""
     if cfg.batch_size % world:
         raise ValueError(f"batch_size={cfg.batch_size} (the global batch) is not divisible by the {world} processes; "
                          f"use a multiple of {world}")
     per = cfg.batch_size // world
     if per % cfg.accum_steps or per // cfg.accum_steps < 2:
-        raise ValueError(f"accum_steps={cfg.accum_steps} does not cut the {per} images of each of the {world} processes "
-                         f"(batch_size={cfg.batch_size}) into equal micro-batches of at least 2; use a divisor of {per} up to {per // 2}")
+        raise ValueError(f"accum_steps={cfg.accum_steps} does not cut the {per} images of each of the {world} "
+                         f"processes (batch_size={cfg.batch_size}) into equal micro-batches of at least 2; "
+                         f"use a divisor of {per} up to {per // 2}")
     micro = per // cfg.accum_steps
     return dict(global_batch=cfg.batch_size, per_process_batch=per, accum_steps=cfg.accum_steps, micro_batch=micro,
                 world_size=world, base_lr=cfg.lr, lr=cfg.lr * cfg.batch_size / 256,
                 magma_graph=micro * world if global_graph(cfg, world) else micro)
 
-def build_method(cfg: PretrainConfig) -> nn.Module:
-    return _methods.create(cfg.method, **method_kwargs(cfg))
-
+# %% ../nbs/10_train.ipynb #7a1c0e06
 def pretraining_data_of(cfg: PretrainConfig) -> _datasets.PretrainingData:
     "Every dataset a run reads, from its config: `magma.datasets.pretraining_data` (train, bank, val, test)."
-    return _datasets.pretraining_data(cfg.dataset, root=cfg.data_dir, download=cfg.download, eval_dataset=cfg.eval_dataset,
-                                  val_fraction=cfg.val_fraction, train_fraction=cfg.train_fraction, train_per_class=cfg.train_per_class,
-                                  subset_seed=cfg.subset_seed, img_size=cfg.img_size, skip_unreadable=cfg.skip_unreadable,
-                                  n_per_class=cfg.n_per_class)
+    return _datasets.pretraining_data(cfg.dataset, root=cfg.data_dir, download=cfg.download,
+                                      eval_dataset=cfg.eval_dataset, val_fraction=cfg.val_fraction,
+                                      train_fraction=cfg.train_fraction, train_per_class=cfg.train_per_class,
+                                      subset_seed=cfg.subset_seed, img_size=cfg.img_size,
+                                      skip_unreadable=cfg.skip_unreadable, n_per_class=cfg.n_per_class)
 
 def pretraining_splits(cfg: PretrainConfig):
     """(images pretrained on, images the online probe is scored on): the validation images with `val_fraction` > 0
@@ -126,7 +139,8 @@ def param_groups(model: nn.Module, weight_decay: float, exclude_bias_norm: bool 
 
 @dataclass
 class TrainParts:
-    "The method and what updates it; `net` is what a step calls (the method or its wrappers), `ddp` the DDP wrapper if any."
+    """The method and what updates it; `net` is what a step calls (the method or its wrappers), `ddp` the DDP wrapper if
+    any."""
     model: nn.Module
     probe: nn.Linear
     opt: torch.optim.Optimizer
@@ -137,18 +151,30 @@ class TrainParts:
     ddp: nn.Module | None = None
     def __post_init__(self): self.net = self.model if self.net is None else self.net
 
+# %% ../nbs/10_train.ipynb #7a1c0e07
 def build_parts(cfg: PretrainConfig, device: torch.device, num_classes: int, world: int = 1) -> TrainParts:
-    "The method (seeded: the same initial weights on every process), its online probe, both AdamWs, the GradScaler and autocast."
+    """The method (seeded: the same initial weights on every process), its online probe, both AdamWs, the GradScaler
+    and autocast."""
     torch.manual_seed(cfg.seed)
     model = build_method(cfg).to(device)
-    if world > 1: model.sync_batchnorm()                         # BatchNorm over the global batch, for a method that has it (no-op otherwise)
+    if world > 1: model.sync_batchnorm()          # BatchNorm over the global batch, for a method that has it (or no-op)
     probe = nn.Linear(model.encoder.embed_dim, num_classes).to(device)
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.exclude_bias_norm_wd), lr=cfg.lr, betas=(0.9, 0.95), fused=True)
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.exclude_bias_norm_wd), lr=cfg.lr,
+                            betas=(0.9, 0.95), fused=True)
     probe_opt = torch.optim.AdamW(probe.parameters(), lr=cfg.online_lr, weight_decay=0.0, fused=True)
     dtype = {'fp32': torch.float32, 'tf32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}[cfg.precision]
     return TrainParts(model, probe, opt, probe_opt, torch.amp.GradScaler(device.type, enabled=cfg.precision == 'fp16'),
                       torch.autocast(device.type, dtype=dtype, enabled=cfg.precision in ('bf16', 'fp16')))
 
+def wrap_parts(p: TrainParts, world: int, device: torch.device, compile: bool = False) -> TrainParts:
+    "DDP around the method under several processes, then `torch.compile` if asked."
+    if world > 1:
+        ids = [device.index] if device.type == 'cuda' else None
+        p.ddp = p.net = nn.parallel.DistributedDataParallel(p.model, device_ids=ids)
+    if compile: p.net = torch.compile(p.net)
+    return p
+
+# %% ../nbs/10_train.ipynb #7a1c0e08
 @contextlib.contextmanager
 def precision_flags(precision: str, device):
     """On CUDA, TF32 for matmuls and cuDNN convolutions exactly when `precision='tf32'` (off for fp32, which means IEEE
@@ -162,18 +188,10 @@ def precision_flags(precision: str, device):
     try: yield
     finally: mm.fp32_precision, conv.fp32_precision = old
 
-def wrap_parts(p: TrainParts, world: int, device: torch.device, compile: bool = False) -> TrainParts:
-    "DDP around the method under several processes, then `torch.compile` if asked."
-    if world > 1: p.ddp = p.net = nn.parallel.DistributedDataParallel(p.model, device_ids=[device.index] if device.type == 'cuda' else None)
-    if compile: p.net = torch.compile(p.net)
-    return p
-
 # %% ../nbs/10_train.ipynb #c8542eb5
-class NonFiniteLoss(FloatingPointError):
-    "Raised when a training loss is NaN or inf; the last good checkpoint is kept."
-
 def micro_batches(batch: dict, n: int) -> list[dict]:
-    "`batch` cut into `n` equal micro-batches along the first dimension of every tensor (and of each tensor of a list: 'views')."
+    """`batch` cut into `n` equal micro-batches along the first dimension of every tensor (and of each tensor of a
+    list: 'views')."""
     if n == 1: return [batch]
     size = len(batch['label'])
     if size % n: raise ValueError(f"a batch of {size} images does not split into accum_steps={n} equal micro-batches")
@@ -183,9 +201,11 @@ def micro_batches(batch: dict, n: int) -> list[dict]:
         return [part(x, i) for x in v] if isinstance(v, (list, tuple)) else v
     return [{k: part(v, i) for k, v in batch.items()} for i in range(n)]
 
+# %% ../nbs/10_train.ipynb #7a1c0e0a
 def _components(res: dict) -> dict:
     "The scalar terms of a method's output ('mae', 'magma', ... then 'loss'), detached, in float32."
-    out = {k: v.detach().float() for k, v in res.items() if k not in ('loss', 'feats', 'pred', 'mask') and torch.is_tensor(v) and v.numel() == 1}
+    out = {k: v.detach().float() for k, v in res.items()
+           if k not in ('loss', 'feats', 'pred', 'mask') and torch.is_tensor(v) and v.numel() == 1}
     return dict(out, loss=res['loss'].detach().float())
 
 def _probe_step(p: TrainParts, feats: torch.Tensor, y: torch.Tensor, has_unlabeled: bool = False) -> tuple:
@@ -193,7 +213,9 @@ def _probe_step(p: TrainParts, feats: torch.Tensor, y: torch.Tensor, has_unlabel
     Under DDP its gradient is that of the mean loss over every process's labelled images (one all-reduce), so every
     rank's probe and probe optimizer stay the same, and rank 0's checkpointed state is every rank's."""
     y, world = y.to(feats.device), _world_size()
-    if has_unlabeled: keep = y >= 0; feats, y = feats[keep], y[keep]
+    if has_unlabeled:
+        keep = y >= 0
+        feats, y = feats[keep], y[keep]
     if world == 1 and not len(y): return 0, 0
     logits = p.probe(feats)
     p.probe_opt.zero_grad(set_to_none=True)
@@ -207,14 +229,16 @@ def _probe_step(p: TrainParts, feats: torch.Tensor, y: torch.Tensor, has_unlabel
     p.probe_opt.step()
     return (logits.argmax(1) == y).sum(), len(y)
 
+# %% ../nbs/10_train.ipynb #7a1c0e0b
 def train_step(p: TrainParts, batch: dict, lr: float, step: int, total_steps: int, accum_steps: int = 1,
                has_unlabeled: bool = False) -> tuple[dict, torch.Tensor | int, int]:
-    "One optimizer step on `batch`, in `accum_steps` micro-batches: (mean loss components, probe hits, labelled images)."
+    """One optimizer step on `batch`, in `accum_steps` micro-batches: (mean loss components, probe hits, labelled
+    images)."""
     for g in p.opt.param_groups: g['lr'] = lr
     p.opt.zero_grad(set_to_none=True)
     comps, feats, parts = {}, [], micro_batches(batch, accum_steps)
     for i, mb in enumerate(parts):
-        quiet = p.ddp is not None and i < len(parts) - 1             # DDP averages the gradients on the last micro-batch only
+        quiet = p.ddp is not None and i < len(parts) - 1     # DDP averages the gradients on the last micro-batch only
         with p.ddp.no_sync() if quiet else contextlib.nullcontext():
             with p.autocast: res = p.net(mb)
             p.scaler.scale(res['loss'] / accum_steps).backward()
@@ -223,196 +247,21 @@ def train_step(p: TrainParts, batch: dict, lr: float, step: int, total_steps: in
     if not torch.isfinite(comps['loss']):                            # the one host sync of a step
         raise NonFiniteLoss(f"non-finite loss {float(comps['loss'])} at step {step} (components: "
                             + ", ".join(f"{k}={float(v):.4g}" for k, v in comps.items() if k != 'loss') + ")")
-    p.scaler.step(p.opt); p.scaler.update()
-    p.model.on_step(step, total_steps)                               # the method's per-step hook (a momentum target's update, say)
+    p.scaler.step(p.opt)
+    p.scaler.update()
+    p.model.on_step(step, total_steps)                   # the method's per-step hook (a momentum target's update, say)
     return (comps, *_probe_step(p, torch.cat(feats), batch['label'], has_unlabeled))
 
-# %% ../nbs/10_train.ipynb #c5d81531
-class NonFiniteState(NonFiniteLoss):
-    "Raised when the model, probe or optimizer state holds NaN or inf at a checkpoint: it is not saved, the last good one is kept."
-
-def _float_tensors(state, prefix: str = ''):
-    "(name, tensor) for each floating-point tensor in the nested `state`."
-    if torch.is_tensor(state):
-        if state.is_floating_point(): yield prefix, state
-        return
-    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else ()
-    for k, v in items: yield from _float_tensors(v, f'{prefix}.{k}' if prefix else str(k))
-
-def _bad_tensors(state) -> list[str]:
-    """Names of the floating-point tensors in the nested `state` that hold NaN or inf. One fused check (a flag per tensor,
-    one host copy per device); the names are looked up only when a flag is down."""
-    flat, by_device = list(_float_tensors(state)), {}
-    for i, (_, t) in enumerate(flat): by_device.setdefault(t.device, []).append(i)
-    bad = []
-    for dev, idx in by_device.items():
-        ok = torch.stack([torch.isfinite(flat[i][1]).all() for i in idx]).tolist()
-        bad += [flat[i][0] for i, good in zip(idx, ok) if not good]
-    order = {name: n for n, (name, _) in enumerate(flat)}
-    return sorted(bad, key=order.get)
-
-def _kept(ckpt_path: Path, kept_epoch: int | None) -> str:
-    "Which checkpoint a failed run leaves, in words: the one actually on disk, or none."
-    if kept_epoch is None: return f"no checkpoint was written ({ckpt_path} does not exist yet)"
-    return f"the last good checkpoint {ckpt_path} (after epoch {kept_epoch}) is kept"
-
-def _advice(cfg) -> str:
-    "What to change after a non-finite loss or state, fitting this run's settings."
-    tips = [f"lower lr (now {cfg.lr:g})", f"lengthen warmup_epochs (now {cfg.warmup_epochs:g})"]
-    if cfg.precision != 'fp32': tips.append(f"use precision='fp32' (now {cfg.precision!r})")
-    return ', '.join(tips[:-1]) + ' or ' + tips[-1]
-
-def versions() -> dict:
-    import timm, magma
-    return dict(torch=torch.__version__, timm=timm.__version__, magma=magma.__version__, python=platform.python_version())
-
-def rng_states(device: torch.device) -> tuple[list, list]:
-    """(the CPU generator state of every process, the CUDA generator state of every process, or [] off CUDA), in rank
-    order, gathered to every rank (a collective under DDP: every rank calls it)."""
-    cpu = torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state(device) if device.type == 'cuda' else None
-    if not dist.is_initialized() or dist.get_world_size() == 1: return [cpu], ([cuda] if cuda is not None else [])
-    mine = torch.cat([cpu, cuda]) if cuda is not None else cpu
-    mine = mine.to(device if dist.get_backend() == 'nccl' else 'cpu')
-    got = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(got, mine)
-    got = [g.cpu() for g in got]
-    return [g[:len(cpu)] for g in got], ([g[len(cpu):] for g in got] if cuda is not None else [])
-
-def save_training_state(p: TrainParts, path: Path, cfg: PretrainConfig, *, epoch: int, history: list, wall_seconds: float,
-                        kept_epoch: int | None = None, rank: int = 0):
-    """Checkpoint the run after `epoch` (rank 0 writes; every rank's CPU and CUDA generator states go in), unless a
-    tensor of its state is not finite: `NonFiniteState` then, on every rank."""
-    state = dict(model=p.model.state_dict(), probe=p.probe.state_dict(), opt=p.opt.state_dict(), probe_opt=p.probe_opt.state_dict())
-    bad = _bad_tensors(state)                                    # on every rank: DDP replicas fail together
-    if bad:
-        raise NonFiniteState(f"non-finite values (NaN or inf) in {len(bad)} tensor(s) of the model, probe or optimizer state after "
-                             f"epoch {epoch} (e.g. {bad[0]}), so it is not saved; {_kept(path, kept_epoch)}. {_advice(cfg).capitalize()}")
-    rng, cuda_rng = rng_states(next(p.model.parameters()).device)   # a collective: before the rank test
-    if rank == 0:
-        save_checkpoint(path, dict(state, scaler=p.scaler.state_dict(), rng=rng, cuda_rng=cuda_rng, epoch=epoch, history=history,
-                                   config=asdict(cfg), wall_seconds=wall_seconds, versions=versions()))
-
-# %% ../nbs/10_train.ipynb #dad1697b
-_RESUME_FREE = ('resume', 'overwrite', 'out_dir', 'device', 'log_every', 'save_every', 'num_workers', 'compile', 'knn_k', 'linear_epochs', 'linear_mode',
-                'loggers', 'wandb_project', 'wandb_mode', 'download')
-
-def _config_diff(saved: dict, cfg: PretrainConfig) -> list[str]:
-    "The keys (outside `_RESUME_FREE`) in which the stored config `saved` trains otherwise than `cfg`; a missing key counts as its default."
-    defaults = asdict(PretrainConfig())
-    return [k for k, v in asdict(cfg).items() if k not in _RESUME_FREE and json.dumps(saved.get(k, defaults[k])) != json.dumps(v)]
-
-def _check_resumable(saved: dict, cfg: PretrainConfig):
-    "Refuse to resume with settings that change what is trained; a key an older checkpoint lacks counts as its default."
-    if not isinstance(saved, dict): raise CheckpointError(f"cannot resume {cfg.out_dir}: its checkpoint's config is a {type(saved).__name__}, not a dict")
-    if saved.get('epochs', cfg.epochs) != cfg.epochs:
-        raise ValueError(f"cannot resume {cfg.out_dir} with epochs={cfg.epochs}: it was started with epochs={saved['epochs']!r}, over which "
-                         f"its cosine schedule runs; pass epochs={saved['epochs']!r} (a longer run needs a new out_dir)")
-    diff = _config_diff(saved, cfg)
-    if diff:
-        d = asdict(PretrainConfig())
-        raise ValueError(f"cannot resume {cfg.out_dir}: its checkpoint was trained with different {', '.join(diff)} "
-                         f"(e.g. {diff[0]}={saved.get(diff[0], d[diff[0]])!r}); use a new out_dir or the same parameters")
-
-def _check_state(st: dict, path: Path, cfg: PretrainConfig):
-    "Refuse a resume state whose epoch, history or wall_seconds is not what `save_training_state` writes, naming the file."
-    def bad(name, want): return CheckpointError(f"{path}: its {name} is {str(st[name])[:60]!r}, not {want}; this is not a checkpoint "
-                                                f"of magma's trainer (move it away to start the run again)")
-    e, h, w = st['epoch'], st['history'], st['wall_seconds']
-    if not isinstance(e, int) or isinstance(e, bool) or not 0 <= e < cfg.epochs: raise bad('epoch', f"an epoch in 0..{cfg.epochs - 1}")
-    if not isinstance(h, list) or len(h) != e + 1 or not all(isinstance(r, dict) for r in h):
-        raise bad('history', f"a list of {e + 1} epoch rows (one per epoch done)")
-    if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or w < 0: raise bad('wall_seconds', "a number of seconds >= 0")
-    for name in ('rng', 'cuda_rng'):
-        v = st.get(name, [])
-        if not isinstance(v, list) or not all(torch.is_tensor(t) and t.dtype == torch.uint8 and t.ndim == 1 for t in v):
-            raise bad(name, "a list of generator states (uint8 tensors)")
-    if not st['rng']: raise bad('rng', "a list of generator states (uint8 tensors)")
-
-def _restore_rng(st: dict, path: Path, cfg: PretrainConfig, device: torch.device, rank: int, world: int):
-    "This rank's CPU and CUDA generator states from the checkpoint; if it holds another number of processes, reseeded with a warning."
-    rng, cuda_rng = st['rng'], st.get('cuda_rng', [])
-    reseed = cfg.seed + 1_000_003 * rank + 7_919 * (st['epoch'] + 1)   # per rank and epoch, when no saved state fits
-    if len(rng) != world:
-        warnings.warn(f"{path} holds the generator states of {len(rng)} process(es) and this run has {world}: each rank's generators are "
-                      f"reseeded, so the resumed run is not bit-identical to an uninterrupted one")
-        torch.manual_seed(reseed); return
-    torch.set_rng_state(rng[rank].cpu())
-    if device.type == 'cuda':
-        if len(cuda_rng) == world: torch.cuda.set_rng_state(cuda_rng[rank].cpu(), device)
-        else:
-            warnings.warn(f"{path} holds no CUDA generator state (trained off CUDA): the CUDA generator is reseeded, so the resumed "
-                          f"run is not bit-identical to an uninterrupted one")
-            torch.cuda.manual_seed(reseed)
-
-def load_training_state(p: TrainParts, path: Path, cfg: PretrainConfig, rank: int = 0, world: int = 1) -> tuple[int, list, float]:
-    """Put the checkpoint at `path` into `p` and this rank's CPU and CUDA generators, if it fits `cfg`: (the first epoch to
-    run, the history, the wall seconds so far)."""
-    device = next(p.model.parameters()).device
-    st = load_checkpoint(path, device)
-    _require(st, ('model', 'probe', 'opt', 'probe_opt', 'scaler', 'rng', 'epoch', 'history', 'config', 'wall_seconds'), path)
-    _check_resumable(st['config'], cfg)
-    _check_state(st, path, cfg)
-    load_weights(p.model, st['model'], path, 'model'); load_weights(p.probe, st['probe'], path, 'online probe')
-    try:
-        p.opt.load_state_dict(st['opt']); p.probe_opt.load_state_dict(st['probe_opt']); p.scaler.load_state_dict(st['scaler'])
-        _restore_rng(st, path, cfg, device, rank, world)
-    except Exception as e: raise CheckpointError(f"{path}: its optimizer or RNG state does not fit this run ({type(e).__name__}: {_line(e)})") from None
-    return st['epoch'] + 1, st['history'], float(st['wall_seconds'])
-
 # %% ../nbs/10_train.ipynb #5bbea440
-_LOG_HEAD = ('kind', 'epoch', 'step')
-
-class _CSVLog:
-    """The run's CSV of step and epoch rows. It starts from `rows` (none for a new run), written atomically; rows are
-    appended (never through a symbolic link); a row with a new column rewrites the file, atomically, with the wider header."""
-    def __init__(self, path: Path, rows=()):
-        self.path, self.rows = Path(path), list(rows)
-        self._write_all()
-    def _write_all(self):
-        self.cols = list(dict.fromkeys(k for r in self.rows for k in r)) or list(_LOG_HEAD)
-        with atomic_path(self.path) as tmp, open(tmp, 'w', newline='') as f:
-            w = csv.DictWriter(f, self.cols); w.writeheader(); w.writerows(self.rows)
-    def add(self, row: dict):
-        self.rows.append(row)
-        if any(k not in self.cols for k in row): return self._write_all()
-        try: fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
-        except OSError as e: raise OSError(e.errno, f"cannot append to {self.path}: {e.strerror} (a run's files are written "
-                                              f"only as regular files, never through a link)") from None
-        with os.fdopen(fd, 'a', newline='') as f: csv.DictWriter(f, self.cols).writerow(row)
-
-def read_log(path: Path, epochs_below: int, history: list = ()) -> list[dict]:
-    """The rows of the run log `path` from epochs before `epochs_below` (what the checkpoint a run resumes from covers).
-    A torn last row (the process was killed while appending it) is dropped with a warning naming the file; another row
-    that does not parse is one error naming the file and the line. A missing or empty log (killed during an old in-place
-    rewrite) starts again from the checkpoint's epoch rows (`history`), with a warning."""
-    path = Path(path)
-    text = path.read_text(errors='replace') if path.is_file() else ''
-    if not text.strip():
-        if history: warnings.warn(f"{path} is missing or empty: the resumed log starts from the checkpoint's {len(history)} epoch row(s); its step rows are lost")
-        return [dict(r) for r in history if int(r['epoch']) < epochs_below]
-    lines = text.splitlines(keepends=True)
-    head = next(csv.reader(lines[:1]))
-    if head[:3] != list(_LOG_HEAD): raise ValueError(f"{path} is not a magma run log (its header starts {','.join(head[:3])!r}, not 'kind,epoch,step'); move it away to resume")
-    rows = []
-    for n, line in enumerate(lines[1:], start=2):
-        vals = next(csv.reader([line]), [])
-        ok = line.endswith('\n') and len(vals) == len(head)
-        try: r = dict(zip(head, vals)); ok = ok and int(r['epoch']) >= 0 and int(r['step']) >= 0
-        except ValueError: ok = False
-        if not ok:
-            if n == len(lines):
-                warnings.warn(f"{path}: dropping its torn last row (line {n}, a kill while it was written)"); break
-            raise ValueError(f"{path}: line {n} is not a row of the run log ({line.strip()[:60]!r}); fix or remove that line to resume")
-        if int(r['epoch']) < epochs_below: rows.append(r)
-    return rows
-
 class EpochStats:
     "Running sums of one epoch on this process: the loss components of its steps, the probe's hits, the images seen."
-    def __init__(self): self.sums, self.counts, self.steps, self.hits, self.labelled, self.images, self.t0 = {}, {}, 0, 0, 0, 0, time.time()
+    def __init__(self):
+        self.sums, self.counts = {}, {}
+        self.steps, self.hits, self.labelled, self.images, self.t0 = 0, 0, 0, 0, time.time()
     def add(self, comps: dict, hits, labelled: int, images: int):
         for k, v in comps.items(): self.sums[k], self.counts[k] = self.sums.get(k, 0.0) + v, self.counts.get(k, 0) + 1
-        self.steps, self.hits, self.labelled, self.images = self.steps + 1, self.hits + hits, self.labelled + labelled, self.images + images
+        self.steps, self.hits, self.labelled, self.images = (self.steps + 1, self.hits + hits, self.labelled + labelled,
+                                                             self.images + images)
     def mean(self, k: str): return self.sums[k] / max(self.counts[k], 1)   # over the steps that computed `k`
     def images_per_sec(self, world: int = 1) -> float: return self.images * world / max(time.time() - self.t0, 1e-9)
 
@@ -420,23 +269,29 @@ def _all_mean(x: float, device) -> float:
     "The mean of `x` over the processes (`x` itself for one)."
     x = float(x)
     if not dist.is_initialized(): return x
-    t = torch.tensor([x], dtype=torch.float64, device=device); dist.all_reduce(t)
+    t = torch.tensor([x], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
     return float(t) / dist.get_world_size()
 
+# %% ../nbs/10_train.ipynb #7a1c0e0d
 @torch.no_grad()
 def _probe_accuracy(encoder, probe, loader, device, autocast, taps=()) -> dict:
-    """Top-1 accuracy (%) of the online probe on the CLS features of `loader` (evaluation transform), and for each tapped
-    block b the mean L2 norm `tap{b}_norm` and the spread `tap{b}_spread` (RMS distance to the mean) of its features."""
-    was = encoder.training; encoder.eval()
+    """Top-1 accuracy (%) of the online probe on the CLS features of `loader` (evaluation transform), and for each
+    tapped block b the mean L2 norm `tap{b}_norm` and the spread `tap{b}_spread` (RMS distance to the mean) of its
+    features."""
+    was = encoder.training
+    encoder.eval()
     counts = torch.zeros(2, dtype=torch.int64, device=device)        # correct, labelled: summed on the device
     stats = {b: torch.zeros(2, dtype=torch.float64, device=device) for b in taps}  # sum ||x||, sum ||x||^2
     sums, seen = {b: 0.0 for b in taps}, {b: 0 for b in taps}        # sum of x (device); rows (host: no copy)
     for batch in loader:
         with autocast: tokens, feats = encoder.encode(batch['img'].to(device, non_blocking=True), taps=taps)
-        y = batch['label'].to(device, non_blocking=True); keep = y >= 0
+        y = batch['label'].to(device, non_blocking=True)
+        keep = y >= 0
         counts += torch.stack([((probe(tokens[:, 0].float()).argmax(1) == y) & keep).sum(), keep.sum()])
         for b, f in feats.items():
-            f = f.double(); n = f.norm(dim=1)
+            f = f.double()
+            n = f.norm(dim=1)
             stats[b] += torch.stack([n.sum(), (n * n).sum()])
             sums[b], seen[b] = sums[b] + f.sum(0), seen[b] + len(f)
     encoder.train(was)
@@ -447,184 +302,53 @@ def _probe_accuracy(encoder, probe, loader, device, autocast, taps=()) -> dict:
     correct, total = host[:2]
     out = dict(online_acc=100.0 * correct / max(total, 1))
     for k, b in enumerate(taps):
-        s1, s2, m2 = host[2 + 3 * k:5 + 3 * k]; n = seen[b]
+        s1, s2, m2 = host[2 + 3 * k:5 + 3 * k]
+        n = seen[b]
         out[f'tap{b}_norm'] = s1 / max(n, 1)
         out[f'tap{b}_spread'] = max(s2 / max(n, 1) - m2, 0.0) ** 0.5
     return out
 
+# %% ../nbs/10_train.ipynb #7a1c0e0e
 def _tap_blocks(model) -> tuple:
     "The reference and target blocks of the MAGMA term, as non-negative block indices."
     return tuple(sorted(set(model.encoder.check_blocks(tuple(model.magma.layers)))))
 
 def epoch_row(stats: EpochStats, p: TrainParts, eval_dl, world: int = 1, rank: int = 0, **ids) -> dict:
-    """The epoch's row: `ids` (kind, epoch, step, lr, magma_weight), the means over processes, the probe's accuracies and
-    tap norms (rank 0), the throughput. The accuracies are absent when no process's probe saw a labelled image (it never trained)."""
+    """The epoch's row: `ids` (kind, epoch, step, lr, magma_weight), the means over processes, the probe's accuracies
+    and tap norms (rank 0), the throughput. The accuracies are absent when no process's probe saw a labelled image (it
+    never trained)."""
     device = next(p.model.parameters()).device
     means = {k: _all_mean(stats.mean(k), device) for k in stats.sums}
-    trained = _all_mean(stats.labelled, device) > 0                   # some process's probe saw a labelled image this epoch
-    accs = dict(online_train_acc=_all_mean(100.0 * float(stats.hits) / max(stats.labelled, 1), device)) if trained else {}
-    online = (_probe_accuracy(p.model.encoder, p.probe, eval_dl, device, p.autocast, taps=_tap_blocks(p.model)) if rank == 0
-              else dict(online_acc=float('nan')))
+    trained = _all_mean(stats.labelled, device) > 0              # some process's probe saw a labelled image this epoch
+    accs = (dict(online_train_acc=_all_mean(100.0 * float(stats.hits) / max(stats.labelled, 1), device)) if trained
+            else {})
+    online = (_probe_accuracy(p.model.encoder, p.probe, eval_dl, device, p.autocast, taps=_tap_blocks(p.model))
+              if rank == 0 else dict(online_acc=float('nan')))
     if not trained: online.pop('online_acc')                          # a probe that never trained has no accuracy
-    return dict(ids, **means, **accs, **online, images_per_sec=stats.images_per_sec(world), epoch_seconds=time.time() - stats.t0)
-
-def _log_step(log: _CSVLog, logger: RunLogger, bar, stats: EpochStats, comps: dict, world: int, **ids):
-    "A step row in the CSV and TensorBoard, and the loss and images/s on the progress bar."
-    vals, ips = {k: float(v) for k, v in comps.items()}, stats.images_per_sec(world)
-    bar.set_postfix(loss=f"{vals['loss']:.4f}", img_s=f"{ips:.0f}")
-    log.add(dict(kind='step', **ids, **vals, images_per_sec=ips))
-    logger.scalars(vals, ids['step'], prefix='step')
-
-def _log_epoch(log: _CSVLog, logger: RunLogger, row: dict):
-    "The epoch's row in the CSV and TensorBoard, at its last global step (so that `purge_step` applies)."
-    log.add(row)
-    logger.scalars({k: v for k, v in row.items() if isinstance(v, float)}, row['step'], prefix='epoch')
-    logger.flush()
-
-# %% ../nbs/10_train.ipynb #8249e98e
-_MARKS = ('checkpoint.safetensors', 'results.json', 'metrics.csv', 'config.json')    # any of them: the folder holds a run
-_RUN_FILES = _MARKS + ('wandb_run_id', 'fig2_training.png', 'fig4_pacmap.png', 'fig_reconstruction.png', 'training_curves.png')
-_RUN_TREES = ('tb', 'wandb')
-
-def _json_dict(path: Path):
-    try: d = json.loads(path.read_text())
-    except (OSError, ValueError, UnicodeDecodeError): return None
-    return d if isinstance(d, dict) else None
-
-def _is_magma_file(path: Path) -> bool:
-    "Whether the run file `path` (one of `_MARKS`) is one magma writes: a regular file with magma's layout."
-    if path.is_symlink() or not path.is_file(): return False
-    if path.name == 'config.json':
-        d = _json_dict(path); return d is not None and isinstance(d.get('versions'), dict) and 'magma' in d['versions'] and 'method' in d
-    if path.name == 'results.json':
-        d = _json_dict(path); return d is not None and 'method' in d and isinstance(d.get('config'), dict)
-    if path.name == 'metrics.csv':
-        with open(path, errors='replace') as f: return f.readline().startswith(','.join(_LOG_HEAD)) or path.stat().st_size == 0
-    try: load_checkpoint(path, keys=('epoch',)); return True
-    except (CheckpointError, OSError): return False
-
-def _torn(ckpt: Path) -> str | None:
-    """Why `ckpt`, a regular file that starts as a safetensors file does (a header length, then '{'), is not a readable
-    checkpoint (truncated, damaged); None if it reads, is a link, or is of another format (not magma's)."""
-    if ckpt.is_symlink() or not ckpt.is_file(): return None
-    with open(ckpt, 'rb') as f: head = f.read(9)
-    if len(head) < 9 or head[8:9] != b'{': return None
-    try: load_checkpoint(ckpt, keys=('epoch',)); return None
-    except (CheckpointError, OSError) as e: return _line(e).removeprefix(f"{ckpt}: ")
-
-def _check_run_dir(cfg: PretrainConfig, out: Path) -> bool:
-    """Whether this run resumes the one in `out`; refuses what `resume` and `overwrite` do not allow (see the prose), in one
-    line naming the folder and the flag. Reads only."""
-    ckpt, where = out / 'checkpoint.safetensors', f"out_dir={cfg.out_dir!r}"
-    if out.exists() and not out.is_dir(): raise NotADirectoryError(f"{where} is a file, not a folder; name a folder for the run")
-    marks = [n for n in _MARKS if os.path.lexists(out / n)]
-    foreign = [n for n in marks if not _is_magma_file(out / n)]
-    torn = _torn(ckpt) if 'checkpoint.safetensors' in foreign and len(foreign) < len(marks) else None
-    if torn: foreign.remove('checkpoint.safetensors')             # magma's by its name beside magma's other files
-    if torn and cfg.resume and not cfg.overwrite:
-        raise CheckpointError(f"{ckpt} is torn ({torn}), so resume cannot continue it: magma keeps one checkpoint per "
-                              f"run, so no earlier state is left (metrics.csv keeps the log); pass overwrite=True to "
-                              f"start {where} again")
-    if foreign:
-        raise FileExistsError(f"{where} holds {', '.join(foreign)} that magma did not write (not a magma run, or a link); "
-                              f"a run never writes there, even with overwrite or resume: pick another out_dir")
-    if cfg.resume is True:
-        if not ckpt.is_file():
-            raise FileNotFoundError(f"resume=True but {ckpt} does not exist (a mistyped out_dir?); check {where}, "
-                                    f"or drop resume to start a new run there")
-        return True
-    if not marks: return False
-    if cfg.overwrite: return False
-    if cfg.resume == 'auto':
-        if ckpt.is_file(): return True                            # _check_resumable refuses another config
-        if 'results.json' in marks:
-            raise FileExistsError(f"{where} holds a finished run (results.json) whose checkpoint is gone, so resume='auto' cannot "
-                                  f"continue it; pass overwrite=True to replace it, or another out_dir")
-        saved = _json_dict(out / 'config.json') if 'config.json' in marks else None
-        diff = _config_diff(saved, cfg) if saved is not None else []   # epochs included
-        if diff:
-            raise FileExistsError(f"{where} holds another run (its config.json has a different {', '.join(diff)}) that never "
-                                  f"checkpointed; resume='auto' starts only its own run there: pass overwrite=True or another out_dir")
-        return False                                              # a sitting killed before its first checkpoint: start again
-    raise FileExistsError(f"{where} already holds a run ({', '.join(marks)}); pass resume=True (or 'auto') to continue it, "
-                          f"overwrite=True to replace it, or another out_dir")
-
-def _start_run_dir(cfg: PretrainConfig, out: Path, resuming: bool):
-    """Rank 0, before the first epoch of this sitting: unless resuming, remove the files magma writes, only those, and
-    only where a magma run is, and in `tb/` and `wandb/` only what magma wrote (`_clear_trees`); remove temporary files
-    a killed write left; write the config snapshot `config.json`."""
-    out.mkdir(parents=True, exist_ok=True)
-    if not resuming:
-        had_run = any(os.path.lexists(out / n) for n in _MARKS)      # a magma run is there (no foreign file: checked)
-        if had_run:
-            for name in _RUN_FILES:
-                if os.path.lexists(out / name): (out / name).unlink()
-        _clear_trees(out, _foreign(out) if had_run else None)
-    remove_stray_temps(out)
-    write_json(out / 'config.json', dict(asdict(cfg), versions=versions()))
-
-_FOREIGN = '.magma_foreign.json'   # what tb/ and wandb/ held before magma's first run in the folder: never deleted
-
-def _foreign(out: Path) -> dict | None:
-    "The record `_FOREIGN` of `out`: {tree: its entry names, or None: kept whole}; None if missing or malformed."
-    f = out / _FOREIGN
-    d = _json_dict(f) if f.is_file() and not f.is_symlink() else None
-    ok = d is not None and all(v is None or isinstance(v, list) and all(isinstance(n, str) for n in v)
-                               for v in d.values())
-    return d if ok else None
-
-def _clear_trees(out: Path, keep: dict | None):
-    """With no record `keep` (the folder's first magma run, or a lost record), record what `tb/` and `wandb/` hold now
-    and delete nothing; else delete in them what the record does not hold (a tree it does not name, magma made)."""
-    if keep is None:
-        keep = {t: None if (out / t).is_symlink() else sorted(os.listdir(out / t))
-                for t in _RUN_TREES if (out / t).is_dir()}
-        return write_json(out / _FOREIGN, keep)
-    for t in _RUN_TREES:
-        tree = out / t
-        if t in keep and (keep[t] is None or tree.is_symlink()): continue          # theirs, kept whole
-        if tree.is_symlink() or not tree.is_dir(): tree.unlink(missing_ok=True); continue
-        for e in os.scandir(tree):
-            if t in keep and e.name in keep[t]: continue
-            if e.is_dir(follow_symlinks=False): shutil.rmtree(e.path)
-            else: os.unlink(e.path)
-
-class RunLock:
-    """An exclusive, non-blocking `flock` on `out_dir/.train.lock` while a run trains there: a second run on the same
-    folder is refused at once, naming the folder and the process holding it. The OS drops the lock if the process dies."""
-    def __init__(self, out: Path): self.path, self.fd = Path(out) / '.train.lock', None
-    def __enter__(self):
-        import fcntl
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-        try: fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = os.pread(self.fd, 20, 0).decode(errors='replace').strip() or '?'
-            os.close(self.fd); self.fd = None
-            raise FileExistsError(f"out_dir={str(self.path.parent)!r} is in use by another training run (process {pid}, which holds "
-                                  f"{self.path.name}); wait for it to end, or pick another out_dir") from None
-        os.ftruncate(self.fd, 0); os.pwrite(self.fd, str(os.getpid()).encode(), 0)
-        return self
-    def __exit__(self, *exc):
-        if self.fd is not None: os.close(self.fd); self.fd = None
+    return dict(ids, **means, **accs, **online, images_per_sec=stats.images_per_sec(world),
+                epoch_seconds=time.time() - stats.t0)
 
 # %% ../nbs/10_train.ipynb #a0346327
 class TrainResult(NamedTuple):
-    "What `train` returns: the run's JSON-able summary, the trained method, and its open logger (`keep_logger=True`) or None."
+    """What `train` returns: the run's JSON-able summary, the trained method, and its open logger (`keep_logger=True`)
+    or None."""
     summary: dict
     model: nn.Module
     logger: RunLogger | None = None
 
 class Preempted(RuntimeError):
-    """`train` stopped by a signal (SIGTERM): at the end of a step (one process) or of an epoch, after its checkpoint (DDP:
-    the ranks stop together); the last epoch's checkpoint is on disk and `resume` continues from it."""
+    """`train` stopped by a signal (SIGTERM): at the end of a step (one process) or of an epoch, after its checkpoint
+    (DDP: the ranks stop together); the last epoch's checkpoint is on disk and `resume` continues from it."""
     def __init__(self, msg: str, signum: int): super().__init__(msg); self.signum = signum
 
 class StopOnSignal:
-    """While active (in the main thread), SIGTERM sets `signum` instead of ending the process, so the loop can stop at the
-    end of its step; a second SIGTERM ends it at once. Elsewhere (another thread) it does nothing."""
+    """While active (in the main thread), SIGTERM sets `signum` instead of ending the process, so the loop can stop at
+    the end of its step; a second SIGTERM ends it at once. Elsewhere (another thread) it does nothing."""
     def __init__(self, signals=(signal.SIGTERM,)): self.signals, self.signum, self.old = tuple(signals), None, {}
     def _handle(self, signum, frame):
-        if self.signum is not None: signal.signal(signum, signal.SIG_DFL); os.kill(os.getpid(), signum)
+        if self.signum is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
         self.signum = signum
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -634,29 +358,23 @@ class StopOnSignal:
         for s, h in self.old.items(): signal.signal(s, h)
         self.old = {}
 
+# %% ../nbs/10_train.ipynb #7a1c0e12
 def _run_data(cfg: PretrainConfig, rank: int, world: int, device, arith: dict):
     "(training split, this process's loader of it, the evaluation loader of the online probe)."
     if cfg.download and world > 1:                               # one process downloads, the others wait for it
         if rank == 0: pretraining_data_of(cfg)
         dist.barrier()
     train_ds, eval_ds = pretraining_splits(cfg)
-    loader = _loader.make_loader(train_ds, arith['per_process_batch'], method_spec(cfg.method).views, device, seed=cfg.seed,
-                               rank=rank, world_size=world, img_size=cfg.img_size, num_workers=cfg.num_workers)
-    if len(loader) == 0: raise ValueError(f"batch_size={cfg.batch_size} is larger than the {len(train_ds)}-image training split; lower it")
-    return train_ds, loader, _loader.eval_loader(eval_ds, 256, device, img_size=cfg.img_size, num_workers=cfg.num_workers)
+    loader = _loader.make_loader(train_ds, arith['per_process_batch'], method_spec(cfg.method).views, device,
+                                 seed=cfg.seed, rank=rank, world_size=world, img_size=cfg.img_size,
+                                 num_workers=cfg.num_workers)
+    if len(loader) == 0:
+        raise ValueError(f"batch_size={cfg.batch_size} is larger than the {len(train_ds)}-image training split; "
+                         f"lower it")
+    return train_ds, loader, _loader.eval_loader(eval_ds, 256, device, img_size=cfg.img_size,
+                                                 num_workers=cfg.num_workers)
 
-def _summary(cfg: PretrainConfig, history: list, arith: dict, world: int, ckpt_path: Path, wall_seconds: float) -> dict:
-    "The run's summary: its identity and config, the last epoch's losses and tap norms, the online accuracy (None if the probe never trained), the throughput."
-    last = history[-1] if history else {}
-    not_losses = ('kind', 'epoch', 'step', 'lr', 'magma_weight', 'online_acc', 'online_train_acc', 'images_per_sec', 'epoch_seconds')
-    return dict(method=cfg.method, dataset=cfg.dataset, backbone=cfg.backbone, epochs=cfg.epochs, seed=cfg.seed,
-                config=asdict(cfg), epochs_done=len(history),
-                final_losses={k: v for k, v in last.items() if k not in not_losses and not k.startswith('tap')},
-                final_taps={k: v for k, v in last.items() if k.startswith('tap')},
-                online_acc=last.get('online_acc'), online_acc_history=[h.get('online_acc') for h in history],
-                images_per_sec=sum(h['images_per_sec'] for h in history) / max(len(history), 1),
-                wall_seconds=wall_seconds, checkpoint=str(ckpt_path), versions=versions(), world_size=world, batch=arith)
-
+# %% ../nbs/10_train.ipynb #7a1c0e14
 def _batch_line(a: dict) -> str:
     "The batch arithmetic in one line, printed when a run starts."
     micro = f" in {a['accum_steps']} micro-batches of {a['micro_batch']}" if a['accum_steps'] > 1 else ''
@@ -668,7 +386,8 @@ def _same_text(s: str, device) -> str:
     if not dist.is_initialized() or dist.get_world_size() == 1: return s
     dev = device if dist.get_backend() == 'nccl' else torch.device('cpu')
     b = torch.tensor(list(s.encode()), dtype=torch.uint8, device=dev)
-    n = torch.tensor([len(b)], device=dev); dist.broadcast(n, 0)
+    n = torch.tensor([len(b)], device=dev)
+    dist.broadcast(n, 0)
     buf = b if dist.get_rank() == 0 else torch.empty(int(n), dtype=torch.uint8, device=dev)
     dist.broadcast(buf, 0)
     return bytes(buf.cpu().tolist()).decode()
@@ -677,95 +396,164 @@ def _any_rank(signum, device) -> bool:
     "Whether a signal reached any process (one all-reduce under DDP, where the ranks stop together at an epoch's end)."
     if not dist.is_initialized() or dist.get_world_size() == 1: return bool(signum)
     t = torch.tensor([float(bool(signum))], device=device if dist.get_backend() == 'nccl' else 'cpu')
-    dist.all_reduce(t, op=dist.ReduceOp.MAX); return bool(t.item())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
-def _save_due(save_every: str, epoch: int, since_save: float) -> bool:
-    "Whether `save_every` ('N': epochs, 'Ns': seconds) asks for a checkpoint after `epoch`, `since_save` seconds after the last one."
-    return since_save >= int(save_every[:-1]) if save_every.endswith('s') else (epoch + 1) % int(save_every) == 0
-
+# %% ../nbs/10_train.ipynb #7a1c0e16
 def _lam(cfg: PretrainConfig, epoch: int) -> float:
     "λ in `epoch` (0 for a method without the MAGMA term, and before epoch 0)."
     if epoch < 0 or not method_uses_magma(cfg.method): return 0.0
     return magma_lambda(epoch, cfg.magma_schedule, cfg.magma_weight, cfg.magma_start, cfg.magma_epochs)
 
-def train(cfg: PretrainConfig | None = None, *, stop_after: int | None = None, progress: bool = True, keep_logger: bool = False,
-          lock: contextlib.ExitStack | None = None, **params) -> TrainResult:
+def _step_logged(cfg: PretrainConfig, step: int, i: int, epoch: int, lam: float) -> bool:
+    "Whether `step`, the `i`-th of `epoch` at λ `lam`, gets a row: every `log_every`-th, and the first where λ changed."
+    switch = i == 0 and lam != _lam(cfg, epoch - 1)              # λ changed: its exact first step is logged
+    return step % cfg.log_every == 0 or switch
+
+def _save_due(save_every: str, epoch: int, since_save: float) -> bool:
+    """Whether `save_every` ('N': epochs, 'Ns': seconds) asks for a checkpoint after `epoch`, `since_save` seconds after
+    the last one."""
+    return since_save >= int(save_every[:-1]) if save_every.endswith('s') else (epoch + 1) % int(save_every) == 0
+
+def _preempted(signum: int, step: int, epoch: int, ckpt_path: Path, kept_epoch) -> Preempted:
+    "The `Preempted` of a stop by `signum` after `step`, naming the checkpoint kept and how to continue."
+    name = signal.Signals(signum).name
+    return Preempted(f"stopped by {name} after step {step} (epoch {epoch}); {_kept(ckpt_path, kept_epoch)}: the same "
+                     f"command with resume=True (--resume auto in a sweep) continues from it", signum)
+
+# %% ../nbs/10_train.ipynb #7a1c0e19
+@dataclass
+class _Sitting:
+    "What the epochs of one sitting share, and where it stands (its history, the checkpoint on disk)."
+    cfg: PretrainConfig
+    p: TrainParts
+    rank: int
+    world: int
+    device: torch.device
+    arith: dict
+    loader: object
+    eval_dl: object
+    ckpt_path: Path
+    log: _CSVLog | None                    # rank 0's (None elsewhere), as the logger
+    logger: RunLogger | None
+    history: list                          # the epoch rows, the resumed ones first
+    start_epoch: int
+    wall_before: float                     # the seconds of the sittings before this one
+    kept_epoch: int | None                 # the epoch of the checkpoint on disk (None: none yet)
+    has_unlabeled: bool
+    track: bool                            # the method's own track_magma, restored at the end
+    steps: int                             # per epoch
+    total: int                             # steps of the run
+    warmup: int                            # steps of the warmup
+    t_start: float                         # when the sitting's first epoch started
+
+# %% ../nbs/10_train.ipynb #7a1c0e1a
+def _place(cfg: PretrainConfig) -> tuple[int, int, torch.device, Path]:
+    "(rank, processes, this process's device, the run folder: rank 0's name on every process)."
+    rank, world, local_rank = init_distributed(cfg.device)
+    device = pick_device(cfg.device, local_rank)
+    if cfg.out_dir is None: cfg.out_dir = default_out_dir(cfg)   # a config made without resolve_config
+    cfg.out_dir = _same_text(cfg.out_dir, device)        # rank 0's, should two ranks have named two fresh folders
+    return rank, world, device, Path(cfg.out_dir)
+
+# %% ../nbs/10_train.ipynb #7a1c0e1b
+def _start_sitting(cfg: PretrainConfig, rank: int, world: int, device, out: Path, arith: dict, data: tuple) -> _Sitting:
+    """Under the lock: whether this sitting resumes (looked at again), the parts (resumed, or this rank's generators
+    seeded), the folder prepared by rank 0, the logs opened."""
+    train_ds, loader, eval_dl = data
+    resuming = _check_run_dir(cfg, out)          # again, under the lock: what this sitting does with the folder
+    if world > 1: dist.barrier()                                 # every rank has looked before rank 0 changes anything
+    p, ckpt_path = build_parts(cfg, device, len(train_ds.classes), world), out / 'checkpoint.safetensors'
+    start_epoch, history, wall_before = _resume_or_seed(p, ckpt_path, cfg, resuming, rank, world)
+    wrap_parts(p, world, device, cfg.compile)
+    if rank == 0: _start_run_dir(cfg, out, resuming)     # a fresh start's old files, stray temporary files, config.json
+    if world > 1: dist.barrier()
+    steps = len(loader)
+    log, logger = _open_logs(cfg, out, rank, resuming, start_epoch, history, steps)
+    return _Sitting(cfg, p, rank, world, device, arith, loader, eval_dl, ckpt_path, log, logger, history, start_epoch,
+                    wall_before, kept_epoch=start_epoch - 1 if resuming else None,   # the checkpoint on disk
+                    has_unlabeled=bool((train_ds.labels < 0).any()), track=p.model.track_magma, steps=steps,
+                    total=cfg.epochs * steps, warmup=round(cfg.warmup_epochs * steps), t_start=time.time())
+
+# %% ../nbs/10_train.ipynb #7a1c0e1d
+def _one_step(s: _Sitting, stop: StopOnSignal, stats: EpochStats, bar, batch: dict, epoch: int, i: int,
+              lam: float) -> tuple[int, float]:
+    "Step `i` of `epoch`: train, count, log if due (rank 0), stop at a signal (one process): (global step, its lr)."
+    cfg, p = s.cfg, s.p
+    step = epoch * s.steps + i
+    lr = lr_at(step, s.total, s.warmup, s.arith['lr'])
+    logged = _step_logged(cfg, step, i, epoch, lam)
+    p.model.track_magma = s.track and (logged or i == 0)         # the untrained term (λ = 0): only where it is logged
+    try: comps, hits, labelled = train_step(p, batch, lr, step, s.total, cfg.accum_steps, s.has_unlabeled)
+    except NonFiniteLoss as e:
+        raise NonFiniteLoss(f"{e} in epoch {epoch}; {_kept(s.ckpt_path, s.kept_epoch)}. "
+                            f"{_advice(cfg).capitalize()}") from None
+    stats.add(comps, hits, labelled, len(batch['label']))
+    if s.rank == 0 and logged:
+        _log_step(s.log, s.logger, bar, stats, comps, s.world, epoch=epoch, step=step, lr=lr, magma_weight=lam)
+    if stop.signum and s.world == 1: raise _preempted(stop.signum, step, epoch, s.ckpt_path, s.kept_epoch)
+    return step, lr
+
+def _one_epoch(s: _Sitting, stop: StopOnSignal, epoch: int, progress: bool) -> dict:
+    "Epoch `epoch` at its λ: its steps, then its row (in the sitting's history; rank 0 logs it)."
+    from tqdm.auto import tqdm
+    lam = _lam(s.cfg, epoch)
+    s.p.model.magma_weight = lam
+    s.loader.set_epoch(epoch)
+    s.p.net.train()
+    s.p.probe.train()
+    stats = EpochStats()
+    bar = tqdm(s.loader, desc=f"epoch {epoch}", disable=None if progress and s.rank == 0 else True, leave=False)
+    for i, batch in enumerate(bar): step, lr = _one_step(s, stop, stats, bar, batch, epoch, i, lam)
+    row = epoch_row(stats, s.p, s.eval_dl, s.world, s.rank, kind='epoch', epoch=epoch, step=step, lr=lr,
+                    magma_weight=lam)
+    s.history.append(row)
+    if s.rank == 0: _log_epoch(s.log, s.logger, row)
+    return row
+
+# %% ../nbs/10_train.ipynb #7a1c0e1e
+def _checkpoint_due(s: _Sitting, epoch: int, end: int, stopping: bool, last_save: float) -> bool:
+    "Whether `epoch` ends with a checkpoint: the sitting's last, a stop, or `save_every` (the ranks decide together)."
+    if epoch == end - 1 or stopping: return True
+    return _any_rank(_save_due(s.cfg.save_every, epoch, time.time() - last_save), s.device)
+
+def _epochs(s: _Sitting, stop: StopOnSignal, end: int, progress: bool):
+    "The sitting's epochs up to `end`, each checkpointed when due; a signal stops them after its epoch's checkpoint."
+    last_save = time.time()
+    for epoch in range(s.start_epoch, end):
+        row = _one_epoch(s, stop, epoch, progress)
+        stopping = _any_rank(stop.signum, s.device)
+        if _checkpoint_due(s, epoch, end, stopping, last_save):
+            save_training_state(s.p, s.ckpt_path, s.cfg, epoch=epoch, history=s.history,
+                                wall_seconds=s.wall_before + time.time() - s.t_start, kept_epoch=s.kept_epoch,
+                                rank=s.rank)
+            s.kept_epoch, last_save = epoch, time.time()
+        if stopping: raise _preempted(stop.signum or signal.SIGTERM, row['step'], epoch, s.ckpt_path, s.kept_epoch)
+
+# %% ../nbs/10_train.ipynb #7a1c0e20
+def train(cfg: PretrainConfig | None = None, *, stop_after: int | None = None, progress: bool = True,
+          keep_logger: bool = False, lock: contextlib.ExitStack | None = None, **params) -> TrainResult:
     """Pretrain `cfg` (or `resolve_config(**params)`) in `cfg.out_dir`: (summary, trained method, open logger or None).
     With `lock`, the folder's `RunLock` goes into that stack and stays held after `train` returns, until the caller
     closes it."""
     cfg = cfg if isinstance(cfg, PretrainConfig) else resolve_config(**params)
-    rank, world, local_rank = init_distributed(cfg.device)
-    device = pick_device(cfg.device, local_rank)
-    if cfg.out_dir is None: cfg.out_dir = default_out_dir(cfg)   # a config made without resolve_config
-    cfg.out_dir = _same_text(cfg.out_dir, device)                # rank 0's, should two ranks have named two fresh folders
-    out = Path(cfg.out_dir); ckpt_path = out / 'checkpoint.safetensors'
-    _check_run_dir(cfg, out)                                     # an existing run is never replaced by accident (reads only)
+    rank, world, device, out = _place(cfg)
+    _check_run_dir(cfg, out)                             # an existing run is never replaced by accident (reads only)
     arith = batch_arithmetic(cfg, world)
     if rank == 0: print(_batch_line(arith), flush=True)
-    train_ds, loader, eval_dl = _run_data(cfg, rank, world, device, arith)   # a missing dataset fails here, before any model is built
+    data = _run_data(cfg, rank, world, device, arith)    # a missing dataset fails here, before any model is built
     parse_backends(cfg.loggers)                                  # on every process: a missing wandb fails on all ranks
     if rank == 0: out.mkdir(parents=True, exist_ok=True)
-    held = RunLock(out) if rank == 0 else contextlib.nullcontext()
-    if lock is not None: lock.enter_context(held); held = contextlib.nullcontext()   # the caller's (run: results.json)
-    with held, StopOnSignal() as stop, precision_flags(cfg.precision, device):
-        resuming = _check_run_dir(cfg, out)                      # again, under the lock: what this sitting does with the folder
-        if world > 1: dist.barrier()                             # every rank has looked before rank 0 changes anything
-        p = build_parts(cfg, device, len(train_ds.classes), world)
-        if resuming: start_epoch, history, wall_before = load_training_state(p, ckpt_path, cfg, rank, world)   # this rank's generators too
-        else:
-            start_epoch, history, wall_before = 0, [], 0.0
-            torch.manual_seed(cfg.seed + 1_000_003 * rank)       # per-rank masks and noise
-        kept_epoch = start_epoch - 1 if resuming else None       # the checkpoint on disk, named by failure messages
-        wrap_parts(p, world, device, cfg.compile)
-        if rank == 0: _start_run_dir(cfg, out, resuming)         # a fresh start's old files, stray temporary files, config.json
-        if world > 1: dist.barrier()
-        steps_per_epoch = len(loader)
-        log = _CSVLog(out / 'metrics.csv', read_log(out / 'metrics.csv', start_epoch, history) if resuming else ()) if rank == 0 else None
-        logger = RunLogger(out, asdict(cfg), backends=cfg.loggers, purge_step=start_epoch * steps_per_epoch,   # drops steps logged after the checkpoint
-                           wandb_project=cfg.wandb_project, wandb_mode=cfg.wandb_mode) if rank == 0 else None
-        try:
-            total, warmup = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
-            has_unlabeled, t_start, track = bool((train_ds.labels < 0).any()), time.time(), p.model.track_magma
-            from tqdm.auto import tqdm
-            end, last_save = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after), time.time()
-            for epoch in range(start_epoch, end):
-                lam = _lam(cfg, epoch)
-                p.model.magma_weight = lam
-                loader.set_epoch(epoch); p.net.train(); p.probe.train()
-                stats, bar = EpochStats(), tqdm(loader, desc=f"epoch {epoch}", disable=None if progress and rank == 0 else True, leave=False)
-                for i, batch in enumerate(bar):
-                    step = epoch * steps_per_epoch + i
-                    lr = lr_at(step, total, warmup, arith['lr'])
-                    switch = i == 0 and lam != _lam(cfg, epoch - 1)      # λ changed: its exact first step is logged
-                    logged = step % cfg.log_every == 0 or switch
-                    p.model.track_magma = track and (logged or i == 0)   # the untrained term (λ = 0): only where it is logged
-                    try: comps, hits, labelled = train_step(p, batch, lr, step, total, cfg.accum_steps, has_unlabeled)
-                    except NonFiniteLoss as e: raise NonFiniteLoss(f"{e} in epoch {epoch}; {_kept(ckpt_path, kept_epoch)}. {_advice(cfg).capitalize()}") from None
-                    stats.add(comps, hits, labelled, len(batch['label']))
-                    if rank == 0 and logged:
-                        _log_step(log, logger, bar, stats, comps, world, epoch=epoch, step=step, lr=lr, magma_weight=lam)
-                    if stop.signum and world == 1: raise _preempted(stop.signum, step, epoch, ckpt_path, kept_epoch)
-                row = epoch_row(stats, p, eval_dl, world, rank, kind='epoch', epoch=epoch, step=step, lr=lr, magma_weight=lam)
-                history.append(row)
-                if rank == 0: _log_epoch(log, logger, row)
-                stopping = _any_rank(stop.signum, device)
-                if epoch == end - 1 or stopping or _any_rank(_save_due(cfg.save_every, epoch, time.time() - last_save), device):
-                    save_training_state(p, ckpt_path, cfg, epoch=epoch, history=history, wall_seconds=wall_before + time.time() - t_start,
-                                        kept_epoch=kept_epoch, rank=rank)
-                    kept_epoch, last_save = epoch, time.time()
-                if stopping: raise _preempted(stop.signum or signal.SIGTERM, step, epoch, ckpt_path, kept_epoch)
+    with _run_lock(out, rank, lock), StopOnSignal() as stop, precision_flags(cfg.precision, device):
+        s = _start_sitting(cfg, rank, world, device, out, arith, data)
+        try: _epochs(s, stop, cfg.epochs if stop_after is None else min(cfg.epochs, stop_after), progress)
         except BaseException:
-            if logger is not None: logger.close()
+            if s.logger is not None: s.logger.close()
             raise
-        finally: p.model.track_magma = track
-        if logger is not None and not keep_logger: logger.close()
-    summary = _summary(cfg, history, arith, world, ckpt_path, wall_before + time.time() - t_start)
-    return TrainResult(summary, p.model, logger if keep_logger else None)
-
-def _preempted(signum: int, step: int, epoch: int, ckpt_path: Path, kept_epoch) -> Preempted:
-    name = signal.Signals(signum).name
-    return Preempted(f"stopped by {name} after step {step} (epoch {epoch}); {_kept(ckpt_path, kept_epoch)}: the same command with "
-                     f"resume=True (--resume auto in a sweep) continues from it", signum)
+        finally: s.p.model.track_magma = s.track
+        if s.logger is not None and not keep_logger: s.logger.close()
+    summary = _summary(cfg, s.history, arith, world, s.ckpt_path, s.wall_before + time.time() - s.t_start)
+    return TrainResult(summary, s.p.model, s.logger if keep_logger else None)
 
 # %% ../nbs/10_train.ipynb #d5e8e65d
 def load_pretrained(path, device='cpu') -> tuple[nn.Module, PretrainConfig]:
@@ -776,9 +564,12 @@ def load_pretrained(path, device='cpu') -> tuple[nn.Module, PretrainConfig]:
     if path.is_dir(): path = path / 'checkpoint.safetensors'
     st = load_checkpoint(path, device, keys=('model', 'config'))
     _require(st, ('model', 'config'), path)
-    if not isinstance(st['config'], dict): raise CheckpointError(f"{path}: its config is a {type(st['config']).__name__}, not a dict")
+    if not isinstance(st['config'], dict):
+        raise CheckpointError(f"{path}: its config is a {type(st['config']).__name__}, not a dict")
     unknown = sorted(k for k in st['config'] if k not in PARAMS)
-    if unknown: warnings.warn(f"{path}: ignoring config key(s) {', '.join(map(repr, unknown))} unknown to this version of magma")
+    if unknown:
+        warnings.warn(f"{path}: ignoring config key(s) {', '.join(map(repr, unknown))} unknown to this version of "
+                      f"magma")
     try: cfg = check_config(PretrainConfig(**{k: v for k, v in st['config'].items() if k in PARAMS}), here=False)
     except ValueError as e: raise CheckpointError(f"{path}: its config is invalid ({e})") from None
     model = build_method(cfg).to(device)

@@ -5,7 +5,7 @@ method (asked of `magma.methods.METHODS`) on 'cuda:0', nothing raises and a GPU 
 - at most once per training step (`train.train_step`: forward, loss, the non-finite guard, the optimizer, the method's
   `on_step`, the probe step; then `EpochStats.add`): the guard's read;
 - at most once per evaluation (`train._probe_accuracy` over the eval loader), not once per batch;
-- at most once per checkpoint finiteness check (`train._bad_tensors`: one host copy per device).
+- at most once per checkpoint finiteness check (`rundir._bad_tensors`: one host copy per device).
 
 Backward cannot run on fake CUDA tensors (the autograd engine asks the CUDA driver for the device), so the fake step
 gives the leaves zero gradients instead and the backward pass is counted on the CPU (`count_syncs`, CPU tensors counted
@@ -43,6 +43,7 @@ from magma.loader import eval_loader, make_loader  # noqa: E402
 from magma.losses import simclr_loss, vicreg_loss  # noqa: E402
 from magma.methods import METHODS  # noqa: E402
 from magma import train as T  # noqa: E402
+from magma import rundir as R  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEV = torch.device('cuda:0')
@@ -133,7 +134,7 @@ def test_step_eval_checkpoint_sync_budget(method):
         assert 'online_acc' in out and len(ev) == 2
         assert fc.syncs('eval') <= BUDGET['eval'], f"{method} evaluation of {len(ev)} batches: {_report(fc, 'eval')}"
         with fc.region('ckpt'):
-            bad = T._bad_tensors(dict(model=p.model.state_dict(), probe=p.probe.state_dict(), opt=p.opt.state_dict()))
+            bad = R._bad_tensors(dict(model=p.model.state_dict(), probe=p.probe.state_dict(), opt=p.opt.state_dict()))
         assert bad == [] and fc.syncs('ckpt') <= BUDGET['ckpt'], f"{method} checkpoint check: {_report(fc, 'ckpt')}"
         counts = dict(step=fc.syncs('step2'), step_ops=fc.ops('step2'), eval=fc.syncs('eval'), ckpt=fc.syncs('ckpt'))
     # the backward pass, on the CPU, its would-be syncs counted as if the CPU were the device
