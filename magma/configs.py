@@ -12,11 +12,16 @@ from .base import check_key
 from .datasets import IMG_SIZE
 from .ssl.mae import DECODERS
 from .patches import visible_patches
+import torch.nn as nn, torch.distributed as dist
+import magma.methods as _methods
+import magma.datasets as _datasets
 
 # %% auto #0
 __all__ = ['PAPER_TABLE4', 'PAPER_TABLE5', 'PAPER_COMMON', 'PAPER_MAE', 'PAPER_JE', 'PAPER_BY_FAMILY', 'PARAMS', 'LIGHT_DECODER',
            'MINI_MAGMA', 'PROFILES', 'LOGGERS', 'paper_table', 'PretrainConfig', 'uses_cuda', 'paper_precision',
-           'resolve_config', 'check_config', 'method_uses_magma', 'dataset_slug', 'private_dir', 'default_out_dir']
+           'resolve_config', 'check_config', 'method_uses_magma', 'dataset_slug', 'private_dir', 'default_out_dir',
+           'method_kwargs', 'global_graph', 'build_method', 'batch_arithmetic', 'pretraining_data_of',
+           'pretraining_splits']
 
 # %% ../nbs/09_configs.ipynb #4a290063
 _COLS = ('backbone', 'patch_size', 'epochs', 'batch_size', 'lr', 'magma_start')
@@ -551,3 +556,62 @@ def default_out_dir(cfg: PretrainConfig, root=None) -> str:
         last = p
     return str(last)
 
+
+# %% ../nbs/09_configs.ipynb #18f1994a
+_GEOMETRY = ('backbone', 'img_size', 'patch_size', 'magma_target')   # always the config's (the trainer sets λ itself)
+
+def method_kwargs(cfg: PretrainConfig) -> dict:
+    """What `magma.methods.create(cfg.method, ...)` takes from `cfg`, asked of the registry: the geometry and MAGMA
+    blocks always; any other key the method accepts when the config sets it away from the `PretrainConfig` default (so
+    a method's own default stands unless asked otherwise); and `method_args`."""
+    keys = method_spec(cfg.method).config
+    kw = {k: getattr(cfg, k) for k in _GEOMETRY}
+    kw.update(magma_layers=tuple(cfg.magma_layers),
+              magma_global=global_graph(cfg, _world_size()))
+    if cfg.backbone_flavour: kw['backbone_flavour'] = cfg.backbone_flavour
+    for f in fields(PretrainConfig):
+        if f.name in keys and f.name not in kw and f.name != 'magma_weight' and getattr(cfg, f.name) != f.default:
+            kw[f.name] = getattr(cfg, f.name)
+    return {**kw, **(cfg.method_args or {})}
+
+def _world_size() -> int: return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+def global_graph(cfg: PretrainConfig, world: int) -> bool:
+    """Whether the MAGMA graph spans the global batch: `magma_global` if set, else yes exactly when there are several
+    processes."""
+    return bool(cfg.magma_global) if cfg.magma_global is not None else world > 1
+
+def build_method(cfg: PretrainConfig) -> nn.Module:
+    return _methods.create(cfg.method, **method_kwargs(cfg))
+
+# %% ../nbs/09_configs.ipynb #7a1c0e04
+def batch_arithmetic(cfg: PretrainConfig, world: int) -> dict:
+    """Global batch, per-process batch and micro-batch, the scaled learning rate and the MAGMA graph's size for `world`
+    processes."""
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size={cfg.batch_size} (the global batch) is not divisible by the {world} processes; "
+                         f"use a multiple of {world}")
+    per = cfg.batch_size // world
+    if per % cfg.accum_steps or per // cfg.accum_steps < 2:
+        raise ValueError(f"accum_steps={cfg.accum_steps} does not cut the {per} images of each of the {world} "
+                         f"processes (batch_size={cfg.batch_size}) into equal micro-batches of at least 2; "
+                         f"use a divisor of {per} up to {per // 2}")
+    micro = per // cfg.accum_steps
+    return dict(global_batch=cfg.batch_size, per_process_batch=per, accum_steps=cfg.accum_steps, micro_batch=micro,
+                world_size=world, base_lr=cfg.lr, lr=cfg.lr * cfg.batch_size / 256,
+                magma_graph=micro * world if global_graph(cfg, world) else micro)
+
+# %% ../nbs/09_configs.ipynb #7a1c0e06
+def pretraining_data_of(cfg: PretrainConfig) -> _datasets.PretrainingData:
+    "Every dataset a run reads, from its config: `magma.datasets.pretraining_data` (train, bank, val, test)."
+    return _datasets.pretraining_data(cfg.dataset, root=cfg.data_dir, download=cfg.download,
+                                      eval_dataset=cfg.eval_dataset, val_fraction=cfg.val_fraction,
+                                      train_fraction=cfg.train_fraction, train_per_class=cfg.train_per_class,
+                                      subset_seed=cfg.subset_seed, img_size=cfg.img_size,
+                                      skip_unreadable=cfg.skip_unreadable, n_per_class=cfg.n_per_class)
+
+def pretraining_splits(cfg: PretrainConfig):
+    """(images pretrained on, images the online probe is scored on): the validation images with `val_fraction` > 0
+    (never pretrained on), else the test split, of `eval_dataset` (or `dataset`)."""
+    d = pretraining_data_of(cfg)
+    return d.train, d.scored

@@ -4,20 +4,20 @@
 
 # %% ../nbs/09b_rundir.ipynb #21640401
 from __future__ import annotations
-import contextlib, csv, json, math, os, platform, shutil, warnings
+import contextlib, csv, json, math, os, platform, shutil, signal, threading, warnings
 from pathlib import Path
 from dataclasses import asdict
 from typing import Protocol
 import torch, torch.nn as nn
 import torch.distributed as dist
-from .configs import PretrainConfig
+from .configs import PretrainConfig, PARAMS, check_config, build_method
 from .loggers import RunLogger
 from .checkpoints import (CheckpointError, save_checkpoint, load_checkpoint, load_weights, write_json, atomic_path,
                                remove_stray_temps, _require, _line)
 
 # %% auto #0
 __all__ = ['versions', 'RunLock', 'read_log', 'NonFiniteLoss', 'NonFiniteState', 'rng_states', 'save_training_state',
-           'load_training_state']
+           'load_training_state', 'Preempted', 'StopOnSignal', 'load_pretrained']
 
 # %% ../nbs/09b_rundir.ipynb #484788db
 _MARKS = ('checkpoint.safetensors', 'results.json', 'metrics.csv', 'config.json')   # any of them: a run is there
@@ -469,3 +469,77 @@ def _summary(cfg: PretrainConfig, history: list, arith: dict, world: int, ckpt_p
                 images_per_sec=sum(h['images_per_sec'] for h in history) / max(len(history), 1),
                 wall_seconds=wall_seconds, checkpoint=str(ckpt_path), versions=versions(), world_size=world,
                 batch=arith)
+
+# %% ../nbs/09b_rundir.ipynb #c0c8585e
+class Preempted(RuntimeError):
+    """`train` stopped by a signal (SIGTERM): at the end of a step (one process) or of an epoch, after its checkpoint
+    (DDP: the ranks stop together); the last epoch's checkpoint is on disk and `resume` continues from it."""
+    def __init__(self, msg: str, signum: int): super().__init__(msg); self.signum = signum
+
+class StopOnSignal:
+    """While active (in the main thread), SIGTERM sets `signum` instead of ending the process, so the loop can stop at
+    the end of its step; a second SIGTERM ends it at once. Elsewhere (another thread) it does nothing."""
+    def __init__(self, signals=(signal.SIGTERM,)): self.signals, self.signum, self.old = tuple(signals), None, {}
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        self.signum = signum
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.old = {s: signal.signal(s, self._handle) for s in self.signals}
+        return self
+    def __exit__(self, *exc):
+        for s, h in self.old.items(): signal.signal(s, h)
+        self.old = {}
+
+# %% ../nbs/09b_rundir.ipynb #b9c7e012
+def _save_due(save_every: str, epoch: int, since_save: float) -> bool:
+    """Whether `save_every` ('N': epochs, 'Ns': seconds) asks for a checkpoint after `epoch`, `since_save` seconds after
+    the last one."""
+    return since_save >= int(save_every[:-1]) if save_every.endswith('s') else (epoch + 1) % int(save_every) == 0
+
+def _preempted(signum: int, step: int, epoch: int, ckpt_path: Path, kept_epoch) -> Preempted:
+    "The `Preempted` of a stop by `signum` after `step`, naming the checkpoint kept and how to continue."
+    name = signal.Signals(signum).name
+    return Preempted(f"stopped by {name} after step {step} (epoch {epoch}); {_kept(ckpt_path, kept_epoch)}: the same "
+                     f"command with resume=True (--resume auto in a sweep) continues from it", signum)
+
+def _same_text(s: str, device) -> str:
+    "Rank 0's `s` on every process (one broadcast of its UTF-8 bytes; `s` itself for one process)."
+    if not dist.is_initialized() or dist.get_world_size() == 1: return s
+    dev = device if dist.get_backend() == 'nccl' else torch.device('cpu')
+    b = torch.tensor(list(s.encode()), dtype=torch.uint8, device=dev)
+    n = torch.tensor([len(b)], device=dev)
+    dist.broadcast(n, 0)
+    buf = b if dist.get_rank() == 0 else torch.empty(int(n), dtype=torch.uint8, device=dev)
+    dist.broadcast(buf, 0)
+    return bytes(buf.cpu().tolist()).decode()
+
+def _any_rank(signum, device) -> bool:
+    "Whether a signal reached any process (one all-reduce under DDP, where the ranks stop together at an epoch's end)."
+    if not dist.is_initialized() or dist.get_world_size() == 1: return bool(signum)
+    t = torch.tensor([float(bool(signum))], device=device if dist.get_backend() == 'nccl' else 'cpu')
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+# %% ../nbs/09b_rundir.ipynb #d5e8e65d
+def load_pretrained(path, device='cpu') -> tuple[nn.Module, PretrainConfig]:
+    """(model, config) from a run directory or its checkpoint.safetensors; weights loaded strictly. A config key this
+    version of magma does not know (a newer checkpoint) is ignored with a warning, as resume ignores it; a missing one
+    takes its default; a bad value or a mismatched architecture is one line naming the file."""
+    path = Path(path)
+    if path.is_dir(): path = path / 'checkpoint.safetensors'
+    st = load_checkpoint(path, device, keys=('model', 'config'))
+    _require(st, ('model', 'config'), path)
+    if not isinstance(st['config'], dict):
+        raise CheckpointError(f"{path}: its config is a {type(st['config']).__name__}, not a dict")
+    unknown = sorted(k for k in st['config'] if k not in PARAMS)
+    if unknown:
+        warnings.warn(f"{path}: ignoring config key(s) {', '.join(map(repr, unknown))} unknown to this version of "
+                      f"magma")
+    try: cfg = check_config(PretrainConfig(**{k: v for k, v in st['config'].items() if k in PARAMS}), here=False)
+    except ValueError as e: raise CheckpointError(f"{path}: its config is invalid ({e})") from None
+    model = build_method(cfg).to(device)
+    load_weights(model, st['model'], path, 'model')
+    return model.eval(), cfg

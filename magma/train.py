@@ -4,33 +4,34 @@
 
 # %% ../nbs/10_train.ipynb #12e540d9
 from __future__ import annotations
-import contextlib, math, os, time, signal, threading, warnings
+import contextlib, math, os, time, signal
 from pathlib import Path
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import NamedTuple
 import torch, torch.nn as nn, torch.nn.functional as F
 import torch.distributed as dist
-from .configs import PretrainConfig, PARAMS, resolve_config, check_config, method_uses_magma, default_out_dir
+from .configs import (PretrainConfig, resolve_config, method_uses_magma, default_out_dir, method_kwargs,
+                           global_graph, build_method, batch_arithmetic, pretraining_data_of, pretraining_splits,
+                           _world_size)
 from .base import method_spec
-from .checkpoints import CheckpointError, load_checkpoint, load_weights, _require
 from .loggers import RunLogger, parse_backends
 from .rundir import (NonFiniteLoss, NonFiniteState, RunLock, versions, rng_states, save_training_state,
                           load_training_state, read_log, _CSVLog, _check_run_dir, _start_run_dir, _kept, _advice,
-                          _run_lock, _resume_or_seed, _open_logs, _log_step, _log_epoch, _summary)
-import magma.methods as _methods
-import magma.datasets as _datasets
+                          _run_lock, _resume_or_seed, _open_logs, _log_step, _log_epoch, _summary, Preempted,
+                          StopOnSignal, _preempted, _save_due, _any_rank, _same_text, load_pretrained)
 import magma.loader as _loader
 
 # %% auto #0
-__all__ = ['lr_at', 'magma_lambda', 'init_distributed', 'pick_device', 'method_kwargs', 'global_graph', 'build_method',
-           'batch_arithmetic', 'pretraining_data_of', 'pretraining_splits', 'param_groups', 'TrainParts', 'build_parts',
-           'wrap_parts', 'precision_flags', 'micro_batches', 'train_step', 'EpochStats', 'epoch_row', 'TrainResult',
-           'Preempted', 'StopOnSignal', 'train', 'load_pretrained', 'NonFiniteLoss', 'NonFiniteState', 'versions',
-           'rng_states', 'save_training_state', 'load_training_state', 'read_log', 'RunLock']
+__all__ = ['lr_at', 'magma_lambda', 'init_distributed', 'pick_device', 'param_groups', 'TrainParts', 'build_parts', 'wrap_parts',
+           'precision_flags', 'micro_batches', 'train_step', 'EpochStats', 'epoch_row', 'TrainResult', 'train',
+           'method_kwargs', 'global_graph', 'build_method', 'batch_arithmetic', 'pretraining_data_of',
+           'pretraining_splits', 'NonFiniteLoss', 'NonFiniteState', 'versions', 'rng_states', 'save_training_state',
+           'load_training_state', 'read_log', 'RunLock', 'Preempted', 'StopOnSignal', 'load_pretrained']
 
 # %% ../nbs/10_train.ipynb #7a1c0e02
-_all_ = ['NonFiniteLoss', 'NonFiniteState', 'versions', 'rng_states', 'save_training_state', 'load_training_state',
-         'read_log', 'RunLock']
+_all_ = ['method_kwargs', 'global_graph', 'build_method', 'batch_arithmetic', 'pretraining_data_of',
+         'pretraining_splits', 'NonFiniteLoss', 'NonFiniteState', 'versions', 'rng_states', 'save_training_state',
+         'load_training_state', 'read_log', 'RunLock', 'Preempted', 'StopOnSignal', 'load_pretrained']
 
 # %% ../nbs/10_train.ipynb #21c49134
 def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> float:
@@ -69,65 +70,6 @@ def pick_device(device: str = 'auto', local_rank: int = 0) -> torch.device:
     if device.startswith('cuda') and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} but CUDA is not available here; use device='cpu' or 'auto'")
     return torch.device(device)
-
-# %% ../nbs/10_train.ipynb #18f1994a
-_GEOMETRY = ('backbone', 'img_size', 'patch_size', 'magma_target')   # always the config's (the trainer sets λ itself)
-
-def method_kwargs(cfg: PretrainConfig) -> dict:
-    """What `magma.methods.create(cfg.method, ...)` takes from `cfg`, asked of the registry: the geometry and MAGMA
-    blocks always; any other key the method accepts when the config sets it away from the `PretrainConfig` default (so
-    a method's own default stands unless asked otherwise); and `method_args`."""
-    keys = method_spec(cfg.method).config
-    kw = {k: getattr(cfg, k) for k in _GEOMETRY}
-    kw.update(magma_layers=tuple(cfg.magma_layers),
-              magma_global=global_graph(cfg, _world_size()))
-    if cfg.backbone_flavour: kw['backbone_flavour'] = cfg.backbone_flavour
-    for f in fields(PretrainConfig):
-        if f.name in keys and f.name not in kw and f.name != 'magma_weight' and getattr(cfg, f.name) != f.default:
-            kw[f.name] = getattr(cfg, f.name)
-    return {**kw, **(cfg.method_args or {})}
-
-def _world_size() -> int: return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-def global_graph(cfg: PretrainConfig, world: int) -> bool:
-    """Whether the MAGMA graph spans the global batch: `magma_global` if set, else yes exactly when there are several
-    processes."""
-    return bool(cfg.magma_global) if cfg.magma_global is not None else world > 1
-
-def build_method(cfg: PretrainConfig) -> nn.Module:
-    return _methods.create(cfg.method, **method_kwargs(cfg))
-
-# %% ../nbs/10_train.ipynb #7a1c0e04
-def batch_arithmetic(cfg: PretrainConfig, world: int) -> dict:
-    """Global batch, per-process batch and micro-batch, the scaled learning rate and the MAGMA graph's size for `world`
-    processes."""
-    if cfg.batch_size % world:
-        raise ValueError(f"batch_size={cfg.batch_size} (the global batch) is not divisible by the {world} processes; "
-                         f"use a multiple of {world}")
-    per = cfg.batch_size // world
-    if per % cfg.accum_steps or per // cfg.accum_steps < 2:
-        raise ValueError(f"accum_steps={cfg.accum_steps} does not cut the {per} images of each of the {world} "
-                         f"processes (batch_size={cfg.batch_size}) into equal micro-batches of at least 2; "
-                         f"use a divisor of {per} up to {per // 2}")
-    micro = per // cfg.accum_steps
-    return dict(global_batch=cfg.batch_size, per_process_batch=per, accum_steps=cfg.accum_steps, micro_batch=micro,
-                world_size=world, base_lr=cfg.lr, lr=cfg.lr * cfg.batch_size / 256,
-                magma_graph=micro * world if global_graph(cfg, world) else micro)
-
-# %% ../nbs/10_train.ipynb #7a1c0e06
-def pretraining_data_of(cfg: PretrainConfig) -> _datasets.PretrainingData:
-    "Every dataset a run reads, from its config: `magma.datasets.pretraining_data` (train, bank, val, test)."
-    return _datasets.pretraining_data(cfg.dataset, root=cfg.data_dir, download=cfg.download,
-                                      eval_dataset=cfg.eval_dataset, val_fraction=cfg.val_fraction,
-                                      train_fraction=cfg.train_fraction, train_per_class=cfg.train_per_class,
-                                      subset_seed=cfg.subset_seed, img_size=cfg.img_size,
-                                      skip_unreadable=cfg.skip_unreadable, n_per_class=cfg.n_per_class)
-
-def pretraining_splits(cfg: PretrainConfig):
-    """(images pretrained on, images the online probe is scored on): the validation images with `val_fraction` > 0
-    (never pretrained on), else the test split, of `eval_dataset` (or `dataset`)."""
-    d = pretraining_data_of(cfg)
-    return d.train, d.scored
 
 # %% ../nbs/10_train.ipynb #c4169937
 def param_groups(model: nn.Module, weight_decay: float, exclude_bias_norm: bool = False) -> list[dict]:
@@ -336,28 +278,6 @@ class TrainResult(NamedTuple):
     model: nn.Module
     logger: RunLogger | None = None
 
-class Preempted(RuntimeError):
-    """`train` stopped by a signal (SIGTERM): at the end of a step (one process) or of an epoch, after its checkpoint
-    (DDP: the ranks stop together); the last epoch's checkpoint is on disk and `resume` continues from it."""
-    def __init__(self, msg: str, signum: int): super().__init__(msg); self.signum = signum
-
-class StopOnSignal:
-    """While active (in the main thread), SIGTERM sets `signum` instead of ending the process, so the loop can stop at
-    the end of its step; a second SIGTERM ends it at once. Elsewhere (another thread) it does nothing."""
-    def __init__(self, signals=(signal.SIGTERM,)): self.signals, self.signum, self.old = tuple(signals), None, {}
-    def _handle(self, signum, frame):
-        if self.signum is not None:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-        self.signum = signum
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self.old = {s: signal.signal(s, self._handle) for s in self.signals}
-        return self
-    def __exit__(self, *exc):
-        for s, h in self.old.items(): signal.signal(s, h)
-        self.old = {}
-
 # %% ../nbs/10_train.ipynb #7a1c0e12
 def _run_data(cfg: PretrainConfig, rank: int, world: int, device, arith: dict):
     "(training split, this process's loader of it, the evaluation loader of the online probe)."
@@ -381,24 +301,6 @@ def _batch_line(a: dict) -> str:
     return (f"batch: global {a['global_batch']} = {a['world_size']} x {a['per_process_batch']} per process{micro}; "
             f"lr {a['base_lr']:g} x {a['global_batch']}/256 = {a['lr']:g}; MAGMA graph over {a['magma_graph']} images")
 
-def _same_text(s: str, device) -> str:
-    "Rank 0's `s` on every process (one broadcast of its UTF-8 bytes; `s` itself for one process)."
-    if not dist.is_initialized() or dist.get_world_size() == 1: return s
-    dev = device if dist.get_backend() == 'nccl' else torch.device('cpu')
-    b = torch.tensor(list(s.encode()), dtype=torch.uint8, device=dev)
-    n = torch.tensor([len(b)], device=dev)
-    dist.broadcast(n, 0)
-    buf = b if dist.get_rank() == 0 else torch.empty(int(n), dtype=torch.uint8, device=dev)
-    dist.broadcast(buf, 0)
-    return bytes(buf.cpu().tolist()).decode()
-
-def _any_rank(signum, device) -> bool:
-    "Whether a signal reached any process (one all-reduce under DDP, where the ranks stop together at an epoch's end)."
-    if not dist.is_initialized() or dist.get_world_size() == 1: return bool(signum)
-    t = torch.tensor([float(bool(signum))], device=device if dist.get_backend() == 'nccl' else 'cpu')
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
 # %% ../nbs/10_train.ipynb #7a1c0e16
 def _lam(cfg: PretrainConfig, epoch: int) -> float:
     "λ in `epoch` (0 for a method without the MAGMA term, and before epoch 0)."
@@ -409,17 +311,6 @@ def _step_logged(cfg: PretrainConfig, step: int, i: int, epoch: int, lam: float)
     "Whether `step`, the `i`-th of `epoch` at λ `lam`, gets a row: every `log_every`-th, and the first where λ changed."
     switch = i == 0 and lam != _lam(cfg, epoch - 1)              # λ changed: its exact first step is logged
     return step % cfg.log_every == 0 or switch
-
-def _save_due(save_every: str, epoch: int, since_save: float) -> bool:
-    """Whether `save_every` ('N': epochs, 'Ns': seconds) asks for a checkpoint after `epoch`, `since_save` seconds after
-    the last one."""
-    return since_save >= int(save_every[:-1]) if save_every.endswith('s') else (epoch + 1) % int(save_every) == 0
-
-def _preempted(signum: int, step: int, epoch: int, ckpt_path: Path, kept_epoch) -> Preempted:
-    "The `Preempted` of a stop by `signum` after `step`, naming the checkpoint kept and how to continue."
-    name = signal.Signals(signum).name
-    return Preempted(f"stopped by {name} after step {step} (epoch {epoch}); {_kept(ckpt_path, kept_epoch)}: the same "
-                     f"command with resume=True (--resume auto in a sweep) continues from it", signum)
 
 # %% ../nbs/10_train.ipynb #7a1c0e19
 @dataclass
@@ -554,24 +445,3 @@ def train(cfg: PretrainConfig | None = None, *, stop_after: int | None = None, p
         if s.logger is not None and not keep_logger: s.logger.close()
     summary = _summary(cfg, s.history, arith, world, s.ckpt_path, s.wall_before + time.time() - s.t_start)
     return TrainResult(summary, s.p.model, s.logger if keep_logger else None)
-
-# %% ../nbs/10_train.ipynb #d5e8e65d
-def load_pretrained(path, device='cpu') -> tuple[nn.Module, PretrainConfig]:
-    """(model, config) from a run directory or its checkpoint.safetensors; weights loaded strictly. A config key this
-    version of magma does not know (a newer checkpoint) is ignored with a warning, as resume ignores it; a missing one
-    takes its default; a bad value or a mismatched architecture is one line naming the file."""
-    path = Path(path)
-    if path.is_dir(): path = path / 'checkpoint.safetensors'
-    st = load_checkpoint(path, device, keys=('model', 'config'))
-    _require(st, ('model', 'config'), path)
-    if not isinstance(st['config'], dict):
-        raise CheckpointError(f"{path}: its config is a {type(st['config']).__name__}, not a dict")
-    unknown = sorted(k for k in st['config'] if k not in PARAMS)
-    if unknown:
-        warnings.warn(f"{path}: ignoring config key(s) {', '.join(map(repr, unknown))} unknown to this version of "
-                      f"magma")
-    try: cfg = check_config(PretrainConfig(**{k: v for k, v in st['config'].items() if k in PARAMS}), here=False)
-    except ValueError as e: raise CheckpointError(f"{path}: its config is invalid ({e})") from None
-    model = build_method(cfg).to(device)
-    load_weights(model, st['model'], path, 'model')
-    return model.eval(), cfg
