@@ -20,11 +20,11 @@ $(STAMP): setup.py settings.ini constraints.txt
 
 setup: $(STAMP)  ## create .venv, install magma with its pins, register the "magma" Jupyter kernel
 
-test: $(STAMP)  ## the fast suite: every notebook's tests (nbdev_test), then pytest
+test: $(STAMP)  ## the fast suite: every notebook's tests (nbdev_test), then pytest (tests marked slow skipped)
 	$(BIN)/nbdev_test --n_workers 2
-	$(BIN)/pytest -q tests
+	$(BIN)/pytest -q -m 'not slow' tests
 
-test-slow: $(STAMP)  ## also run the cells flagged #| slow
+test-slow: $(STAMP)  ## also run the cells flagged #| slow and the pytest tests marked slow
 	$(BIN)/nbdev_test --n_workers 2 --flags slow
 	$(BIN)/pytest -q tests
 

@@ -134,6 +134,7 @@ def _train_worker(rank, world, init, out):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow(reason="about 50 s (two processes); the arithmetic itself: 09_configs' batch_arithmetic cell")
 def test_global_batch_arithmetic_under_ddp():
     res = _spawn(_train_worker)
     # independent arithmetic: the global batch 8 over 2 processes in micro-batches of 2, lr 1e-3 x 8 / 256, a graph of 2 x 2
@@ -192,6 +193,7 @@ def _resume_worker(rank, world, init, out):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow(reason="about 65 s (two processes, three sittings); one process's generators: 09b_rundir's resumable-state cells")
 def test_ddp_resume_restores_every_ranks_generators():
     """Under DDP each rank draws its own masks; the checkpoint holds every rank's generator state and each rank restores
     its own, so the resumed run repeats the straight run's steps (losses averaged over the ranks) and weights exactly.

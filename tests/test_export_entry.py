@@ -2,6 +2,8 @@
 import json
 from pathlib import Path
 
+import pytest
+
 import papermill as pm
 import timm
 import torch
@@ -12,6 +14,7 @@ from magma.datasets import get_dataset
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow(reason="about 50 s (papermill runs nbs/evaluate.ipynb); export_timm itself: 13_export's cells")
 def test_evaluate_notebook_exports_for_timm(tmp_path):
     exp = tmp_path / 'export'
     pm.execute_notebook(str(ROOT / 'nbs' / 'evaluate.ipynb'), str(tmp_path / 'out.ipynb'), parameters=dict(task='knn', export=str(exp)),
