@@ -17,7 +17,8 @@
 
 The browser loads the pages over http, as `make docs-serve` serves them: the fixture `served` serves `_docs/` on a free
 port of 127.0.0.1 for the module's tests (a browser refuses `fetch` on a `file://` page, so search needs a server).
-The browser tests skip when `_docs/` or Chromium is absent (plain `make test` on a fresh clone); with
+The tests that read the built site are marked `site`: `make test` leaves them to `make docs-check` (so its time does
+not depend on whether `_docs/` was built), and elsewhere they skip when `_docs/` or Chromium is absent; with
 `MAGMA_REQUIRE_DOCS=1` (`make docs-check`, run by `.ci/run`) a missing site or browser is a failure.
 """
 import os, re, shutil, subprocess, tempfile, threading, warnings
@@ -198,6 +199,7 @@ def _png_ok(p: Path):
     assert ImageStat.Stat(im).stddev[0] > 10, f'{p} is (nearly) blank'
 
 
+@pytest.mark.site
 def test_home_page(site):
     page, dom = site['index']
     text = _text(dom)
@@ -207,6 +209,7 @@ def test_home_page(site):
     _png_ok(SHOTS / 'index.png')
 
 
+@pytest.mark.site
 def test_manifold_page(site):
     page, dom = site['manifold']
     text = _text(dom)
@@ -225,6 +228,7 @@ def test_manifold_page(site):
     _png_ok(SHOTS / 'manifold.png')
 
 
+@pytest.mark.site
 def test_no_broken_local_links(site):
     pages = sorted(DOCS.rglob('*.html'))
     assert len(pages) >= 20, pages
@@ -305,6 +309,7 @@ def test_committed_table2_names_every_row():
     assert ('M-MAE', 'λ=1, e_st=0, e_dur=10', 'linear') in labels and ('MAE', 'λ=0', 'linear') in labels, labels
 
 
+@pytest.mark.site
 def test_results_pages_hold_the_committed_tables():
     "Every cell of every committed mini table is a cell of an HTML table on its page (the static HTML of `make docs`)."
     _need((DOCS / 'index.html').exists(), '_docs/ not built (run `make docs`)')
@@ -320,6 +325,7 @@ def test_results_pages_hold_the_committed_tables():
                              f'{missing[:10]}')
 
 
+@pytest.mark.site
 def test_table_page_in_the_browser(served):
     page = DOCS / 'tables' / 'table2.html'
     assert page.exists(), sorted(p.name for p in (DOCS / 'tables').glob('*.html'))
@@ -336,6 +342,7 @@ def test_table_page_in_the_browser(served):
     _png_ok(SHOTS / 'table2.png')
 
 
+@pytest.mark.site
 def test_figures_page_in_the_browser(served):
     page = DOCS / 'tables' / 'figures.html'
     assert page.exists(), sorted(p.name for p in (DOCS / 'tables').glob('*.html'))
@@ -368,6 +375,7 @@ SIGS = ("const main = document.querySelector('main.content').getBoundingClientRe
         "r.right > main.right + 1 || p.scrollWidth > p.clientWidth + 1]; }));")
 
 
+@pytest.mark.site
 def test_signatures_fit_the_page(served):
     "Every show_doc signature of the API pages lies inside the text column, whole (wrapped, not cut off nor scrolled)."
     import html as h, json
@@ -380,6 +388,7 @@ def test_signatures_fit_the_page(served):
     assert not cut, f'{len(cut)} of {n} signatures do not fit the page: {cut[:10]}'
 
 
+@pytest.mark.site
 def test_search_finds_a_section(served):
     """Typing `magma_loss` in the search box of the served home page lists the magma_loss section of the manifold page:
     smalldocs' own search script, which fetches `search.json` (a Quarto build has another search box: it fails here)."""
