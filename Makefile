@@ -23,7 +23,8 @@ setup: $(STAMP)  ## create .venv, install magma with its pins, register the "mag
 # The tests run in TEST_JOBS processes (nbdev_test's workers, then pytest-xdist's), each with ONE OpenMP thread.
 # Two processes of two threads on 2 cores oversubscribe them, and OpenMP's waiting threads spin: measured on the 2-core
 # AMD EPYC, `nbdev_test --n_workers 2` took 449 s with torch's default threads and 210 s with OMP_NUM_THREADS=1
-# (10_train.ipynb alone 350 s against 97 s), and pytest -n 2 took 226 s against 298 s serially. TEST_JOBS=1 runs serially.
+# (10_train.ipynb alone 350 s against 125 s), and pytest -n 2 took 193-226 s over four runs against 298 s serially.
+# TEST_JOBS=1 runs one process at a time.
 TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n > 8 ? 8 : n )))
 TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 
